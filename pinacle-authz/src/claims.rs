@@ -8,6 +8,11 @@ use crate::ids::UserId;
 /// Seconds of clock tolerance NextAuth and Auth.js allow when checking `exp` and `nbf`.
 pub const CLOCK_TOLERANCE_SECS: i64 = 15;
 
+/// A time claim that is not a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("time claim is not a number")]
+pub struct NotANumber;
+
 /// The decoded claims of a session token, exactly as the library wrote them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claims(pub Map<String, Value>);
@@ -33,15 +38,18 @@ pub(crate) enum ClaimCheck {
 
 impl Claims {
     /// A numeric claim as 64-bit seconds (`Err` when present but not a number).
-    pub fn time(&self, name: &str) -> Result<Option<i64>, ()> {
+    ///
+    /// # Errors
+    /// [`NotANumber`] when the claim is present with another type.
+    pub fn time(&self, name: &str) -> Result<Option<i64>, NotANumber> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => n
                 .as_i64()
                 .or_else(|| n.as_f64().map(|f| f.floor() as i64))
                 .map(Some)
-                .ok_or(()),
-            Some(_) => Err(()),
+                .ok_or(NotANumber),
+            Some(_) => Err(NotANumber),
         }
     }
 

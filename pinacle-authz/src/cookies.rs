@@ -56,10 +56,10 @@ pub fn reassemble<'a>(header: &'a str, base: &str) -> Option<Cow<'a, str>> {
     for pair in pairs(header) {
         if pair.name == base {
             whole.get_or_insert(pair.value);
-        } else if let Some(index) = chunk_index(pair.name, base) {
-            if !chunks.iter().any(|(i, _)| *i == index) {
-                chunks.push((index, pair.value));
-            }
+        } else if let Some(index) = chunk_index(pair.name, base)
+            && !chunks.iter().any(|(i, _)| *i == index)
+        {
+            chunks.push((index, pair.value));
         }
     }
     if chunks.is_empty() {

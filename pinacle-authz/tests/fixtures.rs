@@ -1,6 +1,8 @@
 //! Every credential minted by the real next-auth, @auth/core and jsonwebtoken packages
 //! (`shared/fixtures/nextauth/`) must get the outcome those libraries gave it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use std::path::PathBuf;
 
 use pinacle_authz::{

@@ -1,0 +1,183 @@
+//! The command line: argument model and the small commands (`session inspect|mint`, `migrate`).
+//! Exit status: 0 success (for `inspect`: valid), 1 a negative answer, 2 usage or setup errors.
+
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use pinacle_authz::{
+    Authorizer, AuthorizerConfig, Claims, CredentialConfig, CredentialVerifier, Outcome,
+    PostgresDirectory, PostgresOptions, Secret, Verification,
+};
+
+use crate::inspect;
+use crate::secrets::secrets_from_process_env;
+
+/// Pinacle's ingress: pod hosts to pods, every other host to the dashboard.
+#[derive(Debug, Parser)]
+#[command(name = "pinacle-ingress", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect or mint dashboard session cookies.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Apply `migrations/` to `DATABASE_URL` (tests and standalone use; never against the
+    /// dashboard's own database, whose schema Drizzle owns).
+    Migrate,
+}
+
+/// `session ...`
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Decode the credentials in a Cookie header and print one JSON object.
+    Inspect {
+        /// The Cookie header value, e.g. 'next-auth.session-token=eyJ...'.
+        #[arg(long)]
+        cookie_header: String,
+        /// Evaluate at this time (unix seconds) instead of now.
+        #[arg(long)]
+        now: Option<i64>,
+    },
+    /// Print a next-auth v4 session cookie for a user (development: needs an explicit secret).
+    Mint {
+        /// The user id to put in `id` and `sub`.
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 30 * 24 * 3600)]
+        ttl_secs: i64,
+        /// The cookie name to print.
+        #[arg(long, default_value = "next-auth.session-token")]
+        cookie_name: String,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Session(SessionCommand::Inspect { cookie_header, now }) => {
+            session_inspect(&cookie_header, now)
+        }
+        Command::Session(SessionCommand::Mint {
+            user,
+            ttl_secs,
+            cookie_name,
+        }) => session_mint(&user, ttl_secs, &cookie_name),
+        Command::Migrate => migrate(),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("pinacle-ingress: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn required_secrets() -> anyhow::Result<Vec<Secret>> {
+    let secrets = secrets_from_process_env()?;
+    if secrets.is_empty() {
+        bail!("set NEXTAUTH_SECRET (or AUTH_SECRET, or a *_FILE variant) to the dashboard's secret");
+    }
+    Ok(secrets)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn postgres_from_env() -> anyhow::Result<Option<PostgresDirectory>> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Ok(Some(PostgresDirectory::connect_lazy(
+            &url,
+            &PostgresOptions::default(),
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+#[allow(clippy::print_stdout)] // printing the report is this command's job
+fn session_inspect(cookie_header: &str, now: Option<i64>) -> anyhow::Result<ExitCode> {
+    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(required_secrets()?))?;
+    let now = now.unwrap_or_else(unix_now);
+    let verification = verifier.inspect(cookie_header, now).verification;
+    let needs_directory = match &verification {
+        Verification::DatabaseSession { .. } => true,
+        Verification::Decided(Outcome::Valid(p)) => p.impersonated_by.is_some(),
+        Verification::Decided(_) => false,
+    };
+    let outcome = match (verification, needs_directory) {
+        (Verification::Decided(outcome), false) => outcome,
+        (verification, _) => {
+            let rt = runtime()?;
+            let _context = rt.enter(); // the pool needs a runtime to exist in
+            let Some(directory) = postgres_from_env()? else {
+                bail!(
+                    "this cookie needs the database (a database session or an impersonation): \
+                     set DATABASE_URL"
+                );
+            };
+            let authorizer = Authorizer::new(std::sync::Arc::new(directory), &AuthorizerConfig::default());
+            rt.block_on(authorizer.resolve(verification, now))?
+        }
+    };
+    println!("{}", inspect::report(&outcome));
+    Ok(if matches!(outcome, Outcome::Valid(_)) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[allow(clippy::print_stdout)] // printing the cookie is this command's job
+fn session_mint(user: &str, ttl_secs: i64, cookie_name: &str) -> anyhow::Result<ExitCode> {
+    let secrets = required_secrets()?;
+    let user = pinacle_authz::UserId::new(user)?;
+    if ttl_secs <= 0 {
+        bail!("--ttl-secs must be positive");
+    }
+    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(secrets))?;
+    let now = unix_now();
+    let claims = serde_json::json!({
+        "sub": user.as_str(),
+        "id": user.as_str(),
+        "iat": now,
+        "exp": now.saturating_add(ttl_secs),
+    });
+    let claims = Claims(claims.as_object().cloned().unwrap_or_default());
+    let value = verifier.mint_session_v4(&claims)?;
+    println!("{cookie_name}={value}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)]
+fn migrate() -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let _context = rt.enter();
+    let Some(directory) = postgres_from_env()? else {
+        bail!("set DATABASE_URL to the database to migrate");
+    };
+    rt.block_on(async {
+        pinacle_authz::MIGRATOR
+            .run(directory.pool())
+            .await
+            .context("applying migrations")
+    })?;
+    println!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,146 @@
+//! The operator CLI contract, run as a real process: JSON shape and exit status of
+//! `session inspect` over the shared fixtures, `session mint` round-trips, `migrate` on Postgres.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pinacle-ingress");
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nextauth").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ingress(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for var in ["NEXTAUTH_SECRET", "AUTH_SECRET", "NEXTAUTH_SECRET_FILE", "AUTH_SECRET_FILE", "DATABASE_URL"] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().unwrap()
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn inspect_reports_every_fixture_case_with_the_right_exit_status() {
+    let fixture = fixture("public.json");
+    for case in fixture["cases"].as_array().unwrap() {
+        let now = case["now"].to_string();
+        let out = ingress(
+            &["session", "inspect", "--cookie-header", case["cookie_header"].as_str().unwrap(), "--now", &now],
+            &[("NEXTAUTH_SECRET", case["secret"].as_str().unwrap())],
+        );
+        let report = json_of(&out);
+        let name = case["name"].as_str().unwrap();
+        let expect = case["expect"].as_str().unwrap();
+        let want_outcome = match expect {
+            "valid" | "expired" => expect,
+            _ => "invalid",
+        };
+        assert_eq!(report["outcome"], want_outcome, "{name}: {report}");
+        assert_eq!(out.status.code(), Some(if expect == "valid" { 0 } else { 1 }), "{name}");
+        assert_eq!(report["cookie"], case["cookie_name"], "{name}");
+        let kind = if case["library"] == "authjs-v5" { "authjs-v5" } else { "nextauth-v4" };
+        assert_eq!(report["kind"], kind, "{name}");
+        if expect == "valid" {
+            assert_eq!(report["claims"], case["claims"], "{name}");
+            assert!(report["user_id"].is_string(), "{name}");
+        }
+        if want_outcome == "invalid" {
+            assert!(report["reason"].is_string(), "{name}: {report}");
+        }
+    }
+}
+
+#[test]
+fn inspect_reports_proxy_tokens() {
+    let fixture = fixture("proxy-token-public.json");
+    let secret = fixture["secret"].as_str().unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let now = case["now"].to_string();
+        let out = ingress(
+            &["session", "inspect", "--cookie-header", case["cookie_header"].as_str().unwrap(), "--now", &now],
+            &[("AUTH_SECRET", secret)],
+        );
+        let report = json_of(&out);
+        assert_eq!(report["outcome"], case["expect"], "{}", case["name"]);
+        assert_eq!(report["kind"], "proxy-token");
+        if case["expect"] == "valid" {
+            assert_eq!(report["user_id"], case["user_id"]);
+            assert_eq!(report["scope"]["pod_slug"], case["pod_slug"]);
+        }
+    }
+}
+
+#[test]
+fn missing_cookie_exits_1_and_usage_errors_exit_2() {
+    let out = ingress(&["session", "inspect", "--cookie-header", "theme=dark"], &[("NEXTAUTH_SECRET", "s")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json_of(&out)["outcome"], "missing");
+    // No secret configured.
+    let out = ingress(&["session", "inspect", "--cookie-header", "a=b"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NEXTAUTH_SECRET"));
+    // Missing argument, unknown flag.
+    assert_eq!(ingress(&["session", "inspect"], &[("NEXTAUTH_SECRET", "s")]).status.code(), Some(2));
+    assert_eq!(ingress(&["session", "inspect", "--bogus"], &[]).status.code(), Some(2));
+}
+
+#[test]
+fn minted_cookie_inspects_as_valid_and_mint_refuses_without_a_secret() {
+    assert_eq!(ingress(&["session", "mint", "--user", "ada"], &[]).status.code(), Some(2));
+    let out = ingress(&["session", "mint", "--user", "ada"], &[("NEXTAUTH_SECRET", "dev-only")]);
+    assert!(out.status.success());
+    let cookie = String::from_utf8(out.stdout).unwrap();
+    let out = ingress(&["session", "inspect", "--cookie-header", cookie.trim()], &[("NEXTAUTH_SECRET", "dev-only")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json_of(&out)["user_id"], "ada");
+}
+
+#[test]
+fn migrate_creates_the_dashboard_tables() {
+    let Ok(master) = std::env::var("DATABASE_URL") else {
+        panic!("DATABASE_URL must point at a Postgres server (scripts/test sets it)");
+    };
+    let name = format!("pinacle_cli_migrate_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin = rt.block_on(sqlx::PgPool::connect(&master)).unwrap();
+    rt.block_on(sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin)).unwrap();
+    rt.block_on(sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin)).unwrap();
+    let url = {
+        let mut u = master.clone();
+        let cut = u.rfind('/').unwrap();
+        u.truncate(cut);
+        format!("{u}/{name}")
+    };
+    let out = ingress(&["migrate"], &[("DATABASE_URL", &url)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Twice is fine: applied migrations are recorded.
+    assert!(ingress(&["migrate"], &[("DATABASE_URL", &url)]).status.success());
+    let db = rt.block_on(sqlx::PgPool::connect(&url)).unwrap();
+    let tables: Vec<String> = rt
+        .block_on(
+            sqlx::query_scalar(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+            )
+            .fetch_all(&db),
+        )
+        .unwrap();
+    for t in ["pod", "server", "session", "team", "team_member", "user"] {
+        assert!(tables.iter().any(|x| x == t), "{t} missing from {tables:?}");
+    }
+    rt.block_on(db.close());
+    rt.block_on(sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin)).unwrap();
+    assert_eq!(ingress(&["migrate"], &[]).status.code(), Some(2));
+}
