@@ -25,16 +25,24 @@ fn decode(c: &mut Criterion) {
     ] {
         let case = case(&sessions, name).unwrap_or_else(|| unreachable!("{name}"));
         let v = verifier(case["secret"].as_str().unwrap_or_default());
-        let header = format!("theme=dark; {}", case["cookie_header"].as_str().unwrap_or_default());
+        let header = format!(
+            "theme=dark; {}",
+            case["cookie_header"].as_str().unwrap_or_default()
+        );
         let now = case["now"].as_i64().unwrap_or_default();
         c.bench_function(label, |b| b.iter(|| v.inspect(black_box(&header), now)));
     }
     let tokens = fixture("proxy-token-public.json").unwrap_or_else(|e| unreachable!("{e}"));
     let case = case(&tokens, "valid_hs256").unwrap_or_else(|| unreachable!());
     let v = verifier(tokens["secret"].as_str().unwrap_or_default());
-    let header = case["cookie_header"].as_str().unwrap_or_default().to_owned();
+    let header = case["cookie_header"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let now = case["now"].as_i64().unwrap_or_default();
-    c.bench_function("decode/proxy_token_hs256", |b| b.iter(|| v.inspect(black_box(&header), now)));
+    c.bench_function("decode/proxy_token_hs256", |b| {
+        b.iter(|| v.inspect(black_box(&header), now))
+    });
 }
 
 fn cookie_scan(c: &mut Criterion) {
@@ -78,7 +86,8 @@ fn authorize_hit(c: &mut Criterion) {
     );
     let _warm = rt.block_on(authz.authorize(&user, &slug));
     c.bench_function("authorize/cache_hit", |b| {
-        b.to_async(&rt).iter(|| authz.authorize(black_box(&user), black_box(&slug)))
+        b.to_async(&rt)
+            .iter(|| authz.authorize(black_box(&user), black_box(&slug)))
     });
 }
 

@@ -21,5 +21,8 @@ pub fn fixture(name: &str) -> Result<Value, String> {
 
 /// The case named `name` in a fixture's `cases`.
 pub fn case<'a>(fixture: &'a Value, name: &str) -> Option<&'a Value> {
-    fixture["cases"].as_array()?.iter().find(|c| c["name"] == name)
+    fixture["cases"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
 }

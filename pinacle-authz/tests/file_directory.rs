@@ -32,7 +32,10 @@ fn every_shipped_directory_file_loads() {
 async fn the_example_directory_answers_like_the_database_would() {
     let dir = FileDirectory::load(&config_dir().join("directory.example.toml")).unwrap();
     let authz = Authorizer::new(Arc::new(dir), &AuthorizerConfig::default());
-    let (demo, sleepy) = (PodSlug::parse("demo").unwrap(), PodSlug::parse("sleepy").unwrap());
+    let (demo, sleepy) = (
+        PodSlug::parse("demo").unwrap(),
+        PodSlug::parse("sleepy").unwrap(),
+    );
     let user = |u: &str| UserId::new(u).unwrap();
     for who in ["user_ada", "user_bob"] {
         match authz.authorize(&user(who), &demo).await.unwrap() {
@@ -40,14 +43,28 @@ async fn the_example_directory_answers_like_the_database_would() {
             other => panic!("{who}: {other:?}"),
         }
     }
-    assert_eq!(authz.authorize(&user("user_mal"), &demo).await.unwrap(), Decision::Deny(DenyReason::NotPermitted));
+    assert_eq!(
+        authz.authorize(&user("user_mal"), &demo).await.unwrap(),
+        Decision::Deny(DenyReason::NotPermitted)
+    );
     assert!(matches!(
         authz.authorize(&user("user_ada"), &sleepy).await.unwrap(),
-        Decision::Unavailable { status: PodStatus::Stopped, .. }
+        Decision::Unavailable {
+            status: PodStatus::Stopped,
+            ..
+        }
     ));
-    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new("x")])).unwrap();
-    let inspection = verifier.inspect("next-auth.session-token=6b43bcf7-b3a5-490c-a100-f72c61fe0bb3", 1_800_000_000);
-    match authz.resolve(inspection.verification, 1_800_000_000).await.unwrap() {
+    let verifier =
+        CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new("x")])).unwrap();
+    let inspection = verifier.inspect(
+        "next-auth.session-token=6b43bcf7-b3a5-490c-a100-f72c61fe0bb3",
+        1_800_000_000,
+    );
+    match authz
+        .resolve(inspection.verification, 1_800_000_000)
+        .await
+        .unwrap()
+    {
         Outcome::Valid(p) => assert_eq!(p.user_id.as_str(), "user_ada"),
         other => panic!("{other:?}"),
     }

@@ -23,7 +23,10 @@ fn slug(s: &str) -> PodSlug {
 }
 
 fn directory(pool: &PgPool) -> Arc<dyn PodDirectory> {
-    Arc::new(PostgresDirectory::from_pool(pool.clone(), Duration::from_secs(5)))
+    Arc::new(PostgresDirectory::from_pool(
+        pool.clone(),
+        Duration::from_secs(5),
+    ))
 }
 
 fn authorizer(pool: &PgPool) -> Authorizer {
@@ -38,7 +41,9 @@ async fn seed_world(pool: &PgPool) {
         seed.user(u).await.unwrap();
     }
     seed.team("t1", "ada").await.unwrap();
-    seed.member("tm_bob", "t1", Some("bob"), "member").await.unwrap();
+    seed.member("tm_bob", "t1", Some("bob"), "member")
+        .await
+        .unwrap();
     seed.member("tm_eve", "t1", None, "member").await.unwrap();
     seed.server("s1", "10.1.2.3").await.unwrap();
     let ports = ports_json(30001);
@@ -69,7 +74,9 @@ async fn owner_and_member_reach_the_pod_at_its_nginx(pool: PgPool) {
     let authz = authorizer(&pool);
     for who in ["ada", "bob"] {
         match authz.authorize(&user(who), &slug("proj")).await.unwrap() {
-            Decision::Allow { upstream, pod_id, .. } => {
+            Decision::Allow {
+                upstream, pod_id, ..
+            } => {
                 assert_eq!(upstream.to_string(), "10.1.2.3:30001");
                 assert_eq!(pod_id.as_str(), "p1");
             }
@@ -100,7 +107,10 @@ async fn archived_pod_is_unreachable_even_for_its_owner(pool: PgPool) {
     seed_world(&pool).await;
     Seed(&pool).archive_pod("p1").await.unwrap();
     assert_eq!(
-        authorizer(&pool).authorize(&user("ada"), &slug("proj")).await.unwrap(),
+        authorizer(&pool)
+            .authorize(&user("ada"), &slug("proj"))
+            .await
+            .unwrap(),
         Decision::Deny(DenyReason::NoSuchPod)
     );
 }
@@ -122,13 +132,25 @@ async fn shared_slug_picks_the_newest_pod_the_user_may_reach(pool: PgPool) {
         age_secs: age,
     };
     // Newer than p1 but foreign to ada; an even newer archived one of ada's; an older one of ada's.
-    seed.pod(&pod("p_mal", "mal", "t2", &p30002, 1.0)).await.unwrap();
-    seed.pod(&pod("p_arch", "ada", "t1", &p30003, 0.5)).await.unwrap();
+    seed.pod(&pod("p_mal", "mal", "t2", &p30002, 1.0))
+        .await
+        .unwrap();
+    seed.pod(&pod("p_arch", "ada", "t1", &p30003, 0.5))
+        .await
+        .unwrap();
     seed.archive_pod("p_arch").await.unwrap();
-    seed.pod(&pod("p_old", "ada", "t1", &p30004, 3600.0)).await.unwrap();
+    seed.pod(&pod("p_old", "ada", "t1", &p30004, 3600.0))
+        .await
+        .unwrap();
     let authz = authorizer(&pool);
-    assert_eq!(allowed_pod(&authz.authorize(&user("ada"), &slug("proj")).await.unwrap()), Some("p1"));
-    assert_eq!(allowed_pod(&authz.authorize(&user("mal"), &slug("proj")).await.unwrap()), Some("p_mal"));
+    assert_eq!(
+        allowed_pod(&authz.authorize(&user("ada"), &slug("proj")).await.unwrap()),
+        Some("p1")
+    );
+    assert_eq!(
+        allowed_pod(&authz.authorize(&user("mal"), &slug("proj")).await.unwrap()),
+        Some("p_mal")
+    );
     assert_eq!(
         authz.authorize(&user("eve"), &slug("proj")).await.unwrap(),
         Decision::Deny(DenyReason::NotPermitted)
@@ -165,15 +187,33 @@ async fn stopped_pod_and_bad_ports_are_unavailable_with_a_reason(pool: PgPool) {
         ports,
         age_secs: 1.0,
     };
-    seed.pod(&bad("malformed", Some("{oops"), Some("s1"))).await.unwrap();
-    seed.pod(&bad("noproxy", Some(r#"[{"name":"app","external":3000}]"#), Some("s1"))).await.unwrap();
+    seed.pod(&bad("malformed", Some("{oops"), Some("s1")))
+        .await
+        .unwrap();
+    seed.pod(&bad(
+        "noproxy",
+        Some(r#"[{"name":"app","external":3000}]"#),
+        Some("s1"),
+    ))
+    .await
+    .unwrap();
     let ok_ports: &'static str = r#"[{"name":"nginx-proxy","external":30009}]"#;
-    seed.pod(&bad("noserver", Some(ok_ports), None)).await.unwrap();
+    seed.pod(&bad("noserver", Some(ok_ports), None))
+        .await
+        .unwrap();
     let authz = authorizer(&pool);
     let expect = [
         ("proj", PodStatus::Stopped, UnavailableReason::NotRunning),
-        ("malformed", PodStatus::Running, UnavailableReason::MalformedPorts),
-        ("noproxy", PodStatus::Running, UnavailableReason::NoNginxProxyPort),
+        (
+            "malformed",
+            PodStatus::Running,
+            UnavailableReason::MalformedPorts,
+        ),
+        (
+            "noproxy",
+            PodStatus::Running,
+            UnavailableReason::NoNginxProxyPort,
+        ),
         ("noserver", PodStatus::Running, UnavailableReason::NoServer),
     ];
     for (s, want_status, want_reason) in expect {
@@ -209,7 +249,10 @@ async fn a_cache_hit_issues_no_query(pool: PgPool) {
 async fn concurrent_misses_for_one_key_issue_one_query(pool: PgPool) {
     seed_world(&pool).await;
     // Each lookup lingers so that all 100 callers arrive while the first is in flight.
-    let counting = Arc::new(CountingDirectory::new(directory(&pool), Duration::from_millis(200)));
+    let counting = Arc::new(CountingDirectory::new(
+        directory(&pool),
+        Duration::from_millis(200),
+    ));
     let authz = Authorizer::new(counting.clone(), &AuthorizerConfig::default());
     let tasks: Vec<_> = (0..100)
         .map(|_| {
@@ -231,13 +274,20 @@ async fn unreachable_database_is_an_error_never_a_cached_denial() {
         acquire_timeout: Duration::from_millis(500),
         query_timeout: Duration::from_millis(500),
     };
-    let dir = PostgresDirectory::connect_lazy("postgres://postgres@127.0.0.1:1/none", &options).unwrap();
+    let dir =
+        PostgresDirectory::connect_lazy("postgres://postgres@127.0.0.1:1/none", &options).unwrap();
     let counting = Arc::new(CountingDirectory::new(Arc::new(dir), Duration::ZERO));
     let authz = Authorizer::new(counting.clone(), &AuthorizerConfig::default());
     for attempt in 1..=2 {
-        let err = authz.authorize(&user("ada"), &slug("proj")).await.unwrap_err();
+        let err = authz
+            .authorize(&user("ada"), &slug("proj"))
+            .await
+            .unwrap_err();
         assert!(
-            matches!(err, DirectoryError::Unavailable(_) | DirectoryError::Timeout),
+            matches!(
+                err,
+                DirectoryError::Unavailable(_) | DirectoryError::Timeout
+            ),
             "{err:?}"
         );
         assert_eq!(counting.pod_lookups(), attempt, "errors are not cached");
@@ -247,9 +297,11 @@ async fn unreachable_database_is_an_error_never_a_cached_denial() {
 /// The database sessions in the fixture, evaluated at its `now`.
 #[sqlx::test(migrations = "../migrations")]
 async fn database_sessions_from_the_fixture(pool: PgPool) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nextauth/public.json");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures/nextauth/public.json");
     let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("shared fixture public.json")).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("shared fixture public.json"))
+            .unwrap();
     let rows = fixture["database_sessions"]["rows"].as_array().unwrap();
     let seed = Seed(&pool);
     for row in rows {
@@ -257,16 +309,26 @@ async fn database_sessions_from_the_fixture(pool: PgPool) {
         if !pinacle_authz_user_exists(&pool, uid).await {
             seed.user(uid).await.unwrap();
         }
-        seed.session(row["sessionToken"].as_str().unwrap(), uid, row["expires_unix_ms"].as_i64().unwrap())
-            .await
-            .unwrap();
+        seed.session(
+            row["sessionToken"].as_str().unwrap(),
+            uid,
+            row["expires_unix_ms"].as_i64().unwrap(),
+        )
+        .await
+        .unwrap();
     }
-    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new("unused")])).unwrap();
+    let verifier =
+        CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new("unused")]))
+            .unwrap();
     let authz = authorizer(&pool);
     for row in rows {
         let now = row["now"].as_i64().unwrap();
         let inspection = verifier.inspect(row["cookie_header"].as_str().unwrap(), now);
-        assert_eq!(inspection.credential_cookies.len(), 1, "database session cookies are stripped");
+        assert_eq!(
+            inspection.credential_cookies.len(),
+            1,
+            "database session cookies are stripped"
+        );
         let outcome = authz.resolve(inspection.verification, now).await.unwrap();
         match row["expect"].as_str().unwrap() {
             "valid" => match outcome {
@@ -276,14 +338,23 @@ async fn database_sessions_from_the_fixture(pool: PgPool) {
                 }
                 other => panic!("{row}: {other:?}"),
             },
-            "expired" => assert!(matches!(outcome, Outcome::Expired { .. }), "{row}: {outcome:?}"),
+            "expired" => assert!(
+                matches!(outcome, Outcome::Expired { .. }),
+                "{row}: {outcome:?}"
+            ),
             other => panic!("unknown expectation {other}"),
         }
     }
-    let unknown = verifier.inspect("authjs.session-token=00000000-0000-4000-8000-000000000000", 0);
+    let unknown = verifier.inspect(
+        "authjs.session-token=00000000-0000-4000-8000-000000000000",
+        0,
+    );
     assert!(matches!(
         authz.resolve(unknown.verification, 0).await.unwrap(),
-        Outcome::Invalid { reason: InvalidReason::UnknownSession, .. }
+        Outcome::Invalid {
+            reason: InvalidReason::UnknownSession,
+            ..
+        }
     ));
 }
 
@@ -294,7 +365,10 @@ async fn pinacle_authz_user_exists(pool: &PgPool, id: &str) -> bool {
 #[sqlx::test(migrations = "../migrations")]
 async fn impersonation_needs_an_existing_target(pool: PgPool) {
     seed_world(&pool).await;
-    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new("dev-secret")])).unwrap();
+    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new(
+        "dev-secret",
+    )]))
+    .unwrap();
     let authz = authorizer(&pool);
     for (target, valid) in [("bob", true), ("ghost", false)] {
         let claims = serde_json::json!({"id": "ada", "sub": "ada", "impersonatingUserId": target,
@@ -302,14 +376,27 @@ async fn impersonation_needs_an_existing_target(pool: PgPool) {
         let cookie = verifier
             .mint_session_v4(&pinacle_authz::Claims(claims.as_object().unwrap().clone()))
             .unwrap();
-        let inspection = verifier.inspect(&format!("next-auth.session-token={cookie}"), 1_800_000_000);
-        let outcome = authz.resolve(inspection.verification, 1_800_000_000).await.unwrap();
+        let inspection =
+            verifier.inspect(&format!("next-auth.session-token={cookie}"), 1_800_000_000);
+        let outcome = authz
+            .resolve(inspection.verification, 1_800_000_000)
+            .await
+            .unwrap();
         match (outcome, valid) {
             (Outcome::Valid(p), true) => {
                 assert_eq!(p.user_id.as_str(), "bob");
-                assert_eq!(p.impersonated_by.map(|u| u.to_string()).as_deref(), Some("ada"));
+                assert_eq!(
+                    p.impersonated_by.map(|u| u.to_string()).as_deref(),
+                    Some("ada")
+                );
             }
-            (Outcome::Invalid { reason: InvalidReason::UnknownUser, .. }, false) => {}
+            (
+                Outcome::Invalid {
+                    reason: InvalidReason::UnknownUser,
+                    ..
+                },
+                false,
+            ) => {}
             (other, _) => panic!("{target}: {other:?}"),
         }
     }

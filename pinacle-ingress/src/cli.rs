@@ -32,6 +32,12 @@ pub enum Command {
     /// Apply `migrations/` to `DATABASE_URL` (tests and standalone use; never against the
     /// dashboard's own database, whose schema Drizzle owns).
     Migrate,
+    /// Print the nginx config for a pod (the second hop) from a JSON or TOML description.
+    RenderNginx {
+        /// The pod's description (see config/pod-nginx.example.toml).
+        #[arg(long)]
+        pod_config: std::path::PathBuf,
+    },
 }
 
 /// `session ...`
@@ -72,6 +78,7 @@ pub fn run(cli: Cli) -> ExitCode {
             cookie_name,
         }) => session_mint(&user, ttl_secs, &cookie_name),
         Command::Migrate => migrate(),
+        Command::RenderNginx { pod_config } => render_nginx(&pod_config),
     };
     result.unwrap_or_else(|e| {
         eprintln!("pinacle-ingress: {e:#}");
@@ -89,7 +96,9 @@ pub fn unix_now() -> i64 {
 fn required_secrets() -> anyhow::Result<Vec<Secret>> {
     let secrets = secrets_from_process_env()?;
     if secrets.is_empty() {
-        bail!("set NEXTAUTH_SECRET (or AUTH_SECRET, or a *_FILE variant) to the dashboard's secret");
+        bail!(
+            "set NEXTAUTH_SECRET (or AUTH_SECRET, or a *_FILE variant) to the dashboard's secret"
+        );
     }
     Ok(secrets)
 }
@@ -132,7 +141,8 @@ fn session_inspect(cookie_header: &str, now: Option<i64>) -> anyhow::Result<Exit
                      set DATABASE_URL"
                 );
             };
-            let authorizer = Authorizer::new(std::sync::Arc::new(directory), &AuthorizerConfig::default());
+            let authorizer =
+                Authorizer::new(std::sync::Arc::new(directory), &AuthorizerConfig::default());
             rt.block_on(authorizer.resolve(verification, now))?
         }
     };
@@ -179,5 +189,15 @@ fn migrate() -> anyhow::Result<ExitCode> {
             .context("applying migrations")
     })?;
     println!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)] // the rendered config is this command's output
+fn render_nginx(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let rendered =
+        nginx_templates::render_text(&text).with_context(|| path.display().to_string())?;
+    print!("{rendered}");
     Ok(ExitCode::SUCCESS)
 }

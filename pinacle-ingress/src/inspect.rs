@@ -29,9 +29,13 @@ pub fn report(outcome: &Outcome) -> Value {
                 });
             }
         }
-        Outcome::Expired { user_id, claims, .. } => {
+        Outcome::Expired {
+            user_id, claims, ..
+        } => {
             report["user_id"] = json!(user_id.as_ref().map(|u| u.as_str()));
-            report["claims"] = claims.as_ref().map_or(Value::Null, |c| Value::Object(c.0.clone()));
+            report["claims"] = claims
+                .as_ref()
+                .map_or(Value::Null, |c| Value::Object(c.0.clone()));
         }
         Outcome::Invalid { reason, .. } => report["reason"] = json!(reason.as_str()),
         Outcome::Missing => {}

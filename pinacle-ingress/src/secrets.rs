@@ -81,8 +81,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -96,7 +98,10 @@ mod tests {
         .unwrap_or_default();
         assert_eq!(s, vec![Secret::new("cur"), Secret::new("old")]);
         assert!(secrets_from_env(env(&[])).unwrap_or_default().is_empty());
-        assert!(matches!(secrets_from_env(env(&[("AUTH_SECRET", "")])), Err(SecretsError::Empty(_))));
+        assert!(matches!(
+            secrets_from_env(env(&[("AUTH_SECRET", "")])),
+            Err(SecretsError::Empty(_))
+        ));
     }
 
     #[test]
@@ -105,8 +110,11 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("secret");
         let _ = std::fs::write(&path, "from-file\n");
-        let s = secrets_from_env(env(&[("NEXTAUTH_SECRET_FILE", path.to_str().unwrap_or(""))]))
-            .unwrap_or_default();
+        let s = secrets_from_env(env(&[(
+            "NEXTAUTH_SECRET_FILE",
+            path.to_str().unwrap_or(""),
+        )]))
+        .unwrap_or_default();
         assert_eq!(s, vec![Secret::new("from-file")]);
         assert!(matches!(
             secrets_from_env(env(&[("AUTH_SECRET_FILE", "/nonexistent/x")])),

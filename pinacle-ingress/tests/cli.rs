@@ -11,7 +11,9 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_pinacle-ingress");
 
 fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nextauth").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures/nextauth")
+        .join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
@@ -20,7 +22,13 @@ fn fixture(name: &str) -> Value {
 fn ingress(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(args);
-    for var in ["NEXTAUTH_SECRET", "AUTH_SECRET", "NEXTAUTH_SECRET_FILE", "AUTH_SECRET_FILE", "DATABASE_URL"] {
+    for var in [
+        "NEXTAUTH_SECRET",
+        "AUTH_SECRET",
+        "NEXTAUTH_SECRET_FILE",
+        "AUTH_SECRET_FILE",
+        "DATABASE_URL",
+    ] {
         cmd.env_remove(var);
     }
     cmd.envs(env.iter().copied());
@@ -28,8 +36,12 @@ fn ingress(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 #[test]
@@ -38,7 +50,14 @@ fn inspect_reports_every_fixture_case_with_the_right_exit_status() {
     for case in fixture["cases"].as_array().unwrap() {
         let now = case["now"].to_string();
         let out = ingress(
-            &["session", "inspect", "--cookie-header", case["cookie_header"].as_str().unwrap(), "--now", &now],
+            &[
+                "session",
+                "inspect",
+                "--cookie-header",
+                case["cookie_header"].as_str().unwrap(),
+                "--now",
+                &now,
+            ],
             &[("NEXTAUTH_SECRET", case["secret"].as_str().unwrap())],
         );
         let report = json_of(&out);
@@ -49,9 +68,17 @@ fn inspect_reports_every_fixture_case_with_the_right_exit_status() {
             _ => "invalid",
         };
         assert_eq!(report["outcome"], want_outcome, "{name}: {report}");
-        assert_eq!(out.status.code(), Some(if expect == "valid" { 0 } else { 1 }), "{name}");
+        assert_eq!(
+            out.status.code(),
+            Some(if expect == "valid" { 0 } else { 1 }),
+            "{name}"
+        );
         assert_eq!(report["cookie"], case["cookie_name"], "{name}");
-        let kind = if case["library"] == "authjs-v5" { "authjs-v5" } else { "nextauth-v4" };
+        let kind = if case["library"] == "authjs-v5" {
+            "authjs-v5"
+        } else {
+            "nextauth-v4"
+        };
         assert_eq!(report["kind"], kind, "{name}");
         if expect == "valid" {
             assert_eq!(report["claims"], case["claims"], "{name}");
@@ -70,7 +97,14 @@ fn inspect_reports_proxy_tokens() {
     for case in fixture["cases"].as_array().unwrap() {
         let now = case["now"].to_string();
         let out = ingress(
-            &["session", "inspect", "--cookie-header", case["cookie_header"].as_str().unwrap(), "--now", &now],
+            &[
+                "session",
+                "inspect",
+                "--cookie-header",
+                case["cookie_header"].as_str().unwrap(),
+                "--now",
+                &now,
+            ],
             &[("AUTH_SECRET", secret)],
         );
         let report = json_of(&out);
@@ -85,7 +119,10 @@ fn inspect_reports_proxy_tokens() {
 
 #[test]
 fn missing_cookie_exits_1_and_usage_errors_exit_2() {
-    let out = ingress(&["session", "inspect", "--cookie-header", "theme=dark"], &[("NEXTAUTH_SECRET", "s")]);
+    let out = ingress(
+        &["session", "inspect", "--cookie-header", "theme=dark"],
+        &[("NEXTAUTH_SECRET", "s")],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(json_of(&out)["outcome"], "missing");
     // No secret configured.
@@ -93,17 +130,38 @@ fn missing_cookie_exits_1_and_usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NEXTAUTH_SECRET"));
     // Missing argument, unknown flag.
-    assert_eq!(ingress(&["session", "inspect"], &[("NEXTAUTH_SECRET", "s")]).status.code(), Some(2));
-    assert_eq!(ingress(&["session", "inspect", "--bogus"], &[]).status.code(), Some(2));
+    assert_eq!(
+        ingress(&["session", "inspect"], &[("NEXTAUTH_SECRET", "s")])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        ingress(&["session", "inspect", "--bogus"], &[])
+            .status
+            .code(),
+        Some(2)
+    );
 }
 
 #[test]
 fn minted_cookie_inspects_as_valid_and_mint_refuses_without_a_secret() {
-    assert_eq!(ingress(&["session", "mint", "--user", "ada"], &[]).status.code(), Some(2));
-    let out = ingress(&["session", "mint", "--user", "ada"], &[("NEXTAUTH_SECRET", "dev-only")]);
+    assert_eq!(
+        ingress(&["session", "mint", "--user", "ada"], &[])
+            .status
+            .code(),
+        Some(2)
+    );
+    let out = ingress(
+        &["session", "mint", "--user", "ada"],
+        &[("NEXTAUTH_SECRET", "dev-only")],
+    );
     assert!(out.status.success());
     let cookie = String::from_utf8(out.stdout).unwrap();
-    let out = ingress(&["session", "inspect", "--cookie-header", cookie.trim()], &[("NEXTAUTH_SECRET", "dev-only")]);
+    let out = ingress(
+        &["session", "inspect", "--cookie-header", cookie.trim()],
+        &[("NEXTAUTH_SECRET", "dev-only")],
+    );
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(json_of(&out)["user_id"], "ada");
 }
@@ -114,10 +172,15 @@ fn migrate_creates_the_dashboard_tables() {
         panic!("DATABASE_URL must point at a Postgres server (scripts/test sets it)");
     };
     let name = format!("pinacle_cli_migrate_{}", std::process::id());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let admin = rt.block_on(sqlx::PgPool::connect(&master)).unwrap();
-    rt.block_on(sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin)).unwrap();
-    rt.block_on(sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin)).unwrap();
+    rt.block_on(sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin))
+        .unwrap();
+    rt.block_on(sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin))
+        .unwrap();
     let url = {
         let mut u = master.clone();
         let cut = u.rfind('/').unwrap();
@@ -125,9 +188,17 @@ fn migrate_creates_the_dashboard_tables() {
         format!("{u}/{name}")
     };
     let out = ingress(&["migrate"], &[("DATABASE_URL", &url)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Twice is fine: applied migrations are recorded.
-    assert!(ingress(&["migrate"], &[("DATABASE_URL", &url)]).status.success());
+    assert!(
+        ingress(&["migrate"], &[("DATABASE_URL", &url)])
+            .status
+            .success()
+    );
     let db = rt.block_on(sqlx::PgPool::connect(&url)).unwrap();
     let tables: Vec<String> = rt
         .block_on(
@@ -141,6 +212,39 @@ fn migrate_creates_the_dashboard_tables() {
         assert!(tables.iter().any(|x| x == t), "{t} missing from {tables:?}");
     }
     rt.block_on(db.close());
-    rt.block_on(sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin)).unwrap();
+    rt.block_on(sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin))
+        .unwrap();
     assert_eq!(ingress(&["migrate"], &[]).status.code(), Some(2));
+}
+
+#[test]
+fn render_nginx_prints_the_config_or_exits_2_naming_the_field() {
+    let example =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/pod-nginx.example.toml");
+    let out = ingress(
+        &["render-nginx", "--pod-config", example.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text,
+        nginx_templates::render_text(&std::fs::read_to_string(&example).unwrap()).unwrap()
+    );
+    let bad = std::env::temp_dir().join(format!("pinacle-bad-pod-{}.json", std::process::id()));
+    std::fs::write(&bad, r#"{"allowed_ports": [3000, 70000]}"#).unwrap();
+    let out = ingress(
+        &["render-nginx", "--pod-config", bad.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("allowed_ports[1]"));
+    std::fs::remove_file(&bad).ok();
+    let out = ingress(&["render-nginx", "--pod-config", "/nonexistent.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -1,0 +1,207 @@
+//! Real upstream servers bound to 127.0.0.1:0. Each runs until its handle is dropped.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Request as WsRequest, Response as WsResponse,
+};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+/// A running server; aborted on drop.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// TCP connections accepted so far.
+    pub connections: Arc<AtomicUsize>,
+    /// For SSE: lets the next event go.
+    pub release: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Connections accepted so far.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP/1.1 server (keep-alive) that answers every request with JSON describing it:
+/// `{"name", "method", "path", "headers": {lowercased name: value}, "body_len"}`. The body is read
+/// and counted as it streams, so large uploads use bounded memory.
+pub async fn http_echo(name: &'static str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| echo(name, req));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        connections,
+        release: Arc::new(Notify::new()),
+        task,
+    }
+}
+
+async fn echo(name: &str, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().to_string();
+    let path = req.uri().to_string();
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
+        .collect();
+    let mut body = req.into_body();
+    let mut body_len: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => break,
+        }
+    }
+    let json = serde_json::json!({
+        "name": name, "method": method, "path": path, "headers": headers, "body_len": body_len,
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .header("x-frame-options", "DENY")
+        .header("cross-origin-opener-policy", "same-origin")
+        .body(Full::new(Bytes::from(json.to_string())))
+        .unwrap())
+}
+
+/// A server-sent events endpoint: sends `data: first`, waits for [`Upstream::release`], then sends
+/// `data: second` and closes. A client that sees `first` before releasing proves streaming.
+pub async fn sse() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\ndata: first\n\n")
+                    .await;
+                gate.notified().await;
+                let _ = stream.write_all(b"data: second\n\n").await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        connections,
+        release,
+        task,
+    }
+}
+
+/// A WebSocket echo server. It answers the handshake with the first offered subprotocol and
+/// echoes `x-seen-host` (the Host it received) in the handshake response.
+pub async fn websocket_echo() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let callback = |req: &WsRequest, mut resp: WsResponse| {
+                    if let Some(protocols) = req.headers().get("sec-websocket-protocol") {
+                        let first = protocols
+                            .to_str()
+                            .unwrap_or("")
+                            .split(',')
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .to_owned();
+                        if let Ok(v) = HeaderValue::from_str(&first) {
+                            resp.headers_mut().insert("sec-websocket-protocol", v);
+                        }
+                    }
+                    if let Some(host) = req.headers().get("host") {
+                        resp.headers_mut().insert("x-seen-host", host.clone());
+                    }
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Upstream {
+        addr,
+        connections,
+        release: Arc::new(Notify::new()),
+        task,
+    }
+}
