@@ -168,31 +168,33 @@ fn write_config(o: &mut String, c: &PodNginx) -> std::fmt::Result {
         "            proxy_set_header Connection $connection_upgrade;"
     )?;
     writeln!(o, "        }}\n")?;
-    writeln!(o, "        location = /__pinacle/port-not-exposed.json {{")?;
-    writeln!(o, "            internal;")?;
-    writeln!(o, "            default_type application/json;")?;
-    writeln!(
+    write_rejection(
         o,
-        "            add_header {MARKER_HEADER} port-not-exposed always;"
+        "json",
+        "application/json",
+        "{\"error\":\"Port $pinacle_target_port is not exposed by this pod\",\"port\":$pinacle_target_port}",
     )?;
-    writeln!(
+    writeln!(o)?;
+    write_rejection(
         o,
-        "            return 404 '{{\"error\":\"Port $pinacle_target_port is not exposed by this pod\",\"port\":$pinacle_target_port}}\\n';"
+        "html",
+        "text/html",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Port $pinacle_target_port is not exposed</title></head><body><h1>Port $pinacle_target_port is not exposed</h1><p>This pod does not declare a service on port $pinacle_target_port. Add it to the pod&#39;s services, or open one of its declared ports.</p></body></html>",
     )?;
-    writeln!(o, "        }}\n")?;
-    writeln!(o, "        location = /__pinacle/port-not-exposed.html {{")?;
-    writeln!(o, "            internal;")?;
-    writeln!(o, "            default_type text/html;")?;
-    writeln!(
-        o,
-        "            add_header {MARKER_HEADER} port-not-exposed always;"
-    )?;
-    writeln!(
-        o,
-        "            return 404 '<!doctype html><html><head><meta charset=\"utf-8\"><title>Port $pinacle_target_port is not exposed</title></head><body><h1>Port $pinacle_target_port is not exposed</h1><p>This pod does not declare a service on port $pinacle_target_port. Add it to the pod&#39;s services, or open one of its declared ports.</p></body></html>\\n';"
-    )?;
-    writeln!(o, "        }}")?;
     writeln!(o, "    }}")?;
     writeln!(o, "}}")?;
     Ok(())
+}
+
+/// An internal location answering 404 for a port the pod does not expose.
+fn write_rejection(o: &mut String, ext: &str, content_type: &str, body: &str) -> std::fmt::Result {
+    writeln!(o, "        location = /__pinacle/port-not-exposed.{ext} {{")?;
+    writeln!(o, "            internal;")?;
+    writeln!(o, "            default_type {content_type};")?;
+    writeln!(
+        o,
+        "            add_header {MARKER_HEADER} port-not-exposed always;"
+    )?;
+    writeln!(o, "            return 404 '{body}\\n';")?;
+    writeln!(o, "        }}")
 }

@@ -51,6 +51,21 @@ impl Drop for Upstream {
 /// `{"name", "method", "path", "headers": {lowercased name: value}, "body_len"}`. The body is read
 /// and counted as it streams, so large uploads use bounded memory.
 pub async fn http_echo(name: &'static str) -> Upstream {
+    serve(move |stream| async move {
+        let service = service_fn(move |req: Request<Incoming>| echo(name, req));
+        let _ = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
+/// Accepts connections on 127.0.0.1:0, counts them and runs `handle` on each in its own task.
+async fn serve<F, Fut>(handle: F) -> Upstream
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -61,12 +76,7 @@ pub async fn http_echo(name: &'static str) -> Upstream {
                 return;
             };
             counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| echo(name, req));
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(handle(stream));
         }
     });
     Upstream {
@@ -154,54 +164,37 @@ pub async fn sse() -> Upstream {
 /// A WebSocket echo server. It answers the handshake with the first offered subprotocol and
 /// echoes `x-seen-host` (the Host it received) in the handshake response.
 pub async fn websocket_echo() -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let callback = |req: &WsRequest, mut resp: WsResponse| {
-                    if let Some(protocols) = req.headers().get("sec-websocket-protocol") {
-                        let first = protocols
-                            .to_str()
-                            .unwrap_or("")
-                            .split(',')
-                            .next()
-                            .unwrap_or("")
-                            .trim()
-                            .to_owned();
-                        if let Ok(v) = HeaderValue::from_str(&first) {
-                            resp.headers_mut().insert("sec-websocket-protocol", v);
-                        }
-                    }
-                    if let Some(host) = req.headers().get("host") {
-                        resp.headers_mut().insert("x-seen-host", host.clone());
-                    }
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_close() {
-                        break;
-                    }
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        break;
-                    }
+    serve(|stream| async move {
+        let callback = |req: &WsRequest, mut resp: WsResponse| {
+            if let Some(protocols) = req.headers().get("sec-websocket-protocol") {
+                let first = protocols
+                    .to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned();
+                if let Ok(v) = HeaderValue::from_str(&first) {
+                    resp.headers_mut().insert("sec-websocket-protocol", v);
                 }
-            });
+            }
+            if let Some(host) = req.headers().get("host") {
+                resp.headers_mut().insert("x-seen-host", host.clone());
+            }
+            Ok(resp)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+            return;
+        };
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
         }
-    });
-    Upstream {
-        addr,
-        connections,
-        release: Arc::new(Notify::new()),
-        task,
-    }
+    })
+    .await
 }
