@@ -415,7 +415,9 @@ impl CredentialVerifier {
         }
     }
 
-    fn verify_proxy_token(&self, token: &str, now: i64) -> Outcome {
+    /// Verifies a proxy token presented outside a cookie (the `token` parameter of the
+    /// `/pinacle-proxy-callback`), at `now`.
+    pub fn verify_proxy_token(&self, token: &str, now: i64) -> Outcome {
         let presented = Presented {
             kind: CredentialKind::ProxyToken,
             cookie: self.proxy_cookie.clone(),

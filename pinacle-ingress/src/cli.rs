@@ -32,6 +32,22 @@ pub enum Command {
     /// Apply `migrations/` to `DATABASE_URL` (tests and standalone use; never against the
     /// dashboard's own database, whose schema Drizzle owns).
     Migrate,
+    /// Run the ingress (until SIGTERM: graceful, SIGINT: fast).
+    ///
+    /// Without `--config`, and without `DATABASE_URL`, it runs on the embedded demo directory.
+    Serve {
+        /// A TOML configuration file (see config/ingress.example.toml); `PINACLE_INGRESS_*`
+        /// variables override it.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Validate the configuration (file and environment) without starting; exit 1 listing
+    /// every problem.
+    CheckConfig {
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Print the nginx config for a pod (the second hop) from a JSON or TOML description.
     RenderNginx {
         /// The pod's description (see config/pod-nginx.example.toml).
@@ -79,6 +95,8 @@ pub fn run(cli: Cli) -> ExitCode {
         }) => session_mint(&user, ttl_secs, &cookie_name),
         Command::Migrate => migrate(),
         Command::RenderNginx { pod_config } => render_nginx(&pod_config),
+        Command::Serve { config } => serve(config.as_deref()),
+        Command::CheckConfig { config } => check_config(config.as_deref()),
     };
     result.unwrap_or_else(|e| {
         eprintln!("pinacle-ingress: {e:#}");
@@ -200,4 +218,55 @@ fn render_nginx(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         nginx_templates::render_text(&text).with_context(|| path.display().to_string())?;
     print!("{rendered}");
     Ok(ExitCode::SUCCESS)
+}
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Also bridges Pingora's `log` records into tracing.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn serve(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let config = match crate::config::load(config, &process_env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("pinacle-ingress: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    crate::server::serve(config, unix_now)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)] // the verdict is this command's output
+fn check_config(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    match crate::config::load(config, &process_env) {
+        Ok(c) => {
+            println!(
+                "configuration ok: listen {}, dashboard {} ({}), base domains {}",
+                c.listen,
+                c.dashboard_upstream,
+                c.dashboard_url,
+                c.base_domains
+                    .iter()
+                    .map(|d| d.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{e}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }

@@ -1,12 +1,35 @@
 //! `pinacle-ingress`: the Pingora proxy in front of Pinacle pods and the dashboard.
 //!
-//! - [`cli`]: the command line (thin `main.rs` calls [`cli::run`]).
-//! - [`secrets`]: the dashboard secret from the environment.
-//! - [`inspect`]: the JSON report of `session inspect`.
+//! A request flows one way:
+//!
+//! ```text
+//! Host --host::route--> pod or dashboard --intent::classify--> navigation / upgrade / other
+//!   --credentials (pinacle-authz)--> Principal --Authorizer--> Decision
+//!   --upstream::peer--> Pingora proxies --responses (our own answers)--> access log
+//! ```
+//!
+//! - [`host`]: pod hostnames, both forms, several base domains.
+//! - [`intent`]: navigation, upgrade or anything else.
+//! - [`callback`]: `/pinacle-proxy-callback` and the sign-in redirect URL.
+//! - [`upstream`]: the peer (pooled per pod) and the `Host` sent to a pod.
+//! - [`responses`]: every response the ingress makes itself.
+//! - [`proxy`]: the `ProxyHttp` implementation that wires the above together.
+//! - [`config`]: the TOML file, environment overrides, validation.
+//! - [`server`]: building and running the Pingora server.
+//! - [`cli`]: the command line (thin `main.rs` calls [`cli::run`]); [`secrets`], [`inspect`].
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod callback;
 pub mod cli;
+pub mod config;
+pub mod host;
 pub mod inspect;
+pub mod intent;
+pub mod proxy;
+pub mod request_id;
+pub mod responses;
 pub mod secrets;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,656 @@
+//! Configuration: the TOML file model, environment overrides, and the validated [`IngressConfig`].
+//!
+//! Precedence: `PINACLE_INGRESS_<KEY>` variables over the file over defaults. The dashboard's
+//! own variables work unchanged: `NEXTAUTH_URL` (over `dashboard_url`), `DATABASE_URL`,
+//! `NEXTAUTH_SECRET`/`AUTH_SECRET` (see [`crate::secrets`]). Unknown keys are errors and every
+//! problem is reported at once, each naming its key or variable.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pinacle_authz::{AuthorizerConfig, Secret, SessionCookie};
+use serde::Deserialize;
+
+use crate::host::BaseDomain;
+use crate::secrets::secrets_from_env;
+
+/// The prefix of every override variable.
+pub const ENV_PREFIX: &str = "PINACLE_INGRESS_";
+
+/// The embedded demo directory (`config/directory.example.toml`): used when neither
+/// `DATABASE_URL` nor `directory_file` is set.
+pub const DEMO_DIRECTORY: &str = include_str!("../../config/directory.example.toml");
+
+/// The file model. Every key is optional; see `config/ingress.example.toml` for each one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `address:port` to listen on for HTTP.
+    pub listen: Option<String>,
+    /// The dashboard's public URL (`NEXTAUTH_URL` overrides it).
+    pub dashboard_url: Option<String>,
+    /// `host:port` of the dashboard (Next.js) for every non-pod host.
+    pub dashboard_upstream: Option<String>,
+    /// Domains pod hosts live under; default: the dashboard URL's host.
+    pub base_domains: Option<Vec<String>>,
+    /// Domain used in the `Host` sent to pods; default: the base domain the request came in on.
+    pub upstream_domain: Option<String>,
+    /// A TOML pod directory used when `DATABASE_URL` is not set.
+    pub directory_file: Option<PathBuf>,
+    /// Response headers removed from pod responses (so the dashboard may frame them).
+    pub strip_response_headers: Option<Vec<String>>,
+    /// Worker threads.
+    pub threads: Option<usize>,
+    /// Connecting to a pod or the dashboard.
+    pub upstream_connect_timeout: Option<String>,
+    /// Longest silence while waiting for an upstream's response (not for WebSockets).
+    pub upstream_read_timeout: Option<String>,
+    /// How long an idle pooled upstream connection is kept.
+    pub upstream_idle_timeout: Option<String>,
+    /// Longest silence on a WebSocket (either way) before it is closed.
+    pub websocket_idle_timeout: Option<String>,
+    /// Longest silence while reading a request body from the client.
+    pub client_read_timeout: Option<String>,
+    /// Longest a directory (database) query may take.
+    pub directory_query_timeout: Option<String>,
+    /// How long an authorization "allow" is cached.
+    pub authz_allow_ttl: Option<String>,
+    /// How long a denial or an unavailable pod is cached.
+    pub authz_deny_ttl: Option<String>,
+    /// Seconds in-flight requests get after SIGTERM before the process exits.
+    pub shutdown_grace_period: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Text,
+    List,
+    Count,
+}
+
+/// Every key, its type, for unknown-key reports and environment overrides.
+const KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Text),
+    ("dashboard_url", Kind::Text),
+    ("dashboard_upstream", Kind::Text),
+    ("base_domains", Kind::List),
+    ("upstream_domain", Kind::Text),
+    ("directory_file", Kind::Text),
+    ("strip_response_headers", Kind::List),
+    ("threads", Kind::Count),
+    ("upstream_connect_timeout", Kind::Text),
+    ("upstream_read_timeout", Kind::Text),
+    ("upstream_idle_timeout", Kind::Text),
+    ("websocket_idle_timeout", Kind::Text),
+    ("client_read_timeout", Kind::Text),
+    ("directory_query_timeout", Kind::Text),
+    ("authz_allow_ttl", Kind::Text),
+    ("authz_deny_ttl", Kind::Text),
+    ("shutdown_grace_period", Kind::Text),
+];
+
+/// Where pods, users and sessions come from.
+#[derive(Debug, Clone)]
+pub enum DirectorySource {
+    /// The dashboard's Postgres (`DATABASE_URL`).
+    Postgres(Secret),
+    /// A TOML file.
+    File(PathBuf),
+    /// [`DEMO_DIRECTORY`].
+    EmbeddedDemo,
+}
+
+/// Timeouts, all bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connect to an upstream.
+    pub upstream_connect: Duration,
+    /// Silence while waiting for an upstream's response.
+    pub upstream_read: Duration,
+    /// Idle pooled upstream connection.
+    pub upstream_idle: Duration,
+    /// Silence on a WebSocket tunnel.
+    pub websocket_idle: Duration,
+    /// Silence while reading a request body.
+    pub client_read: Duration,
+    /// One directory query.
+    pub directory_query: Duration,
+    /// In-flight work after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// HTTP listener.
+    pub listen: SocketAddr,
+    /// The dashboard's public URL, without a trailing slash.
+    pub dashboard_url: String,
+    /// Whether the dashboard URL is https (secure cookie names, `Secure` on callback cookies).
+    pub dashboard_https: bool,
+    /// Where non-pod hosts go.
+    pub dashboard_upstream: SocketAddr,
+    /// Pod host suffixes.
+    pub base_domains: Vec<BaseDomain>,
+    /// Fixed upstream domain, if any.
+    pub upstream_domain: Option<BaseDomain>,
+    /// The pod directory.
+    pub directory: DirectorySource,
+    /// Lowercase header names removed from pod responses.
+    pub strip_response_headers: Vec<String>,
+    /// Worker threads.
+    pub threads: usize,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Authorization cache.
+    pub authorizer: AuthorizerConfig,
+    /// Dashboard secrets, newest first.
+    pub secrets: Vec<Secret>,
+    /// Session cookie names to accept (picked by the dashboard URL's scheme).
+    pub session_cookies: Vec<SessionCookie>,
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key (or variable) at fault.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError(pub Vec<Problem>);
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads the file (when given), applies the environment and validates.
+///
+/// # Errors
+/// Every problem, each naming its key.
+pub fn load(
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<IngressConfig, ConfigError> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![problem(
+                path.display().to_string(),
+                format!("cannot read: {e}"),
+            )])
+        })?,
+        None => String::new(),
+    };
+    let origin = file.map_or_else(|| "<defaults>".to_owned(), |p| p.display().to_string());
+    from_toml(&text, &origin, env)
+}
+
+/// Parses TOML text, applies the environment and validates.
+///
+/// # Errors
+/// Every problem, each naming its key.
+pub fn from_toml(
+    text: &str,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<IngressConfig, ConfigError> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError(vec![problem(origin, e.to_string())]))?;
+    let mut problems: Vec<Problem> = table
+        .keys()
+        .filter(|k| !KEYS.iter().any(|(known, _)| *known == k.as_str()))
+        .map(|k| problem(k.as_str(), "unknown key"))
+        .collect();
+    table.retain(|k, _| KEYS.iter().any(|(known, _)| *known == k));
+    apply_env(&mut table, env, &mut problems);
+    let file = match FileConfig::deserialize(toml::Value::Table(table)) {
+        Ok(file) => file,
+        Err(e) => {
+            problems.push(problem(origin, e.to_string()));
+            return Err(ConfigError(problems));
+        }
+    };
+    validate(&file, env, problems)
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) {
+    for (key, kind) in KEYS {
+        let var = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase());
+        let Some(value) = env(&var) else { continue };
+        let value = match kind {
+            Kind::Text => toml::Value::String(value),
+            Kind::List => toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_owned()))
+                    .collect(),
+            ),
+            Kind::Count => match value.trim().parse::<i64>() {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) => {
+                    problems.push(problem(var, format!("{value:?} is not a whole number")));
+                    continue;
+                }
+            },
+        };
+        table.insert((*key).to_owned(), value);
+    }
+}
+
+fn duration(
+    key: &str,
+    value: Option<&String>,
+    default: Duration,
+    problems: &mut Vec<Problem>,
+) -> Duration {
+    let Some(text) = value else { return default };
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            problems.push(problem(key, "must be longer than zero"));
+            default
+        }
+        Err(e) => {
+            problems.push(problem(
+                key,
+                format!("{text:?} is not a duration like 30s or 1h ({e})"),
+            ));
+            default
+        }
+    }
+}
+
+fn socket_addr(key: &str, text: &str, problems: &mut Vec<Problem>) -> Option<SocketAddr> {
+    let text = text.trim();
+    let stripped = text
+        .strip_prefix("http://")
+        .unwrap_or(text)
+        .trim_end_matches('/');
+    match stripped.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => Some(addr),
+        Ok(None) | Err(_) => {
+            problems.push(problem(
+                key,
+                format!("{text:?} is not an address:port that resolves"),
+            ));
+            None
+        }
+    }
+}
+
+/// Defaults (see the README's configuration table).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `listen`
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    /// `dashboard_url`
+    pub const DASHBOARD_URL: &str = "http://localhost:3000";
+    /// `dashboard_upstream`
+    pub const DASHBOARD_UPSTREAM: &str = "127.0.0.1:3000";
+    /// `strip_response_headers`
+    pub const STRIP_RESPONSE_HEADERS: &[&str] = &["x-frame-options", "cross-origin-opener-policy"];
+    /// `upstream_connect_timeout`
+    pub const UPSTREAM_CONNECT: Duration = Duration::from_secs(5);
+    /// `upstream_read_timeout`: dev servers may compile for minutes before the first byte.
+    pub const UPSTREAM_READ: Duration = Duration::from_secs(300);
+    /// `upstream_idle_timeout`: below nginx's 75 s keepalive so we never reuse a closing one.
+    pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+    /// `websocket_idle_timeout`: a silent VS Code tab stays connected for a day.
+    pub const WEBSOCKET_IDLE: Duration = Duration::from_secs(24 * 3600);
+    /// `client_read_timeout`
+    pub const CLIENT_READ: Duration = Duration::from_secs(60);
+    /// `directory_query_timeout`: well below the request budget.
+    pub const DIRECTORY_QUERY: Duration = Duration::from_secs(2);
+    /// `shutdown_grace_period`
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+}
+
+fn validate(
+    file: &FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    mut problems: Vec<Problem>,
+) -> Result<IngressConfig, ConfigError> {
+    let listen = socket_addr(
+        "listen",
+        file.listen.as_deref().unwrap_or(defaults::LISTEN),
+        &mut problems,
+    );
+    let dashboard_upstream = socket_addr(
+        "dashboard_upstream",
+        file.dashboard_upstream
+            .as_deref()
+            .unwrap_or(defaults::DASHBOARD_UPSTREAM),
+        &mut problems,
+    );
+
+    let (url_key, url_text) = match env("NEXTAUTH_URL").filter(|v| !v.is_empty()) {
+        Some(v) => ("NEXTAUTH_URL", v),
+        None => (
+            "dashboard_url",
+            file.dashboard_url
+                .clone()
+                .unwrap_or_else(|| defaults::DASHBOARD_URL.to_owned()),
+        ),
+    };
+    let (dashboard_url, dashboard_https, dashboard_host) = match url::Url::parse(&url_text) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+            let host = u.host_str().unwrap_or_default().to_owned();
+            let https = u.scheme() == "https";
+            (u.as_str().trim_end_matches('/').to_owned(), https, host)
+        }
+        _ => {
+            problems.push(problem(
+                url_key,
+                format!("{url_text:?} is not an http(s) URL"),
+            ));
+            (String::new(), false, String::new())
+        }
+    };
+
+    let base_domains: Vec<BaseDomain> = match &file.base_domains {
+        Some(list) if list.is_empty() => {
+            problems.push(problem("base_domains", "must name at least one domain"));
+            Vec::new()
+        }
+        Some(list) => list
+            .iter()
+            .filter_map(|d| {
+                BaseDomain::parse(d)
+                    .map_err(|m| problems.push(problem("base_domains", m)))
+                    .ok()
+            })
+            .collect(),
+        None if dashboard_host.is_empty() => Vec::new(),
+        None => match BaseDomain::parse(&dashboard_host) {
+            Ok(d) => vec![d],
+            Err(m) => {
+                problems.push(problem(
+                    "base_domains",
+                    format!("not set, and the dashboard host cannot be one: {m}"),
+                ));
+                Vec::new()
+            }
+        },
+    };
+    let upstream_domain = file.upstream_domain.as_deref().and_then(|d| {
+        BaseDomain::parse(d)
+            .map_err(|m| problems.push(problem("upstream_domain", m)))
+            .ok()
+    });
+
+    let directory = match env("DATABASE_URL").filter(|v| !v.is_empty()) {
+        Some(url) => DirectorySource::Postgres(Secret::new(url)),
+        None => match &file.directory_file {
+            Some(path) => DirectorySource::File(path.clone()),
+            None => DirectorySource::EmbeddedDemo,
+        },
+    };
+
+    let strip_response_headers = file
+        .strip_response_headers
+        .clone()
+        .unwrap_or_else(|| {
+            defaults::STRIP_RESPONSE_HEADERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        })
+        .into_iter()
+        .filter_map(|name| match http::HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => Some(h.as_str().to_owned()),
+            Err(_) => {
+                problems.push(problem(
+                    "strip_response_headers",
+                    format!("{name:?} is not a header name"),
+                ));
+                None
+            }
+        })
+        .collect();
+
+    let threads = match file.threads {
+        Some(0) => {
+            problems.push(problem("threads", "must be at least 1"));
+            1
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+
+    let d = |key: &str, value: &Option<String>, default, problems: &mut Vec<Problem>| {
+        duration(key, value.as_ref(), default, problems)
+    };
+    let timeouts = Timeouts {
+        upstream_connect: d(
+            "upstream_connect_timeout",
+            &file.upstream_connect_timeout,
+            defaults::UPSTREAM_CONNECT,
+            &mut problems,
+        ),
+        upstream_read: d(
+            "upstream_read_timeout",
+            &file.upstream_read_timeout,
+            defaults::UPSTREAM_READ,
+            &mut problems,
+        ),
+        upstream_idle: d(
+            "upstream_idle_timeout",
+            &file.upstream_idle_timeout,
+            defaults::UPSTREAM_IDLE,
+            &mut problems,
+        ),
+        websocket_idle: d(
+            "websocket_idle_timeout",
+            &file.websocket_idle_timeout,
+            defaults::WEBSOCKET_IDLE,
+            &mut problems,
+        ),
+        client_read: d(
+            "client_read_timeout",
+            &file.client_read_timeout,
+            defaults::CLIENT_READ,
+            &mut problems,
+        ),
+        directory_query: d(
+            "directory_query_timeout",
+            &file.directory_query_timeout,
+            defaults::DIRECTORY_QUERY,
+            &mut problems,
+        ),
+        shutdown_grace: d(
+            "shutdown_grace_period",
+            &file.shutdown_grace_period,
+            defaults::SHUTDOWN_GRACE,
+            &mut problems,
+        ),
+    };
+    let authz_defaults = AuthorizerConfig::default();
+    let authorizer = AuthorizerConfig {
+        allow_ttl: d(
+            "authz_allow_ttl",
+            &file.authz_allow_ttl,
+            authz_defaults.allow_ttl,
+            &mut problems,
+        ),
+        deny_ttl: d(
+            "authz_deny_ttl",
+            &file.authz_deny_ttl,
+            authz_defaults.deny_ttl,
+            &mut problems,
+        ),
+        ..authz_defaults
+    };
+
+    let secrets = match secrets_from_env(env) {
+        Ok(s) if s.is_empty() => {
+            problems.push(problem(
+                "NEXTAUTH_SECRET",
+                "not set: the ingress needs the dashboard's secret (NEXTAUTH_SECRET, AUTH_SECRET or \
+                 a *_FILE variant) to read session cookies",
+            ));
+            Vec::new()
+        }
+        Ok(s) => s,
+        Err(e) => {
+            problems.push(problem("NEXTAUTH_SECRET", e.to_string()));
+            Vec::new()
+        }
+    };
+
+    let session_cookies = session_cookies_for(dashboard_https);
+
+    match (listen, dashboard_upstream) {
+        (Some(listen), Some(dashboard_upstream)) if problems.is_empty() => Ok(IngressConfig {
+            listen,
+            dashboard_url,
+            dashboard_https,
+            dashboard_upstream,
+            base_domains,
+            upstream_domain,
+            directory,
+            strip_response_headers,
+            threads,
+            timeouts,
+            authorizer,
+            secrets,
+            session_cookies,
+        }),
+        _ => Err(ConfigError(problems)),
+    }
+}
+
+/// The session cookie names the dashboard uses: `__Secure-` prefixed on https, plain on http
+/// (both next-auth v4 and Auth.js v5 names).
+pub fn session_cookies_for(https: bool) -> Vec<SessionCookie> {
+    SessionCookie::defaults()
+        .into_iter()
+        .filter(|c| c.name.starts_with("__Secure-") == https)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const SECRET: (&str, &str) = ("NEXTAUTH_SECRET", "s3cret");
+
+    #[test]
+    fn defaults_need_only_a_secret() {
+        let c = from_toml("", "t", &env(&[SECRET])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.dashboard_url, "http://localhost:3000");
+        assert!(!c.dashboard_https);
+        assert_eq!(
+            c.base_domains,
+            vec![BaseDomain::parse("localhost").unwrap()]
+        );
+        assert!(matches!(c.directory, DirectorySource::EmbeddedDemo));
+        assert_eq!(
+            c.session_cookies
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["next-auth.session-token", "authjs.session-token"]
+        );
+        assert_eq!(c.timeouts.websocket_idle, Duration::from_secs(86_400));
+        assert_eq!(
+            c.strip_response_headers,
+            ["x-frame-options", "cross-origin-opener-policy"]
+        );
+    }
+
+    #[test]
+    fn the_dashboards_environment_and_overrides_win() {
+        let c = from_toml(
+            "listen = \"127.0.0.1:1\"\nbase_domains = [\"file.test\"]\ndirectory_file = \"x.toml\"",
+            "t",
+            &env(&[
+                SECRET,
+                ("NEXTAUTH_URL", "https://Pinacle.dev/"),
+                ("DATABASE_URL", "postgres://db/x"),
+                ("PINACLE_INGRESS_LISTEN", "127.0.0.1:9999"),
+                ("PINACLE_INGRESS_DASHBOARD_UPSTREAM", "127.0.0.1:4000"),
+                ("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.dev, pinacle.test"),
+                ("PINACLE_INGRESS_THREADS", "3"),
+                ("PINACLE_INGRESS_WEBSOCKET_IDLE_TIMEOUT", "2h"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.dashboard_upstream.port(), 4000);
+        assert_eq!(c.dashboard_url, "https://pinacle.dev");
+        assert!(c.dashboard_https);
+        assert_eq!(c.base_domains.len(), 2);
+        assert_eq!(c.threads, 3);
+        assert_eq!(c.timeouts.websocket_idle, Duration::from_secs(7200));
+        assert!(matches!(c.directory, DirectorySource::Postgres(_)));
+        assert!(
+            c.session_cookies
+                .iter()
+                .all(|c| c.name.starts_with("__Secure-"))
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let err = from_toml(
+            "lisen = \"x\"\nlisten = \"nowhere\"\nthreads = 0\nupstream_read_timeout = \"soon\"\n\
+             base_domains = [\"*.x\"]\nstrip_response_headers = [\"bad header\"]\ncolour = 1",
+            "t",
+            &env(&[("PINACLE_INGRESS_THREADS", "many")]),
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "lisen",
+            "colour",
+            "PINACLE_INGRESS_THREADS",
+            "listen",
+            "threads",
+            "upstream_read_timeout",
+            "base_domains",
+            "strip_response_headers",
+            "NEXTAUTH_SECRET",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_file() {
+        let err = from_toml("threads = \"two\"", "ingress.toml", &env(&[SECRET])).unwrap_err();
+        assert_eq!(err.0[0].key, "ingress.toml");
+        assert!(err.0[0].message.contains("threads"), "{}", err.0[0].message);
+    }
+}

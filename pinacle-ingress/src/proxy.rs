@@ -1,0 +1,532 @@
+//! The Pingora `ProxyHttp` implementation: orchestration only. Each phase calls the pure parts
+//! (host routing, intent, credentials, the callback, upstream choice, responses) and keeps what
+//! it learnt in the per-request [`RequestCtx`].
+//!
+//! `request_filter` decides everything (route, credentials, authorization, target) so that
+//! `upstream_peer`, which Pingora calls again on retries, only reads the decision.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pinacle_authz::{Authorizer, CredentialVerifier, Decision, Outcome, Principal, UserId};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
+use crate::config::IngressConfig;
+use crate::host::{self, PodHost, Route};
+use crate::intent::{self, Intent};
+use crate::request_id::RequestIds;
+use crate::responses::{Answer, REQUEST_ID_HEADER};
+use crate::upstream::{self, Target};
+
+/// Unix seconds now (the credential clock).
+pub type Clock = fn() -> i64;
+
+/// The shared state of the proxy.
+pub struct Ingress {
+    config: Arc<IngressConfig>,
+    verifier: CredentialVerifier,
+    authorizer: Arc<Authorizer>,
+    ids: RequestIds,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingress {
+    /// Wires the parts together.
+    pub fn new(
+        config: Arc<IngressConfig>,
+        verifier: CredentialVerifier,
+        authorizer: Arc<Authorizer>,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            config,
+            verifier,
+            authorizer,
+            ids: RequestIds::new(),
+            clock,
+        }
+    }
+}
+
+/// What kind of request this turned out to be (logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteKind {
+    /// Not yet routed (the request could not be read).
+    #[default]
+    Unrouted,
+    /// To the dashboard.
+    Dashboard,
+    /// To a pod (or refused on a pod host).
+    Pod,
+    /// The proxy-token callback.
+    Callback,
+}
+
+impl RouteKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unrouted => "unrouted",
+            Self::Dashboard => "dashboard",
+            Self::Pod => "pod",
+            Self::Callback => "callback",
+        }
+    }
+}
+
+/// Per-request state, carried across Pingora's phases.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The request id (logs, `x-request-id`).
+    pub request_id: String,
+    started: Instant,
+    route: RouteKind,
+    host: String,
+    pod: Option<PodHost>,
+    intent: Intent,
+    user: Option<UserId>,
+    authz: &'static str,
+    target: Option<Target>,
+    forward_cookie: Option<String>,
+    answer: Option<&'static str>,
+    status: u16,
+}
+
+impl RequestCtx {
+    fn new() -> Self {
+        Self {
+            request_id: String::new(),
+            started: Instant::now(),
+            route: RouteKind::Unrouted,
+            host: String::new(),
+            pod: None,
+            intent: Intent::default(),
+            user: None,
+            authz: "none",
+            target: None,
+            forward_cookie: None,
+            answer: None,
+            status: 0,
+        }
+    }
+}
+
+/// The `Host` header, or the `:authority` of an HTTP/2 request.
+fn request_host(req: &RequestHeader) -> String {
+    req.headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri.authority().map(|a| a.as_str().to_owned()))
+        .unwrap_or_default()
+}
+
+/// Every `Cookie` header joined as one (HTTP/2 clients send one field per cookie).
+fn cookie_header(req: &RequestHeader) -> String {
+    let mut joined = String::new();
+    for value in req.headers.get_all(header::COOKIE) {
+        if let Ok(v) = value.to_str() {
+            if !joined.is_empty() {
+                joined.push_str("; ");
+            }
+            joined.push_str(v);
+        }
+    }
+    joined
+}
+
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+impl Ingress {
+    /// Writes an answer of ours and records it.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        answer: Answer,
+    ) -> pingora::Result<bool> {
+        let reply = answer.reply(ctx.intent.navigation);
+        let header = reply.header(answer.name(), &ctx.request_id)?;
+        ctx.answer = Some(answer.name());
+        ctx.status = reply.status;
+        let head = session.req_header().method == http::Method::HEAD;
+        let no_body = reply.body.is_empty() || head;
+        session
+            .write_response_header(Box::new(header), no_body)
+            .await?;
+        if !no_body {
+            session.write_response_body(Some(reply.body), true).await?;
+        }
+        Ok(true)
+    }
+
+    /// The answer to a pod request without usable credentials.
+    fn unauthenticated(&self, pod: &PodHost, session: &Session, intent: Intent) -> Answer {
+        if intent.navigation {
+            let uri = &session.req_header().uri;
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+            Answer::SignIn {
+                location: callback::sign_in_location(
+                    &self.config.dashboard_url,
+                    pod,
+                    path_and_query,
+                ),
+            }
+        } else {
+            Answer::Unauthenticated
+        }
+    }
+
+    /// Authenticates and authorizes a pod request; `Ok(target)` or the answer to give instead.
+    async fn decide_pod(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        pod: &PodHost,
+    ) -> Result<Target, Answer> {
+        let now = (self.clock)();
+        let cookies = cookie_header(session.req_header());
+        let inspection = self.verifier.inspect(&cookies, now);
+        let outcome = match self
+            .authorizer
+            .resolve(inspection.verification.clone(), now)
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(request_id = %ctx.request_id, error = %e, "session lookup failed");
+                ctx.authz = "directory_error";
+                return Err(Answer::AuthorizationUnavailable);
+            }
+        };
+        let principal: Principal = match outcome {
+            Outcome::Valid(p) => p,
+            other => {
+                ctx.authz = match other {
+                    Outcome::Expired { .. } => "expired",
+                    Outcome::Invalid { .. } => "invalid",
+                    _ => "missing",
+                };
+                return Err(self.unauthenticated(pod, session, ctx.intent));
+            }
+        };
+        ctx.user = Some(principal.user_id.clone());
+        if let Some(scope) = &principal.scope
+            && (scope.pod_slug != pod.slug || scope.target_port != pod.port)
+        {
+            ctx.authz = "token_for_other_pod";
+            return Err(self.unauthenticated(pod, session, ctx.intent));
+        }
+        let decision = match self
+            .authorizer
+            .authorize(&principal.user_id, &pod.slug)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(request_id = %ctx.request_id, error = %e, "authorization lookup failed");
+                ctx.authz = "directory_error";
+                return Err(Answer::AuthorizationUnavailable);
+            }
+        };
+        match decision {
+            Decision::Allow {
+                pod_id, upstream, ..
+            } => {
+                if let Some(scope) = &principal.scope
+                    && scope.pod_id != pod_id
+                {
+                    // A token for an earlier pod with this slug: get a fresh one.
+                    ctx.authz = "token_for_replaced_pod";
+                    return Err(self.unauthenticated(pod, session, ctx.intent));
+                }
+                ctx.authz = "allow";
+                ctx.forward_cookie = inspection.forwardable_cookie_header(&cookies);
+                let domain = self
+                    .config
+                    .upstream_domain
+                    .as_ref()
+                    .or_else(|| self.config.base_domains.get(pod.base));
+                let host = domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
+                Ok(Target::Pod {
+                    addr: upstream,
+                    pod_id,
+                    host,
+                })
+            }
+            Decision::Unavailable { status, reason, .. } => {
+                ctx.authz = "allow_unavailable";
+                Err(Answer::PodUnavailable {
+                    status: status.as_str().to_owned(),
+                    reason: reason.as_str(),
+                })
+            }
+            Decision::Deny(reason) => {
+                ctx.authz = reason.as_str();
+                Err(Answer::Forbidden)
+            }
+        }
+    }
+}
+
+/// Maps a proxying error to our answer; `None` when the client is gone.
+fn answer_for_error(e: &Error) -> Option<Answer> {
+    use ErrorType::*;
+    Some(match (e.esource(), e.etype()) {
+        (_, HTTPStatus(400)) => Answer::BadRequest,
+        (_, HTTPStatus(code)) if *code >= 500 => Answer::Internal,
+        (_, HTTPStatus(_)) => Answer::BadRequest,
+        (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
+            Answer::UpstreamTimeout
+        }
+        (ErrorSource::Upstream, _) => Answer::UpstreamRefused,
+        (ErrorSource::Downstream, WriteError | ReadError | ConnectionClosed) => return None,
+        (ErrorSource::Downstream, _) => Answer::BadRequest,
+        (ErrorSource::Internal | ErrorSource::Unset, ConnectTimedout) => Answer::UpstreamTimeout,
+        (ErrorSource::Internal | ErrorSource::Unset, ConnectRefused | ConnectNoRoute) => {
+            Answer::UpstreamRefused
+        }
+        (ErrorSource::Internal | ErrorSource::Unset, _) => Answer::Internal,
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Ingress {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        ctx.request_id = self.ids.next_id();
+        ctx.started = Instant::now();
+        let req = session.req_header();
+        ctx.host = request_host(req);
+        ctx.intent = intent::classify(&req.method, &req.headers);
+        let timeouts = &self.config.timeouts;
+        session.set_read_timeout(Some(if ctx.intent.upgrade {
+            timeouts.websocket_idle
+        } else {
+            timeouts.client_read
+        }));
+
+        let pod = match host::route(&ctx.host, &self.config.base_domains) {
+            Route::Dashboard => {
+                ctx.route = RouteKind::Dashboard;
+                ctx.target = Some(Target::Dashboard {
+                    addr: self.config.dashboard_upstream,
+                });
+                return Ok(false);
+            }
+            Route::BadPort(digits) => {
+                ctx.route = RouteKind::Pod;
+                return self.respond(session, ctx, Answer::BadPort(digits)).await;
+            }
+            Route::BadSlug => {
+                ctx.route = RouteKind::Pod;
+                return self.respond(session, ctx, Answer::BadHost).await;
+            }
+            Route::Pod(pod) => pod,
+        };
+        ctx.pod = Some(pod.clone());
+
+        if session.req_header().uri.path() == CALLBACK_PATH {
+            ctx.route = RouteKind::Callback;
+            let query = CallbackQuery::parse(session.req_header().uri.query().unwrap_or(""));
+            let secure = is_tls(session) || self.config.dashboard_https;
+            let answer = callback::answer(&self.verifier, &pod, &query, secure, (self.clock)());
+            return self.respond(session, ctx, Answer::Callback(answer)).await;
+        }
+
+        ctx.route = RouteKind::Pod;
+        match self.decide_pod(session, ctx, &pod).await {
+            Ok(target) => {
+                ctx.target = Some(target);
+                Ok(false)
+            }
+            Err(answer) => self.respond(session, ctx, answer).await,
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let Some(target) = &ctx.target else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no upstream decided for this request",
+            ));
+        };
+        Ok(Box::new(upstream::peer(
+            target,
+            &self.config.timeouts,
+            ctx.intent.upgrade,
+        )))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let Some(Target::Pod { host, .. }) = &ctx.target {
+            upstream_request.insert_header(header::HOST, host.as_str())?;
+            upstream_request.remove_header(&header::COOKIE);
+            if let Some(cookie) = ctx.forward_cookie.take() {
+                upstream_request.insert_header(header::COOKIE, cookie)?;
+            }
+        }
+        // We are the edge: whatever the client claims about forwarding is replaced.
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        if client_ip.is_empty() {
+            upstream_request.remove_header("x-forwarded-for");
+        } else {
+            upstream_request.insert_header("x-forwarded-for", client_ip)?;
+        }
+        let proto = if is_tls(session) { "https" } else { "http" };
+        upstream_request.insert_header("x-forwarded-proto", proto)?;
+        upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        upstream_request.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if matches!(ctx.target, Some(Target::Pod { .. })) {
+            for name in &self.config.strip_response_headers {
+                upstream_response.remove_header(name.as_str());
+            }
+        }
+        upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        ctx.status = upstream_response.status.as_u16();
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        if ctx.request_id.is_empty() {
+            ctx.request_id = self.ids.next_id();
+        }
+        let Some(answer) = answer_for_error(e) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let reply = answer.reply(ctx.intent.navigation);
+        ctx.answer = Some(answer.name());
+        ctx.status = reply.status;
+        let body: Bytes = reply.body.clone();
+        match reply.header(answer.name(), &ctx.request_id) {
+            Ok(header) => {
+                if let Err(write_error) = session
+                    .as_downstream_mut()
+                    .write_error_response(header, body)
+                    .await
+                {
+                    tracing::debug!(request_id = %ctx.request_id, error = %write_error, "could not send the error response");
+                }
+            }
+            Err(build_error) => {
+                tracing::error!(request_id = %ctx.request_id, error = %build_error, "could not build the error response");
+            }
+        }
+        FailToProxy {
+            error_code: reply.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map_or(ctx.status, |r| r.status.as_u16());
+        let req = session.req_header();
+        let elapsed_us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(
+            target: "pinacle_ingress::access",
+            request_id = %ctx.request_id,
+            client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
+            host = %ctx.host,
+            route = ctx.route.as_str(),
+            pod = ctx.pod.as_ref().map_or("", |p| p.slug.as_str()),
+            port = ctx.pod.as_ref().map_or(0, |p| p.port),
+            user = ctx.user.as_ref().map_or("", UserId::as_str),
+            method = %req.method,
+            path = req.uri.path(),
+            status,
+            answer = ctx.answer.unwrap_or(""),
+            authz = ctx.authz,
+            upstream = %ctx.target.as_ref().map(|t| t.addr().to_string()).unwrap_or_default(),
+            upgraded = session.was_upgraded(),
+            bytes_out = session.body_bytes_sent(),
+            bytes_in = session.body_bytes_read(),
+            duration_us = elapsed_us,
+            error = %e.map(ToString::to_string).unwrap_or_default(),
+            "request"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_issue_statuses() {
+        let upstream = |etype| {
+            let mut e = Error::new(etype);
+            e.esource = ErrorSource::Upstream;
+            answer_for_error(&e).map(|a| a.status())
+        };
+        assert_eq!(upstream(ErrorType::ConnectRefused), Some(502));
+        assert_eq!(upstream(ErrorType::ConnectTimedout), Some(504));
+        assert_eq!(upstream(ErrorType::ReadTimedout), Some(504));
+        assert_eq!(upstream(ErrorType::ConnectionClosed), Some(502));
+        let mut gone = Error::new(ErrorType::ConnectionClosed);
+        gone.esource = ErrorSource::Downstream;
+        assert_eq!(answer_for_error(&gone), None);
+        let mut bad = Error::new(ErrorType::InvalidHTTPHeader);
+        bad.esource = ErrorSource::Downstream;
+        assert_eq!(answer_for_error(&bad).map(|a| a.status()), Some(400));
+        let internal = Error::new(ErrorType::InternalError);
+        assert_eq!(answer_for_error(&internal).map(|a| a.status()), Some(500));
+    }
+}

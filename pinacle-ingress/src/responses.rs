@@ -1,0 +1,364 @@
+//! Every response the ingress makes itself, and only here: a stable status, body (JSON, or a
+//! small HTML page for browsers where one helps) and headers. Each carries the request id and
+//! the `x-pinacle-ingress` marker naming the answer, so nobody mistakes it for the pod's.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use serde_json::json;
+
+use crate::callback::CallbackAnswer;
+
+/// The header that marks a response as the ingress's own; its value names the answer.
+pub const MARKER_HEADER: &str = "x-pinacle-ingress";
+/// The request id header (taken from the request when present, else generated).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Seconds a browser waits before reloading the "pod not running" page.
+pub const UNAVAILABLE_RETRY_SECS: u32 = 5;
+
+/// What the ingress answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A pod host with a port outside 1..=65535 (the digits as written).
+    BadPort(String),
+    /// A pod-shaped host that cannot name a pod.
+    BadHost,
+    /// No usable credentials on a navigation: go and sign in.
+    SignIn {
+        /// The dashboard's `/api/proxy-auth` URL.
+        location: String,
+    },
+    /// No usable credentials on anything but a navigation.
+    Unauthenticated,
+    /// Authenticated, but no access (or no such pod: the two are not told apart).
+    Forbidden,
+    /// The user may reach the pod but it is not running or has nowhere to send traffic.
+    PodUnavailable {
+        /// The pod's status.
+        status: String,
+        /// What is missing (stable name).
+        reason: &'static str,
+    },
+    /// The directory (database) could not answer: fail closed.
+    AuthorizationUnavailable,
+    /// The upstream refused or dropped the connection.
+    UpstreamRefused,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// The request could not be read (malformed, or the client was too slow).
+    BadRequest,
+    /// A bug or an unexpected failure inside the ingress.
+    Internal,
+    /// The `/pinacle-proxy-callback` answer.
+    Callback(CallbackAnswer),
+}
+
+/// A response ready to be written: header and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Header fields in order (the marker, request id and framing are added by [`Reply::header`]).
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The stable name of the answer (the marker header's value and the logs' `answer`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::BadPort(_) => "bad-port",
+            Self::BadHost => "bad-host",
+            Self::SignIn { .. } => "sign-in",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::PodUnavailable { .. } => "pod-unavailable",
+            Self::AuthorizationUnavailable => "authorization-unavailable",
+            Self::UpstreamRefused => "upstream-refused",
+            Self::UpstreamTimeout => "upstream-timeout",
+            Self::BadRequest => "bad-request",
+            Self::Internal => "internal-error",
+            Self::Callback(CallbackAnswer::SetCookie { .. }) => "callback",
+            Self::Callback(_) => "callback-refused",
+        }
+    }
+
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::BadPort(_) | Self::BadHost | Self::BadRequest => 400,
+            Self::SignIn { .. } => 302,
+            Self::Unauthenticated => 401,
+            Self::Forbidden => 403,
+            Self::PodUnavailable { .. } | Self::AuthorizationUnavailable => 503,
+            Self::UpstreamRefused => 502,
+            Self::UpstreamTimeout => 504,
+            Self::Internal => 500,
+            Self::Callback(c) => match c {
+                CallbackAnswer::SetCookie { .. } => 302,
+                CallbackAnswer::MissingToken => 400,
+                CallbackAnswer::InvalidToken => 401,
+                CallbackAnswer::WrongPod => 403,
+            },
+        }
+    }
+
+    /// Builds the reply; `html` when the client is a browser navigating (pages instead of JSON
+    /// where the issue is one a person should read).
+    pub fn reply(&self, html: bool) -> Reply {
+        let status = self.status();
+        let mut headers = Vec::new();
+        let (title, message, error) = match self {
+            Self::BadPort(digits) => {
+                return json_reply(
+                    status,
+                    json!({ "error": format!("Invalid port number: {digits}") }),
+                );
+            }
+            Self::BadHost => return json_reply(status, json!({ "error": "Invalid pod host" })),
+            Self::SignIn { location } => {
+                headers.push(("location", location.clone()));
+                return Reply {
+                    status,
+                    headers,
+                    body: Bytes::new(),
+                };
+            }
+            Self::Callback(CallbackAnswer::SetCookie {
+                set_cookie,
+                location,
+            }) => {
+                headers.push(("set-cookie", set_cookie.clone()));
+                headers.push(("location", location.clone()));
+                return Reply {
+                    status,
+                    headers,
+                    body: Bytes::new(),
+                };
+            }
+            Self::Callback(CallbackAnswer::MissingToken) => {
+                return json_reply(status, json!({ "error": "Missing token parameter" }));
+            }
+            Self::Callback(CallbackAnswer::InvalidToken) => {
+                return json_reply(status, json!({ "error": "Invalid or expired token" }));
+            }
+            Self::Callback(CallbackAnswer::WrongPod) => {
+                return json_reply(
+                    status,
+                    json!({ "error": "Token does not match requested pod/port" }),
+                );
+            }
+            Self::Unauthenticated => {
+                return json_reply(status, json!({ "error": "Authentication required" }));
+            }
+            Self::PodUnavailable {
+                status: pod_status,
+                reason,
+            } => {
+                let retry = UNAVAILABLE_RETRY_SECS;
+                let mut reply = if html {
+                    html_reply(
+                        status,
+                        "Pod not available",
+                        &format!(
+                            "This pod is <strong>{}</strong>. This page reloads every {retry} seconds.",
+                            escape_html(pod_status)
+                        ),
+                        Some(retry),
+                    )
+                } else {
+                    json_reply(
+                        status,
+                        json!({ "error": "Pod not available", "status": pod_status, "reason": reason }),
+                    )
+                };
+                reply.headers.push(("retry-after", retry.to_string()));
+                return reply;
+            }
+            Self::Forbidden => (
+                "Access denied",
+                "You do not have access to this pod.",
+                "Forbidden",
+            ),
+            Self::AuthorizationUnavailable => (
+                "Temporarily unavailable",
+                "Access cannot be checked right now. Please try again shortly.",
+                "Authorization temporarily unavailable",
+            ),
+            Self::UpstreamRefused => (
+                "Bad gateway",
+                "The pod did not accept the connection.",
+                "Upstream unavailable",
+            ),
+            Self::UpstreamTimeout => (
+                "Gateway timeout",
+                "The pod did not answer in time.",
+                "Upstream timed out",
+            ),
+            Self::BadRequest => (
+                "Bad request",
+                "The request could not be read.",
+                "Bad request",
+            ),
+            Self::Internal => ("Internal error", "Something went wrong.", "Internal error"),
+        };
+        if html {
+            html_reply(status, title, message, None)
+        } else {
+            json_reply(status, json!({ "error": error }))
+        }
+    }
+}
+
+impl Reply {
+    /// The response header: status, the reply's fields, then the marker, the request id,
+    /// `cache-control: no-store` and the content length.
+    ///
+    /// # Errors
+    /// Only if a field value is not a valid header value (never for the values built here).
+    pub fn header(
+        &self,
+        marker: &'static str,
+        request_id: &str,
+    ) -> pingora::Result<ResponseHeader> {
+        let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 4))?;
+        for (name, value) in &self.headers {
+            header.append_header(*name, value.as_str())?;
+        }
+        header.insert_header(MARKER_HEADER, marker)?;
+        header.insert_header(REQUEST_ID_HEADER, request_id)?;
+        header.insert_header("cache-control", "no-store")?;
+        header.insert_header("content-length", self.body.len().to_string())?;
+        Ok(header)
+    }
+}
+
+fn json_reply(status: u16, value: serde_json::Value) -> Reply {
+    Reply {
+        status,
+        headers: vec![("content-type", "application/json".to_owned())],
+        body: Bytes::from(value.to_string()),
+    }
+}
+
+fn html_reply(status: u16, title: &str, message_html: &str, refresh: Option<u32>) -> Reply {
+    let refresh = refresh
+        .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
+        .unwrap_or_default();
+    let body = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}\
+         <meta name=\"viewport\" content=\"width=device-width\"><title>{title}</title>\
+         <style>body{{font-family:system-ui,sans-serif;margin:4rem auto;max-width:36rem;\
+         padding:0 1rem;color:#222}}h1{{font-size:1.4rem}}</style></head>\
+         <body><h1>{title}</h1><p>{message_html}</p></body></html>\n"
+    );
+    Reply {
+        status,
+        headers: vec![("content-type", "text/html; charset=utf-8".to_owned())],
+        body: Bytes::from(body),
+    }
+}
+
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(r: &Reply) -> String {
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn exact_bodies_the_dashboard_and_old_ingress_promised() {
+        let r = Answer::BadPort("70000".into()).reply(true);
+        assert_eq!(
+            (r.status, body(&r).as_str()),
+            (400, r#"{"error":"Invalid port number: 70000"}"#)
+        );
+        for (answer, status, text) in [
+            (
+                CallbackAnswer::MissingToken,
+                400,
+                r#"{"error":"Missing token parameter"}"#,
+            ),
+            (
+                CallbackAnswer::InvalidToken,
+                401,
+                r#"{"error":"Invalid or expired token"}"#,
+            ),
+            (
+                CallbackAnswer::WrongPod,
+                403,
+                r#"{"error":"Token does not match requested pod/port"}"#,
+            ),
+        ] {
+            let r = Answer::Callback(answer).reply(true);
+            assert_eq!((r.status, body(&r).as_str()), (status, text));
+        }
+    }
+
+    #[test]
+    fn unavailable_pods_get_a_refreshing_page_or_json() {
+        let answer = Answer::PodUnavailable {
+            status: "<stopped>".into(),
+            reason: "not_running",
+        };
+        let page = answer.reply(true);
+        assert_eq!(page.status, 503);
+        assert!(body(&page).contains("content=\"5\""));
+        assert!(body(&page).contains("&lt;stopped&gt;"));
+        assert!(page.headers.contains(&("retry-after", "5".into())));
+        let json: serde_json::Value = serde_json::from_slice(&answer.reply(false).body).unwrap();
+        assert_eq!(json["status"], "<stopped>");
+        assert_eq!(json["reason"], "not_running");
+    }
+
+    #[test]
+    fn headers_carry_marker_request_id_and_length() {
+        let reply = Answer::UpstreamTimeout.reply(false);
+        let header = reply
+            .header(Answer::UpstreamTimeout.name(), "req-1")
+            .unwrap();
+        assert_eq!(header.status.as_u16(), 504);
+        assert_eq!(header.headers[MARKER_HEADER], "upstream-timeout");
+        assert_eq!(header.headers[REQUEST_ID_HEADER], "req-1");
+        assert_eq!(
+            header.headers["content-length"],
+            reply.body.len().to_string()
+        );
+        assert_eq!(header.headers["cache-control"], "no-store");
+    }
+
+    #[test]
+    fn every_error_status_is_where_the_issue_puts_it() {
+        for (answer, status) in [
+            (Answer::Unauthenticated, 401),
+            (Answer::Forbidden, 403),
+            (Answer::AuthorizationUnavailable, 503),
+            (Answer::UpstreamRefused, 502),
+            (Answer::UpstreamTimeout, 504),
+            (
+                Answer::SignIn {
+                    location: "/x".into(),
+                },
+                302,
+            ),
+        ] {
+            assert_eq!(answer.reply(false).status, status, "{answer:?}");
+        }
+    }
+}
