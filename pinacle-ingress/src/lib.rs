@@ -13,6 +13,7 @@
 //! - [`callback`]: `/pinacle-proxy-callback` and the sign-in redirect URL.
 //! - [`upstream`]: the peer (pooled per pod) and the `Host` sent to a pod.
 //! - [`responses`]: every response the ingress makes itself.
+//! - [`tunnel`]: WebSocket tunnels (works around a Pingora 0.9.1 upgrade race).
 //! - [`proxy`]: the `ProxyHttp` implementation that wires the above together.
 //! - [`config`]: the TOML file, environment overrides, validation.
 //! - [`server`]: building and running the Pingora server.
@@ -32,4 +33,5 @@ pub mod request_id;
 pub mod responses;
 pub mod secrets;
 pub mod server;
+pub mod tunnel;
 pub mod upstream;

@@ -23,7 +23,8 @@ use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::request_id::RequestIds;
 use crate::responses::{Answer, REQUEST_ID_HEADER};
-use crate::upstream::{self, Target};
+use crate::tunnel::{self, TunnelSpec};
+use crate::upstream::{self, Forwarding, HeaderEdit, Target};
 
 /// Unix seconds now (the credential clock).
 pub type Clock = fn() -> i64;
@@ -105,6 +106,7 @@ pub struct RequestCtx {
     forward_cookie: Option<String>,
     answer: Option<&'static str>,
     status: u16,
+    tunnel: Option<tunnel::TunnelReport>,
 }
 
 impl RequestCtx {
@@ -122,6 +124,7 @@ impl RequestCtx {
             forward_cookie: None,
             answer: None,
             status: 0,
+            tunnel: None,
         }
     }
 }
@@ -175,6 +178,59 @@ impl Ingress {
             session.write_response_body(Some(reply.body), true).await?;
         }
         Ok(true)
+    }
+
+    /// The header edits for the decided target.
+    fn forwarding(&self, session: &Session, ctx: &RequestCtx) -> Vec<HeaderEdit> {
+        let Some(target) = &ctx.target else {
+            return Vec::new();
+        };
+        upstream::forwarding_edits(&Forwarding {
+            target,
+            cookie: ctx.forward_cookie.as_deref(),
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            tls: is_tls(session),
+            original_host: &ctx.host,
+            request_id: &ctx.request_id,
+        })
+    }
+
+    /// Hands the decided request to Pingora (`Ok(false)`), except HTTP/1.1 upgrades, which are
+    /// tunnelled here (see [`crate::tunnel`] for why).
+    async fn proxy_or_tunnel(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        if !ctx.intent.upgrade || session.is_http2() {
+            return Ok(false);
+        }
+        let Some(target) = ctx.target.clone() else {
+            return Ok(false);
+        };
+        let edits = self.forwarding(session, ctx);
+        let strip: &[String] = match target {
+            Target::Pod { .. } => &self.config.strip_response_headers,
+            Target::Dashboard { .. } => &[],
+        };
+        let spec = TunnelSpec {
+            target: &target,
+            edits: &edits,
+            strip_response_headers: strip,
+            timeouts: &self.config.timeouts,
+            request_id: &ctx.request_id,
+        };
+        match tunnel::run(session, spec).await {
+            Ok(report) => {
+                ctx.status = report.status;
+                ctx.tunnel = Some(report);
+                Ok(true)
+            }
+            Err(answer) => self.respond(session, ctx, answer).await,
+        }
     }
 
     /// The answer to a pod request without usable credentials.
@@ -338,7 +394,7 @@ impl ProxyHttp for Ingress {
                 ctx.target = Some(Target::Dashboard {
                     addr: self.config.dashboard_upstream,
                 });
-                return Ok(false);
+                return self.proxy_or_tunnel(session, ctx).await;
             }
             Route::BadPort(digits) => {
                 ctx.route = RouteKind::Pod;
@@ -364,7 +420,7 @@ impl ProxyHttp for Ingress {
         match self.decide_pod(session, ctx, &pod).await {
             Ok(target) => {
                 ctx.target = Some(target);
-                Ok(false)
+                self.proxy_or_tunnel(session, ctx).await
             }
             Err(answer) => self.respond(session, ctx, answer).await,
         }
@@ -394,28 +450,16 @@ impl ProxyHttp for Ingress {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if let Some(Target::Pod { host, .. }) = &ctx.target {
-            upstream_request.insert_header(header::HOST, host.as_str())?;
-            upstream_request.remove_header(&header::COOKIE);
-            if let Some(cookie) = ctx.forward_cookie.take() {
-                upstream_request.insert_header(header::COOKIE, cookie)?;
+        for edit in self.forwarding(session, ctx) {
+            match edit {
+                HeaderEdit::Set(name, value) => {
+                    upstream_request.insert_header(name, value)?;
+                }
+                HeaderEdit::Remove(name) => {
+                    upstream_request.remove_header(&name);
+                }
             }
         }
-        // We are the edge: whatever the client claims about forwarding is replaced.
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        if client_ip.is_empty() {
-            upstream_request.remove_header("x-forwarded-for");
-        } else {
-            upstream_request.insert_header("x-forwarded-for", client_ip)?;
-        }
-        let proto = if is_tls(session) { "https" } else { "http" };
-        upstream_request.insert_header("x-forwarded-proto", proto)?;
-        upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
-        upstream_request.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -495,9 +539,10 @@ impl ProxyHttp for Ingress {
             answer = ctx.answer.unwrap_or(""),
             authz = ctx.authz,
             upstream = %ctx.target.as_ref().map(|t| t.addr().to_string()).unwrap_or_default(),
-            upgraded = session.was_upgraded(),
-            bytes_out = session.body_bytes_sent(),
-            bytes_in = session.body_bytes_read(),
+            upgraded = session.was_upgraded() || ctx.tunnel.is_some_and(|t| t.status == 101),
+            bytes_out = ctx.tunnel.map_or(session.body_bytes_sent() as u64, |t| t.bytes_down),
+            bytes_in = ctx.tunnel.map_or(session.body_bytes_read() as u64, |t| t.bytes_up),
+            idle_timeout = ctx.tunnel.is_some_and(|t| t.idle_timeout),
             duration_us = elapsed_us,
             error = %e.map(ToString::to_string).unwrap_or_default(),
             "request"

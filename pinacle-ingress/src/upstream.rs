@@ -4,7 +4,10 @@
 //! opened to its predecessor.
 
 use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use http::HeaderName;
+use http::header;
 
 use pinacle_authz::PodId;
 use pingora::upstreams::peer::HttpPeer;
@@ -55,6 +58,65 @@ pub fn group_key(pod_id: &PodId) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     pod_id.as_str().hash(&mut hasher);
     hasher.finish()
+}
+
+/// One change to the request headers sent upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit {
+    /// Replace every value with this one.
+    Set(HeaderName, String),
+    /// Remove the field.
+    Remove(HeaderName),
+}
+
+/// What the upstream is told about the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// Where it goes.
+    pub target: &'a Target,
+    /// The `Cookie` header left after removing credentials (pods only).
+    pub cookie: Option<&'a str>,
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// Whether the client connected over TLS.
+    pub tls: bool,
+    /// The `Host` the client sent.
+    pub original_host: &'a str,
+    /// The request id.
+    pub request_id: &'a str,
+}
+
+/// The header edits for a forwarded request: pods get their rewritten `Host` and the stripped
+/// `Cookie`; everyone gets `X-Forwarded-For/Proto/Host` (replacing whatever the client claimed:
+/// the ingress is the edge) and the request id.
+pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
+    let mut edits = Vec::with_capacity(6);
+    if let Target::Pod { host, .. } = f.target {
+        edits.push(HeaderEdit::Set(header::HOST, host.clone()));
+        edits.push(match f.cookie {
+            Some(cookie) => HeaderEdit::Set(header::COOKIE, cookie.to_owned()),
+            None => HeaderEdit::Remove(header::COOKIE),
+        });
+    }
+    let xff = HeaderName::from_static("x-forwarded-for");
+    edits.push(match f.client_ip {
+        Some(ip) => HeaderEdit::Set(xff, ip.to_string()),
+        None => HeaderEdit::Remove(xff),
+    });
+    let proto = if f.tls { "https" } else { "http" };
+    edits.push(HeaderEdit::Set(
+        HeaderName::from_static("x-forwarded-proto"),
+        proto.to_owned(),
+    ));
+    edits.push(HeaderEdit::Set(
+        HeaderName::from_static("x-forwarded-host"),
+        f.original_host.to_owned(),
+    ));
+    edits.push(HeaderEdit::Set(
+        HeaderName::from_static("x-request-id"),
+        f.request_id.to_owned(),
+    ));
+    edits
 }
 
 /// The peer for a target. Upgraded requests (WebSockets) get the long idle timeout for reads
@@ -128,6 +190,44 @@ mod tests {
             a.group_key,
             peer(&pod("pod_a"), &timeouts(), true).group_key
         );
+    }
+
+    #[test]
+    fn forwarding_rewrites_pods_and_only_annotates_the_dashboard() {
+        let target = pod("p");
+        let edits = forwarding_edits(&Forwarding {
+            target: &target,
+            cookie: None,
+            client_ip: Some("203.0.113.1".parse().unwrap()),
+            tls: true,
+            original_host: "localhost-1-pod-p.pinacle.dev",
+            request_id: "r1",
+        });
+        assert_eq!(edits[0], HeaderEdit::Set(header::HOST, "h".into()));
+        assert_eq!(edits[1], HeaderEdit::Remove(header::COOKIE));
+        assert!(edits.contains(&HeaderEdit::Set(
+            HeaderName::from_static("x-forwarded-for"),
+            "203.0.113.1".into()
+        )));
+        assert!(edits.contains(&HeaderEdit::Set(
+            HeaderName::from_static("x-forwarded-proto"),
+            "https".into()
+        )));
+        let dashboard = Target::Dashboard {
+            addr: "127.0.0.1:3000".parse().unwrap(),
+        };
+        let edits = forwarding_edits(&Forwarding {
+            target: &dashboard,
+            cookie: Some("ignored"),
+            client_ip: None,
+            tls: false,
+            original_host: "pinacle.dev",
+            request_id: "r2",
+        });
+        assert!(!edits.iter().any(
+            |e| matches!(e, HeaderEdit::Set(n, _) | HeaderEdit::Remove(n)
+            if n == header::HOST || n == header::COOKIE)
+        ));
     }
 
     #[test]

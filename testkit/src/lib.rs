@@ -2,7 +2,8 @@
 //! tests): real upstreams on ephemeral ports, a real nginx process, and a raw HTTP/1.1 client that
 //! can send any Host header.
 //!
-//! - [`upstream`]: HTTP echo (counts connections), server-sent events, WebSocket echo.
+//! - [`upstream`]: HTTP echo (counts connections), server-sent events, WebSocket echo, and a
+//!   WebSocket server that answers 101 instantly.
 //! - [`nginx`]: runs nginx with a given config, stopped (by its PID) on drop.
 //! - [`client`]: one request on a fresh or given connection, the whole response read.
 

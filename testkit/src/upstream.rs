@@ -162,7 +162,8 @@ pub async fn sse() -> Upstream {
 }
 
 /// A WebSocket echo server. It answers the handshake with the first offered subprotocol and
-/// echoes `x-seen-host` (the Host it received) in the handshake response.
+/// reports the Host and `Sec-WebSocket-Extensions` it received as `x-seen-host` and
+/// `x-seen-extensions` in the handshake response.
 pub async fn websocket_echo() -> Upstream {
     serve(|stream| async move {
         let callback = |req: &WsRequest, mut resp: WsResponse| {
@@ -182,6 +183,9 @@ pub async fn websocket_echo() -> Upstream {
             if let Some(host) = req.headers().get("host") {
                 resp.headers_mut().insert("x-seen-host", host.clone());
             }
+            if let Some(ext) = req.headers().get("sec-websocket-extensions") {
+                resp.headers_mut().insert("x-seen-extensions", ext.clone());
+            }
             Ok(resp)
         };
         let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
@@ -193,6 +197,69 @@ pub async fn websocket_echo() -> Upstream {
             }
             if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                 break;
+            }
+        }
+    })
+    .await
+}
+
+/// A WebSocket server that answers as fast as it can: as soon as the request head has arrived,
+/// one write carries the `101` and a first text frame (`hello`), before the client has sent
+/// anything else; then it echoes. Proxies that set up the tunnel only after the 101 has been
+/// "processed" have lost such first frames (Pingora issue 946).
+pub async fn instant_upgrade() -> Upstream {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    serve(|mut stream| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let key = text
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.trim()
+                    .eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let accept = derive_accept_key(key.as_bytes());
+        let mut out = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        out.extend_from_slice(&[0x81, 5]);
+        out.extend_from_slice(b"hello");
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await
+}
+
+/// A server that accepts connections and reads requests but never answers (timeouts).
+pub async fn silent() -> Upstream {
+    serve(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                return;
             }
         }
     })
