@@ -199,6 +199,8 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
             ),
             ("PINACLE_INGRESS_SHUTDOWN_GRACE_PERIOD", "1s"),
             ("PINACLE_INGRESS_THREADS", "1"),
+            ("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.test, pinacle.io"),
+            ("PINACLE_INGRESS_UPSTREAM_DOMAIN", "pods.internal"),
             ("RUST_LOG", "warn"),
         ],
     )
@@ -230,7 +232,24 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
     let cookie = format!("__Secure-next-auth.session-token={value}");
     let r = client::get(listen, "/x", &[("host", host), ("cookie", &cookie)]).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["headers"]["host"], host);
+    // The configured upstream domain replaces the one the request came in on.
+    assert_eq!(
+        r.json()["headers"]["host"],
+        "localhost-3000-pod-proj.pods.internal"
+    );
+    let r = client::get(
+        listen,
+        "/",
+        &[
+            ("host", "localhost-5173.pod-proj.pinacle.io"),
+            ("cookie", &cookie),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.json()["headers"]["host"],
+        "localhost-5173-pod-proj.pods.internal"
+    );
     // The plain name is not the dashboard's on https: it is the pod's own cookie.
     let plain = format!("next-auth.session-token={value}");
     let r = client::get(listen, "/x", &[("host", host), ("cookie", &plain)]).await;
