@@ -11,7 +11,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
-use pinacle_authz::{Authorizer, CredentialVerifier, Decision, Outcome, Principal, UserId};
+use pinacle_authz::{
+    Authorizer, CredentialVerifier, Decision, DirectoryError, Outcome, Principal, UserId,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -266,11 +268,7 @@ impl Ingress {
             .await
         {
             Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::warn!(request_id = %ctx.request_id, error = %e, "session lookup failed");
-                ctx.authz = "directory_error";
-                return Err(Answer::AuthorizationUnavailable);
-            }
+            Err(e) => return Err(directory_failed(ctx, "session lookup", &e)),
         };
         let principal: Principal = match outcome {
             Outcome::Valid(p) => p,
@@ -296,11 +294,7 @@ impl Ingress {
             .await
         {
             Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(request_id = %ctx.request_id, error = %e, "authorization lookup failed");
-                ctx.authz = "directory_error";
-                return Err(Answer::AuthorizationUnavailable);
-            }
+            Err(e) => return Err(directory_failed(ctx, "authorization lookup", &e)),
         };
         match decision {
             Decision::Allow {
@@ -340,6 +334,13 @@ impl Ingress {
             }
         }
     }
+}
+
+/// The directory could not answer: fail closed (503), and say why in the log.
+fn directory_failed(ctx: &mut RequestCtx, what: &str, e: &DirectoryError) -> Answer {
+    tracing::warn!(request_id = %ctx.request_id, error = %e, "{what} failed");
+    ctx.authz = "directory_error";
+    Answer::AuthorizationUnavailable
 }
 
 /// Maps a proxying error to our answer; `None` when the client is gone.

@@ -136,13 +136,8 @@ pub async fn sse() -> Upstream {
             counted.fetch_add(1, Ordering::SeqCst);
             let gate = gate.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut stream).await.is_none() {
+                    return;
                 }
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\ndata: first\n\n")
@@ -188,17 +183,10 @@ pub async fn websocket_echo() -> Upstream {
             }
             Ok(resp)
         };
-        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
             return;
         };
-        while let Some(Ok(msg)) = ws.next().await {
-            if msg.is_close() {
-                break;
-            }
-            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                break;
-            }
-        }
+        echo_messages(ws).await;
     })
     .await
 }
@@ -211,14 +199,9 @@ pub async fn instant_upgrade() -> Upstream {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;
     serve(|mut stream| async move {
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
         let text = String::from_utf8_lossy(&head).into_owned();
         let key = text
             .lines()
@@ -239,16 +222,9 @@ pub async fn instant_upgrade() -> Upstream {
         if stream.write_all(&out).await.is_err() {
             return;
         }
-        let mut ws =
+        let ws =
             tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
-        while let Some(Ok(msg)) = ws.next().await {
-            if msg.is_close() {
-                break;
-            }
-            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                break;
-            }
-        }
+        echo_messages(ws).await;
     })
     .await
 }
@@ -264,4 +240,32 @@ pub async fn silent() -> Upstream {
         }
     })
     .await
+}
+
+/// Echoes text and binary messages until the peer closes.
+async fn echo_messages<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(Ok(msg)) = ws.next().await {
+        if msg.is_close() {
+            break;
+        }
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Reads up to the end of a request head; `None` if the peer goes away first.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
 }
