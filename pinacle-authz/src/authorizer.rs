@@ -82,6 +82,15 @@ impl Expiry<UserId, bool> for TtlByAnswer {
     }
 }
 
+/// Whether a decision came from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheLookup {
+    /// Answered from the cache.
+    Hit,
+    /// Not cached: the directory was asked (or a concurrent identical query was joined).
+    Miss,
+}
+
 /// Decides access with a cache in front of a [`PodDirectory`]. Cheap to share (`Arc` inside).
 #[derive(Clone)]
 pub struct Authorizer {
@@ -140,9 +149,23 @@ impl Authorizer {
         user: &UserId,
         slug: &PodSlug,
     ) -> Result<Decision, DirectoryError> {
+        self.authorize_with_lookup(user, slug)
+            .await
+            .map(|(decision, _)| decision)
+    }
+
+    /// [`Authorizer::authorize`], also telling whether the cache answered (for metrics).
+    ///
+    /// # Errors
+    /// [`DirectoryError`] when the directory could not answer.
+    pub async fn authorize_with_lookup(
+        &self,
+        user: &UserId,
+        slug: &PodSlug,
+    ) -> Result<(Decision, CacheLookup), DirectoryError> {
         let key = (user.clone(), slug.clone());
         if let Some(hit) = self.decisions.get(&key).await {
-            return Ok(hit);
+            return Ok((hit, CacheLookup::Hit));
         }
         self.decisions
             .try_get_with(key, async {
@@ -150,6 +173,7 @@ impl Authorizer {
                 Ok(rule::decide(&candidates, user))
             })
             .await
+            .map(|decision| (decision, CacheLookup::Miss))
             .map_err(|e: Arc<DirectoryError>| (*e).clone())
     }
 

@@ -34,7 +34,7 @@ mod secret;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use authorizer::{Authorizer, AuthorizerConfig};
+pub use authorizer::{Authorizer, AuthorizerConfig, CacheLookup};
 pub use claims::{CLOCK_TOLERANCE_SECS, Claims};
 pub use credentials::{
     CredentialConfig, CredentialConfigError, CredentialKind, CredentialVerifier, Inspection,

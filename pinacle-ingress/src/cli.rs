@@ -40,6 +40,10 @@ pub enum Command {
         /// variables override it.
         #[arg(long)]
         config: Option<std::path::PathBuf>,
+        /// Take the listening sockets over from the running process (zero-downtime restart:
+        /// start this, then send the old process SIGQUIT; see the README).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate the configuration (file and environment) without starting; exit 1 listing
     /// every problem.
@@ -95,7 +99,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }) => session_mint(&user, ttl_secs, &cookie_name),
         Command::Migrate => migrate(),
         Command::RenderNginx { pod_config } => render_nginx(&pod_config),
-        Command::Serve { config } => serve(config.as_deref()),
+        Command::Serve { config, upgrade } => serve(config.as_deref(), upgrade),
         Command::CheckConfig { config } => check_config(config.as_deref()),
     };
     result.unwrap_or_else(|e| {
@@ -224,18 +228,7 @@ fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Also bridges Pingora's `log` records into tracing.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
-fn serve(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
-    init_tracing();
+fn serve(config: Option<&std::path::Path>, upgrade: bool) -> anyhow::Result<ExitCode> {
     let config = match crate::config::load(config, &process_env) {
         Ok(config) => config,
         Err(e) => {
@@ -243,7 +236,8 @@ fn serve(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    crate::server::serve(config, unix_now)?;
+    crate::telemetry::init_logging(config.log_format, "info");
+    crate::server::serve(config, unix_now, upgrade)?;
     Ok(ExitCode::SUCCESS)
 }
 

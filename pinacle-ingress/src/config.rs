@@ -5,7 +5,7 @@
 //! `NEXTAUTH_SECRET`/`AUTH_SECRET` (see [`crate::secrets`]). Unknown keys are errors and every
 //! problem is reported at once, each naming its key or variable.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::host::BaseDomain;
 use crate::secrets::secrets_from_env;
+use crate::telemetry::LogFormat;
 
 /// The prefix of every override variable.
 pub const ENV_PREFIX: &str = "PINACLE_INGRESS_";
@@ -60,6 +61,37 @@ pub struct FileConfig {
     pub authz_deny_ttl: Option<String>,
     /// Seconds in-flight requests get after SIGTERM before the process exits.
     pub shutdown_grace_period: Option<String>,
+    /// `address:port` of the admin listener (`/healthz`, `/readyz`, `/metrics`), or `off`.
+    pub admin_listen: Option<String>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// Addresses or CIDR ranges of proxies in front of the ingress, whose `X-Forwarded-For` and
+    /// `X-Request-Id` are believed.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Largest request head (request line and headers) accepted, in bytes.
+    pub max_request_header_bytes: Option<usize>,
+    /// `address:port` for HTTPS (needs `tls_cert_file` and `tls_key_file`).
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain (the wildcard certificate).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// More certificates, chosen by SNI (`[[tls_certificates]]` with `cert_file`, `key_file`).
+    pub tls_certificates: Option<Vec<CertificateFile>>,
+    /// With TLS on: whether the plain `listen` redirects to https (health paths excepted).
+    pub http_redirect_to_https: Option<bool>,
+    /// Unix socket for the zero-downtime hand-over between an old and a new process.
+    pub upgrade_sock: Option<PathBuf>,
+}
+
+/// A certificate and its key (PEM files).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
 }
 
 #[derive(Clone, Copy)]
@@ -67,6 +99,9 @@ enum Kind {
     Text,
     List,
     Count,
+    Flag,
+    /// Not settable from the environment (arrays of tables).
+    FileOnly,
 }
 
 /// Every key, its type, for unknown-key reports and environment overrides.
@@ -88,6 +123,16 @@ const KEYS: &[(&str, Kind)] = &[
     ("authz_allow_ttl", Kind::Text),
     ("authz_deny_ttl", Kind::Text),
     ("shutdown_grace_period", Kind::Text),
+    ("admin_listen", Kind::Text),
+    ("log_format", Kind::Text),
+    ("trusted_proxies", Kind::List),
+    ("max_request_header_bytes", Kind::Count),
+    ("tls_listen", Kind::Text),
+    ("tls_cert_file", Kind::Text),
+    ("tls_key_file", Kind::Text),
+    ("tls_certificates", Kind::FileOnly),
+    ("http_redirect_to_https", Kind::Flag),
+    ("upgrade_sock", Kind::Text),
 ];
 
 /// Where pods, users and sessions come from.
@@ -149,6 +194,29 @@ pub struct IngressConfig {
     pub secrets: Vec<Secret>,
     /// Session cookie names to accept (picked by the dashboard URL's scheme).
     pub session_cookies: Vec<SessionCookie>,
+    /// Admin listener, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Largest request head accepted (431 above).
+    pub max_request_header_bytes: usize,
+    /// HTTPS, if configured.
+    pub tls: Option<TlsConfig>,
+    /// The hand-over socket for `serve --upgrade`.
+    pub upgrade_sock: PathBuf,
+}
+
+/// HTTPS settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Certificates: the first is the default, the others are chosen by SNI.
+    pub certificates: Vec<CertificateFile>,
+    /// Whether the plain listener redirects to https.
+    pub redirect_http: bool,
 }
 
 /// One thing wrong with the configuration.
@@ -253,6 +321,18 @@ fn apply_env(
                     continue;
                 }
             },
+            Kind::Flag => match value.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => toml::Value::Boolean(true),
+                "0" | "false" | "no" | "off" => toml::Value::Boolean(false),
+                _ => {
+                    problems.push(problem(var, format!("{value:?} is not true or false")));
+                    continue;
+                }
+            },
+            Kind::FileOnly => {
+                problems.push(problem(var, "can only be set in the configuration file"));
+                continue;
+            }
         };
         table.insert((*key).to_owned(), value);
     }
@@ -325,6 +405,12 @@ pub mod defaults {
     pub const DIRECTORY_QUERY: Duration = Duration::from_secs(2);
     /// `shutdown_grace_period`
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// `admin_listen`
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9180";
+    /// `max_request_header_bytes`: nginx's default large_client_header_buffers (4 x 8k) doubled.
+    pub const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+    /// `upgrade_sock`
+    pub const UPGRADE_SOCK: &str = "/tmp/pinacle-ingress-upgrade.sock";
 }
 
 fn validate(
@@ -521,6 +607,59 @@ fn validate(
 
     let session_cookies = session_cookies_for(dashboard_https);
 
+    let admin_listen = match file
+        .admin_listen
+        .as_deref()
+        .unwrap_or(defaults::ADMIN_LISTEN)
+    {
+        "off" | "" => None,
+        text => socket_addr("admin_listen", text, &mut problems),
+    };
+    let log_format = match file.log_format.as_deref().map(LogFormat::parse) {
+        None => LogFormat::Text,
+        Some(Ok(f)) => f,
+        Some(Err(m)) => {
+            problems.push(problem("log_format", m));
+            LogFormat::Text
+        }
+    };
+    let trusted_proxies = file
+        .trusted_proxies
+        .iter()
+        .flatten()
+        .filter_map(|text| {
+            IpNet::parse(text)
+                .map_err(|m| problems.push(problem("trusted_proxies", m)))
+                .ok()
+        })
+        .collect();
+    let max_request_header_bytes = match file.max_request_header_bytes {
+        Some(n) if n < 1024 => {
+            problems.push(problem("max_request_header_bytes", "must be at least 1024"));
+            defaults::MAX_REQUEST_HEADER_BYTES
+        }
+        Some(n) if n > 1_000_000 => {
+            problems.push(problem(
+                "max_request_header_bytes",
+                "must be at most 1000000 (Pingora's own limit)",
+            ));
+            defaults::MAX_REQUEST_HEADER_BYTES
+        }
+        Some(n) => n,
+        None => defaults::MAX_REQUEST_HEADER_BYTES,
+    };
+    let tls = tls_config(file, &mut problems);
+    if timeouts.directory_query >= timeouts.upstream_read {
+        problems.push(problem(
+            "directory_query_timeout",
+            "must be shorter than upstream_read_timeout (the request budget)",
+        ));
+    }
+    let upgrade_sock = file
+        .upgrade_sock
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(defaults::UPGRADE_SOCK));
+
     match (listen, dashboard_upstream) {
         (Some(listen), Some(dashboard_upstream)) if problems.is_empty() => Ok(IngressConfig {
             listen,
@@ -536,8 +675,117 @@ fn validate(
             authorizer,
             secrets,
             session_cookies,
+            admin_listen,
+            log_format,
+            trusted_proxies,
+            max_request_header_bytes,
+            tls,
+            upgrade_sock,
         }),
         _ => Err(ConfigError(problems)),
+    }
+}
+
+fn tls_config(file: &FileConfig, problems: &mut Vec<Problem>) -> Option<TlsConfig> {
+    let mut certificates = Vec::new();
+    match (&file.tls_cert_file, &file.tls_key_file) {
+        (Some(cert_file), Some(key_file)) => certificates.push(CertificateFile {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+        }),
+        (None, None) => {}
+        (Some(_), None) => problems.push(problem("tls_key_file", "tls_cert_file needs it")),
+        (None, Some(_)) => problems.push(problem("tls_cert_file", "tls_key_file needs it")),
+    }
+    certificates.extend(file.tls_certificates.iter().flatten().cloned());
+    let Some(listen) = &file.tls_listen else {
+        if !certificates.is_empty() {
+            problems.push(problem(
+                "tls_listen",
+                "certificates are set but not where to listen",
+            ));
+        }
+        return None;
+    };
+    let listen = socket_addr("tls_listen", listen, problems)?;
+    if certificates.is_empty() {
+        problems.push(problem(
+            "tls_cert_file",
+            "tls_listen is set: a certificate and key are needed",
+        ));
+        return None;
+    }
+    for (i, c) in certificates.iter().enumerate() {
+        for (what, path) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
+            if !path.is_file() {
+                problems.push(problem(
+                    format!("tls_certificates[{i}].{what}"),
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+    }
+    Some(TlsConfig {
+        listen,
+        certificates,
+        redirect_http: file.http_redirect_to_https.unwrap_or(false),
+    })
+}
+
+/// An address or CIDR range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// `10.0.0.0/8`, `fd00::/8` or a single address.
+    ///
+    /// # Errors
+    /// A description of what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address or CIDR range"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: prefix must be 0..={max}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
     }
 }
 
@@ -645,6 +893,50 @@ mod tests {
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn cidr_ranges() {
+        let net = IpNet::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(
+            IpNet::parse("::1")
+                .unwrap()
+                .contains("::1".parse().unwrap())
+        );
+        assert!(
+            IpNet::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("nope").is_err());
+    }
+
+    #[test]
+    fn tls_needs_a_listener_and_readable_pairs() {
+        let err = from_toml(
+            "tls_listen = \"127.0.0.1:8443\"\ntls_cert_file = \"/nonexistent.pem\"",
+            "t",
+            &env(&[SECRET]),
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"tls_key_file"), "{keys:?}");
+        let err = from_toml(
+            "[[tls_certificates]]\ncert_file = \"/a\"\nkey_file = \"/b\"",
+            "t",
+            &env(&[SECRET, ("PINACLE_INGRESS_TLS_CERTIFICATES", "x")]),
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"tls_listen"), "{keys:?}");
+        assert!(
+            keys.contains(&"PINACLE_INGRESS_TLS_CERTIFICATES"),
+            "{keys:?}"
+        );
     }
 
     #[test]

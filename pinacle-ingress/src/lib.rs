@@ -16,15 +16,20 @@
 //! - [`tunnel`]: WebSocket tunnels (works around a Pingora 0.9.1 upgrade race).
 //! - [`proxy`]: the `ProxyHttp` implementation that wires the above together.
 //! - [`config`]: the TOML file, environment overrides, validation.
-//! - [`server`]: building and running the Pingora server.
+//! - [`server`]: building and running the Pingora server; [`admin`]: health and metrics.
+//! - [`directory`]: the pod directory opened from the configuration, metered.
+//! - [`telemetry`]: metrics, logging setup, what may be logged.
+//! - [`tls`]: certificates by SNI, reloadable.
 //! - [`cli`]: the command line (thin `main.rs` calls [`cli::run`]); [`secrets`], [`inspect`].
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod admin;
 pub mod callback;
 pub mod cli;
 pub mod config;
+pub mod directory;
 pub mod host;
 pub mod inspect;
 pub mod intent;
@@ -33,5 +38,7 @@ pub mod request_id;
 pub mod responses;
 pub mod secrets;
 pub mod server;
+pub mod telemetry;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;

@@ -25,6 +25,7 @@ use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::request_id::RequestIds;
 use crate::responses::{Answer, REQUEST_ID_HEADER};
+use crate::telemetry::{self, FinishedRequest, Metrics};
 use crate::tunnel::{self, TunnelSpec};
 use crate::upstream::{self, Forwarding, HeaderEdit, Target};
 
@@ -38,6 +39,7 @@ pub struct Ingress {
     authorizer: Arc<Authorizer>,
     ids: RequestIds,
     clock: Clock,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -55,6 +57,7 @@ impl Ingress {
         verifier: CredentialVerifier,
         authorizer: Arc<Authorizer>,
         clock: Clock,
+        metrics: Metrics,
     ) -> Self {
         Self {
             config,
@@ -62,6 +65,7 @@ impl Ingress {
             authorizer,
             ids: RequestIds::new(),
             clock,
+            metrics,
         }
     }
 }
@@ -109,6 +113,10 @@ pub struct RequestCtx {
     answer: Option<&'static str>,
     status: u16,
     tunnel: Option<tunnel::TunnelReport>,
+    trusted_client: bool,
+    upstream_started: Option<Instant>,
+    upstream_duration: Option<std::time::Duration>,
+    connect_failed: bool,
 }
 
 impl RequestCtx {
@@ -127,6 +135,10 @@ impl RequestCtx {
             answer: None,
             status: 0,
             tunnel: None,
+            trusted_client: false,
+            upstream_started: None,
+            upstream_duration: None,
+            connect_failed: false,
         }
     }
 }
@@ -153,6 +165,31 @@ fn cookie_header(req: &RequestHeader) -> String {
         }
     }
     joined
+}
+
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// An incoming request id we may keep: short, printable, no separators that break log lines.
+fn acceptable_request_id(value: &str) -> bool {
+    (1..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// The size of the request head as received (request line and header fields).
+fn request_head_bytes(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    req.headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
 }
 
 fn is_tls(session: &Session) -> bool {
@@ -182,6 +219,37 @@ impl Ingress {
         Ok(true)
     }
 
+    /// On the plain listener with TLS configured and `http_redirect_to_https`: 308 to https,
+    /// except health checks.
+    fn https_redirect(&self, session: &Session, ctx: &RequestCtx) -> Option<Answer> {
+        let tls = self.config.tls.as_ref().filter(|t| t.redirect_http)?;
+        if is_tls(session) {
+            return None;
+        }
+        let uri = &session.req_header().uri;
+        if matches!(uri.path(), "/healthz" | "/readyz") {
+            return Some(Answer::Health);
+        }
+        let host = ctx
+            .host
+            .rsplit_once(':')
+            .map_or(ctx.host.as_str(), |(h, p)| {
+                if p.bytes().all(|b| b.is_ascii_digit()) {
+                    h
+                } else {
+                    ctx.host.as_str()
+                }
+            });
+        let port = match tls.listen.port() {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        Some(Answer::HttpsRedirect {
+            location: format!("https://{host}{port}{path}"),
+        })
+    }
+
     /// The header edits for the decided target.
     fn forwarding(&self, session: &Session, ctx: &RequestCtx) -> Vec<HeaderEdit> {
         let Some(target) = &ctx.target else {
@@ -190,10 +258,16 @@ impl Ingress {
         upstream::forwarding_edits(&Forwarding {
             target,
             cookie: ctx.forward_cookie.as_deref(),
-            client_ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+            client_ip: client_ip(session),
+            trusted_forwarded_for: if ctx.trusted_client {
+                session
+                    .req_header()
+                    .headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+            } else {
+                None
+            },
             tls: is_tls(session),
             original_host: &ctx.host,
             request_id: &ctx.request_id,
@@ -224,6 +298,7 @@ impl Ingress {
             strip_response_headers: strip,
             timeouts: &self.config.timeouts,
             request_id: &ctx.request_id,
+            metrics: &self.metrics,
         };
         match tunnel::run(session, spec).await {
             Ok(report) => {
@@ -231,7 +306,11 @@ impl Ingress {
                 ctx.tunnel = Some(report);
                 Ok(true)
             }
-            Err(answer) => self.respond(session, ctx, answer).await,
+            Err(answer) => {
+                ctx.connect_failed =
+                    matches!(answer, Answer::UpstreamRefused | Answer::UpstreamTimeout);
+                self.respond(session, ctx, answer).await
+            }
         }
     }
 
@@ -290,10 +369,14 @@ impl Ingress {
         }
         let decision = match self
             .authorizer
-            .authorize(&principal.user_id, &pod.slug)
+            .authorize_with_lookup(&principal.user_id, &pod.slug)
             .await
         {
-            Ok(d) => d,
+            Ok((d, lookup)) => {
+                self.metrics
+                    .authz_lookup(lookup == pinacle_authz::CacheLookup::Hit);
+                d
+            }
             Err(e) => return Err(directory_failed(ctx, "authorization lookup", &e)),
         };
         match decision {
@@ -377,17 +460,38 @@ impl ProxyHttp for Ingress {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
-        ctx.request_id = self.ids.next_id();
         ctx.started = Instant::now();
+        ctx.trusted_client = client_ip(session).is_some_and(|ip| {
+            self.config
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(ip))
+        });
         let req = session.req_header();
+        ctx.request_id = match req
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if ctx.trusted_client && acceptable_request_id(id) => id.to_owned(),
+            _ => self.ids.next_id(),
+        };
         ctx.host = request_host(req);
         ctx.intent = intent::classify(&req.method, &req.headers);
+        let too_large = request_head_bytes(req) > self.config.max_request_header_bytes;
         let timeouts = &self.config.timeouts;
         session.set_read_timeout(Some(if ctx.intent.upgrade {
             timeouts.websocket_idle
         } else {
             timeouts.client_read
         }));
+
+        if too_large {
+            return self.respond(session, ctx, Answer::HeaderTooLarge).await;
+        }
+        if let Some(answer) = self.https_redirect(session, ctx) {
+            return self.respond(session, ctx, answer).await;
+        }
 
         let pod = match host::route(&ctx.host, &self.config.base_domains) {
             Route::Dashboard => {
@@ -451,6 +555,7 @@ impl ProxyHttp for Ingress {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        ctx.upstream_started = Some(Instant::now());
         for edit in self.forwarding(session, ctx) {
             match edit {
                 HeaderEdit::Set(name, value) => {
@@ -462,6 +567,29 @@ impl ProxyHttp for Ingress {
             }
         }
         Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if ctx.upstream_duration.is_none() {
+            ctx.upstream_duration = ctx.upstream_started.map(|t| t.elapsed());
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.connect_failed = true;
+        e
     }
 
     async fn response_filter(
@@ -523,8 +651,26 @@ impl ProxyHttp for Ingress {
         let status = session
             .response_written()
             .map_or(ctx.status, |r| r.status.as_u16());
+        let (bytes_in, bytes_out) = ctx.tunnel.map_or(
+            (
+                session.body_bytes_read() as u64,
+                session.body_bytes_sent() as u64,
+            ),
+            |t| (t.bytes_up, t.bytes_down),
+        );
+        let duration = ctx.started.elapsed();
+        let port = ctx.pod.as_ref().map_or(0, |p| p.port);
+        self.metrics.request(&FinishedRequest {
+            route: ctx.route.as_str(),
+            status,
+            port,
+            duration,
+            upstream_duration: ctx.upstream_duration,
+            bytes_in,
+            bytes_out,
+            connect_failed: ctx.connect_failed,
+        });
         let req = session.req_header();
-        let elapsed_us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         tracing::info!(
             target: "pinacle_ingress::access",
             request_id = %ctx.request_id,
@@ -532,20 +678,21 @@ impl ProxyHttp for Ingress {
             host = %ctx.host,
             route = ctx.route.as_str(),
             pod = ctx.pod.as_ref().map_or("", |p| p.slug.as_str()),
-            port = ctx.pod.as_ref().map_or(0, |p| p.port),
+            port,
             user = ctx.user.as_ref().map_or("", UserId::as_str),
             method = %req.method,
-            path = req.uri.path(),
+            path = %telemetry::loggable_target(req.uri.path(), req.uri.query()),
             status,
             answer = ctx.answer.unwrap_or(""),
             authz = ctx.authz,
             upstream = %ctx.target.as_ref().map(|t| t.addr().to_string()).unwrap_or_default(),
             upgraded = session.was_upgraded() || ctx.tunnel.is_some_and(|t| t.status == 101),
-            bytes_out = ctx.tunnel.map_or(session.body_bytes_sent() as u64, |t| t.bytes_down),
-            bytes_in = ctx.tunnel.map_or(session.body_bytes_read() as u64, |t| t.bytes_up),
+            bytes_in,
+            bytes_out,
             idle_timeout = ctx.tunnel.is_some_and(|t| t.idle_timeout),
-            duration_us = elapsed_us,
-            error = %e.map(ToString::to_string).unwrap_or_default(),
+            duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            upstream_us = ctx.upstream_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            error = %e.map(|e| e.etype().as_str()).unwrap_or(""),
             "request"
         );
     }

@@ -50,6 +50,15 @@ pub enum Answer {
     Internal,
     /// The `/pinacle-proxy-callback` answer.
     Callback(CallbackAnswer),
+    /// The request head is larger than `max_request_header_bytes`.
+    HeaderTooLarge,
+    /// Plain HTTP with TLS configured: go to https.
+    HttpsRedirect {
+        /// The https URL.
+        location: String,
+    },
+    /// A health check on the plain listener while it redirects everything else.
+    Health,
 }
 
 /// A response ready to be written: header and body.
@@ -80,6 +89,9 @@ impl Answer {
             Self::Internal => "internal-error",
             Self::Callback(CallbackAnswer::SetCookie { .. }) => "callback",
             Self::Callback(_) => "callback-refused",
+            Self::HeaderTooLarge => "header-too-large",
+            Self::HttpsRedirect { .. } => "https-redirect",
+            Self::Health => "health",
         }
     }
 
@@ -94,6 +106,9 @@ impl Answer {
             Self::UpstreamRefused => 502,
             Self::UpstreamTimeout => 504,
             Self::Internal => 500,
+            Self::HeaderTooLarge => 431,
+            Self::HttpsRedirect { .. } => 308,
+            Self::Health => 200,
             Self::Callback(c) => match c {
                 CallbackAnswer::SetCookie { .. } => 302,
                 CallbackAnswer::MissingToken => 400,
@@ -150,6 +165,18 @@ impl Answer {
             }
             Self::Unauthenticated => {
                 return json_reply(status, json!({ "error": "Authentication required" }));
+            }
+            Self::HeaderTooLarge => {
+                return json_reply(status, json!({ "error": "Request header too large" }));
+            }
+            Self::Health => return json_reply(status, json!({ "status": "ok" })),
+            Self::HttpsRedirect { location } => {
+                headers.push(("location", location.clone()));
+                return Reply {
+                    status,
+                    headers,
+                    body: Bytes::new(),
+                };
             }
             Self::PodUnavailable {
                 status: pod_status,

@@ -1,161 +1,248 @@
-//! Building and running the Pingora server: the directory from the configuration, the proxy
-//! service on its listener, and two ways to run it: [`serve`] (the binary: Unix signals) and
-//! [`spawn`] (tests and embedding: a thread stopped through the returned handle).
+//! Building and running the Pingora server.
+//!
+//! [`prepare`] makes what lives outside Pingora's runtimes: a small side runtime for the
+//! database pool, the admin listener, the certificate store and the signal watchers, plus the
+//! metrics. [`build`] makes the Pingora server (HTTP, and HTTPS with SNI and HTTP/2).
+//! [`serve`] runs it with Unix signals (the binary); [`spawn`] runs it on a thread stopped
+//! through the returned handle (tests and embedding).
 //!
 //! Pingora makes its own Tokio runtimes, so nothing here may run inside one (`main` is sync).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use pinacle_authz::{
-    Authorizer, CredentialConfig, CredentialVerifier, FileDirectory, PodDirectory,
-    PostgresDirectory, PostgresOptions,
-};
-use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pinacle_authz::{Authorizer, CredentialConfig, CredentialVerifier, PodDirectory};
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::config::{DEMO_DIRECTORY, DirectorySource, IngressConfig};
+use crate::admin::{self, AdminState};
+use crate::config::IngressConfig;
+use crate::directory::{self, Metered};
 use crate::proxy::{Clock, Ingress};
+use crate::telemetry::Metrics;
+use crate::tls::{CertStore, Resolver};
 
 /// The server could not be set up.
 #[derive(Debug, Error)]
 pub enum ServeError {
     /// The pod directory could not be opened.
-    #[error("pod directory: {0}")]
-    Directory(String),
+    #[error(transparent)]
+    Directory(#[from] directory::OpenError),
     /// The credential configuration is unusable.
     #[error("credentials: {0}")]
     Credentials(#[from] pinacle_authz::CredentialConfigError),
-    /// A runtime for the database pool could not be started.
-    #[error("cannot start the database runtime: {0}")]
-    Runtime(std::io::Error),
+    /// A certificate could not be loaded.
+    #[error("tls: {0}")]
+    Certificate(#[from] crate::tls::CertError),
+    /// The side runtime, a thread or the admin listener could not be started.
+    #[error("{0}")]
+    Io(String),
+    /// Metrics could not be registered (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
-/// An opened directory, and the runtime its connections live on (for Postgres).
-pub struct OpenDirectory {
-    /// The directory.
-    pub directory: Arc<dyn PodDirectory>,
-    /// Kept alive as long as the directory: the pool's connections and tasks run here.
-    pub runtime: Option<tokio::runtime::Runtime>,
+/// What runs beside Pingora.
+#[derive(Debug)]
+pub struct Prepared {
+    side: tokio::runtime::Runtime,
+    metrics: Metrics,
+    directory: Arc<dyn PodDirectory>,
+    draining: Arc<AtomicBool>,
+    certs: Option<Arc<CertStore>>,
 }
 
-impl std::fmt::Debug for OpenDirectory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenDirectory")
-            .field("postgres", &self.runtime.is_some())
-            .finish_non_exhaustive()
+impl Prepared {
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 
-/// Opens the configured directory. Postgres gets a small runtime of its own (Pingora's runtimes
-/// do not exist yet, and a pool must be made inside one).
+/// Starts the side runtime, opens the directory (unless one is given), loads certificates and
+/// starts the admin listener.
 ///
 /// # Errors
-/// An unreadable directory file, a bad `DATABASE_URL`, or no runtime.
-pub fn open_directory(config: &IngressConfig) -> Result<OpenDirectory, ServeError> {
-    match &config.directory {
-        DirectorySource::Postgres(url) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("pinacle-directory")
-                .enable_all()
-                .build()
-                .map_err(ServeError::Runtime)?;
-            let options = PostgresOptions {
-                query_timeout: config.timeouts.directory_query,
-                ..PostgresOptions::default()
-            };
-            let directory = {
-                let _context = runtime.enter();
-                let url = std::str::from_utf8(url.expose())
-                    .map_err(|_| ServeError::Directory("DATABASE_URL is not UTF-8".into()))?;
-                PostgresDirectory::connect_lazy(url, &options)
-                    .map_err(|e| ServeError::Directory(e.to_string()))?
-            };
-            Ok(OpenDirectory {
-                directory: Arc::new(directory),
-                runtime: Some(runtime),
-            })
-        }
-        DirectorySource::File(path) => {
-            let directory =
-                FileDirectory::load(path).map_err(|e| ServeError::Directory(e.to_string()))?;
-            Ok(OpenDirectory {
-                directory: Arc::new(directory),
-                runtime: None,
-            })
-        }
-        DirectorySource::EmbeddedDemo => {
-            tracing::warn!(
-                "no DATABASE_URL and no directory_file: using the embedded demo directory \
-                 (config/directory.example.toml)"
-            );
-            let directory = FileDirectory::from_toml(DEMO_DIRECTORY, "<embedded demo>")
-                .map_err(|e| ServeError::Directory(e.to_string()))?;
-            Ok(OpenDirectory {
-                directory: Arc::new(directory),
-                runtime: None,
-            })
-        }
+/// The directory, a certificate or the admin address cannot be set up.
+pub fn prepare(
+    config: &IngressConfig,
+    directory: Option<Arc<dyn PodDirectory>>,
+) -> Result<Prepared, ServeError> {
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("pinacle-side")
+        .enable_all()
+        .build()
+        .map_err(|e| ServeError::Io(format!("cannot start the side runtime: {e}")))?;
+    let metrics = Metrics::new()?;
+    let raw = match directory {
+        Some(d) => d,
+        None => directory::open(config, side.handle())?,
+    };
+    let directory: Arc<dyn PodDirectory> = Arc::new(Metered::new(raw, metrics.clone()));
+    let certs = match &config.tls {
+        Some(tls) => Some(CertStore::load(&tls.certificates)?),
+        None => None,
+    };
+    let draining = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = config.admin_listen {
+        let listener = {
+            let _context = side.enter();
+            admin::bind(addr).map_err(|e| ServeError::Io(format!("admin_listen {addr}: {e}")))?
+        };
+        side.spawn(admin::serve(
+            listener,
+            AdminState {
+                metrics: metrics.clone(),
+                directory: directory.clone(),
+                draining: draining.clone(),
+                ping_timeout: config.timeouts.directory_query,
+            },
+        ));
     }
+    if let Some(certs) = &certs {
+        watch_reload_signal(&side, certs.clone());
+    }
+    Ok(Prepared {
+        side,
+        metrics,
+        directory,
+        draining,
+        certs,
+    })
 }
 
-/// Builds the Pingora server with the proxy service listening on `config.listen`.
+/// SIGHUP re-reads the certificate files; a failed reload keeps the current ones.
+fn watch_reload_signal(side: &tokio::runtime::Runtime, certs: Arc<CertStore>) {
+    side.spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot watch SIGHUP: certificates reload only on restart");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match certs.reload() {
+                Ok(()) => tracing::info!("certificates reloaded"),
+                Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the current ones"),
+            }
+        }
+    });
+}
+
+/// Marks the process as draining as soon as Pingora starts a shutdown or hand-over.
+fn watch_draining(side: &tokio::runtime::Runtime, server: &Server, draining: Arc<AtomicBool>) {
+    let mut phases = server.watch_execution_phase();
+    side.spawn(async move {
+        while let Ok(phase) = phases.recv().await {
+            if matches!(
+                phase,
+                ExecutionPhase::GracefulUpgradeTransferringFds
+                    | ExecutionPhase::GracefulUpgradeCloseTimeout
+                    | ExecutionPhase::GracefulTerminate
+                    | ExecutionPhase::ShutdownStarted
+            ) {
+                draining.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+}
+
+/// Builds the Pingora server: HTTP on `listen`, HTTPS (SNI, HTTP/2) on `tls.listen`.
+/// `upgrade`: take the listening sockets over from a running process (see the README).
 ///
 /// # Errors
 /// Unusable credential configuration.
 pub fn build(
     config: IngressConfig,
-    directory: Arc<dyn PodDirectory>,
+    prepared: &Prepared,
     clock: Clock,
+    upgrade: bool,
 ) -> Result<(Server, Arc<Authorizer>), ServeError> {
     let verifier = CredentialVerifier::new(&CredentialConfig {
         secrets: config.secrets.clone(),
         session_cookies: config.session_cookies.clone(),
         database_sessions: true,
     })?;
-    let authorizer = Arc::new(Authorizer::new(directory, &config.authorizer));
+    let authorizer = Arc::new(Authorizer::new(
+        prepared.directory.clone(),
+        &config.authorizer,
+    ));
 
-    let mut conf = ServerConf {
+    let conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(config.timeouts.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: config.upgrade_sock.display().to_string(),
+        daemon: false,
         ..ServerConf::default()
     };
-    conf.daemon = false;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let listen = config.listen.to_string();
-    let ingress = Ingress::new(Arc::new(config), verifier, authorizer.clone(), clock);
+    let tls = config.tls.clone();
+    let ingress = Ingress::new(
+        Arc::new(config),
+        verifier,
+        authorizer.clone(),
+        clock,
+        prepared.metrics.clone(),
+    );
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         ingress,
         "pinacle-ingress",
     );
     service.add_tcp(&listen);
+    if let (Some(tls), Some(certs)) = (tls, &prepared.certs) {
+        let first = tls
+            .certificates
+            .first()
+            .ok_or_else(|| ServeError::Io("tls_listen needs at least one certificate".into()))?;
+        // The paths are ignored once a resolver is set; `intermediate` only needs them present.
+        let mut settings = TlsSettings::intermediate(
+            &first.cert_file.display().to_string(),
+            &first.key_file.display().to_string(),
+        )
+        .map_err(|e| ServeError::Io(format!("tls settings: {e}")))?;
+        settings.set_cert_resolver(Arc::new(Resolver(certs.clone())));
+        settings.enable_h2();
+        service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+    }
     server.add_service(service);
+    watch_draining(&prepared.side, &server, prepared.draining.clone());
     Ok((server, authorizer))
 }
 
 /// Runs until SIGTERM (graceful: in-flight requests get the grace period), SIGINT (fast) or
-/// SIGQUIT (graceful upgrade hand-over). Blocks; must not be called inside a Tokio runtime.
+/// SIGQUIT (hand the listening sockets to a process started with `--upgrade`). Blocks; must not
+/// be called inside a Tokio runtime.
 ///
 /// # Errors
-/// The directory or credentials cannot be set up.
-pub fn serve(config: IngressConfig, clock: Clock) -> Result<(), ServeError> {
-    let opened = open_directory(&config)?;
+/// The directory, certificates or credentials cannot be set up.
+pub fn serve(config: IngressConfig, clock: Clock, upgrade: bool) -> Result<(), ServeError> {
+    let prepared = prepare(&config, None)?;
     tracing::info!(
         listen = %config.listen,
+        tls = ?config.tls.as_ref().map(|t| t.listen),
+        admin = ?config.admin_listen,
         dashboard = %config.dashboard_upstream,
         base_domains = ?config.base_domains.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+        upgrade,
         "pinacle-ingress starting"
     );
-    let (server, _authorizer) = build(config, opened.directory.clone(), clock)?;
+    let (server, _authorizer) = build(config, &prepared, clock, upgrade)?;
     server.run(RunArgs::default());
-    drop(opened);
+    prepared.side.shutdown_background();
     Ok(())
 }
 
@@ -192,12 +279,29 @@ pub struct Running {
     stop: Option<oneshot::Sender<ShutdownKind>>,
     thread: Option<JoinHandle<()>>,
     authorizer: Arc<Authorizer>,
+    prepared: Option<Prepared>,
 }
 
 impl Running {
     /// The authorizer (to invalidate cached decisions).
     pub fn authorizer(&self) -> &Arc<Authorizer> {
         &self.authorizer
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.prepared.as_ref().map(Prepared::metrics)
+    }
+
+    /// Re-reads the certificate files (as SIGHUP does for `serve`).
+    ///
+    /// # Errors
+    /// A file cannot be loaded; the current certificates stay.
+    pub fn reload_certificates(&self) -> Result<(), crate::tls::CertError> {
+        match self.prepared.as_ref().and_then(|p| p.certs.as_ref()) {
+            Some(certs) => certs.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Stops the server and waits for its thread.
@@ -211,6 +315,10 @@ impl Running {
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        if let Some(prepared) = self.prepared.take() {
+            // Safe inside an async context, unlike dropping the runtime.
+            prepared.side.shutdown_background();
         }
     }
 }
@@ -226,13 +334,14 @@ impl Drop for Running {
 /// when it is bound).
 ///
 /// # Errors
-/// Unusable credential configuration.
+/// Unusable configuration (credentials, certificates, admin address).
 pub fn spawn(
     config: IngressConfig,
     directory: Arc<dyn PodDirectory>,
     clock: Clock,
 ) -> Result<Running, ServeError> {
-    let (server, authorizer) = build(config, directory, clock)?;
+    let prepared = prepare(&config, Some(directory))?;
+    let (server, authorizer) = build(config, &prepared, clock, false)?;
     let (stop, receiver) = oneshot::channel();
     let signal = ChannelSignal(Mutex::new(Some(receiver)));
     let thread = std::thread::Builder::new()
@@ -242,10 +351,11 @@ pub fn spawn(
                 shutdown_signal: Box::new(signal),
             });
         })
-        .map_err(ServeError::Runtime)?;
+        .map_err(|e| ServeError::Io(format!("cannot start the server thread: {e}")))?;
     Ok(Running {
         stop: Some(stop),
         thread: Some(thread),
         authorizer,
+        prepared: Some(prepared),
     })
 }

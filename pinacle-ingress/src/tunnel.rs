@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Timeouts;
 use crate::responses::{Answer, REQUEST_ID_HEADER};
+use crate::telemetry::Metrics;
 use crate::upstream::{HeaderEdit, Target};
 
 /// Request fields that describe this hop only (the upgrade pair is kept).
@@ -61,6 +62,24 @@ pub struct TunnelSpec<'a> {
     pub timeouts: &'a Timeouts,
     /// The request id.
     pub request_id: &'a str,
+    /// Where open tunnels are counted.
+    pub metrics: &'a Metrics,
+}
+
+/// Counts a tunnel as open for as long as it lives (also when its task is cancelled).
+struct OpenTunnel<'a>(&'a Metrics);
+
+impl<'a> OpenTunnel<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.tunnels(1);
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenTunnel<'_> {
+    fn drop(&mut self) {
+        self.0.tunnels(-1);
+    }
 }
 
 fn upstream_error(e: &hyper::Error) -> Answer {
@@ -215,6 +234,7 @@ pub async fn run(session: &mut Session, spec: TunnelSpec<'_>) -> Result<TunnelRe
     {
         return Ok(report);
     }
+    let _open = OpenTunnel::new(spec.metrics);
     let mut upstream = TokioIo::new(upgraded);
     let mut buf = vec![0u8; 16 * 1024];
     loop {

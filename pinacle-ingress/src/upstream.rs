@@ -78,6 +78,8 @@ pub struct Forwarding<'a> {
     pub cookie: Option<&'a str>,
     /// The client's address.
     pub client_ip: Option<IpAddr>,
+    /// The `X-Forwarded-For` received, when the client is a trusted proxy (appended to).
+    pub trusted_forwarded_for: Option<&'a str>,
     /// Whether the client connected over TLS.
     pub tls: bool,
     /// The `Host` the client sent.
@@ -88,7 +90,8 @@ pub struct Forwarding<'a> {
 
 /// The header edits for a forwarded request: pods get their rewritten `Host` and the stripped
 /// `Cookie`; everyone gets `X-Forwarded-For/Proto/Host` (replacing whatever the client claimed:
-/// the ingress is the edge) and the request id.
+/// the ingress is the edge, unless the client is a trusted proxy whose chain is kept) and the
+/// request id.
 pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
     let mut edits = Vec::with_capacity(6);
     if let Target::Pod { host, .. } = f.target {
@@ -99,9 +102,11 @@ pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
         });
     }
     let xff = HeaderName::from_static("x-forwarded-for");
-    edits.push(match f.client_ip {
-        Some(ip) => HeaderEdit::Set(xff, ip.to_string()),
-        None => HeaderEdit::Remove(xff),
+    edits.push(match (f.trusted_forwarded_for, f.client_ip) {
+        (Some(chain), Some(ip)) => HeaderEdit::Set(xff, format!("{chain}, {ip}")),
+        (None, Some(ip)) => HeaderEdit::Set(xff, ip.to_string()),
+        (Some(chain), None) => HeaderEdit::Set(xff, chain.to_owned()),
+        (None, None) => HeaderEdit::Remove(xff),
     });
     let proto = if f.tls { "https" } else { "http" };
     edits.push(HeaderEdit::Set(
@@ -199,6 +204,7 @@ mod tests {
             target: &target,
             cookie: None,
             client_ip: Some("203.0.113.1".parse().unwrap()),
+            trusted_forwarded_for: None,
             tls: true,
             original_host: "localhost-1-pod-p.pinacle.dev",
             request_id: "r1",
@@ -220,6 +226,7 @@ mod tests {
             target: &dashboard,
             cookie: Some("ignored"),
             client_ip: None,
+            trusted_forwarded_for: Some("198.51.100.7"),
             tls: false,
             original_host: "pinacle.dev",
             request_id: "r2",

@@ -68,15 +68,27 @@ fn pod_host(port: u16, slug: &str) -> String {
     format!("localhost-{port}-pod-{slug}.pinacle.test")
 }
 
-/// Starts the ingress with `extra` TOML lines on a reserved port and waits for it.
+/// Starts the ingress with `extra` TOML lines on reserved ports (proxy and admin) and waits
+/// for both.
 async fn start_ingress(
     directory: Arc<dyn PodDirectory>,
     dashboard: SocketAddr,
     extra: &str,
 ) -> (Running, SocketAddr) {
+    let (running, addr, _admin) = start_ingress_with_admin(directory, dashboard, extra).await;
+    (running, addr)
+}
+
+async fn start_ingress_with_admin(
+    directory: Arc<dyn PodDirectory>,
+    dashboard: SocketAddr,
+    extra: &str,
+) -> (Running, SocketAddr, SocketAddr) {
     let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
     let text = format!(
         "listen = \"{listen}\"\ndashboard_upstream = \"{dashboard}\"\n\
+         admin_listen = \"{admin}\"\n\
          base_domains = [\"pinacle.test\", \"pinacle.localhost\"]\nthreads = 2\n\
          shutdown_grace_period = \"1s\"\n{extra}"
     );
@@ -92,7 +104,8 @@ async fn start_ingress(
     }
     let running = server::spawn(config, directory, unix_now).unwrap();
     wait_for_port(listen).await;
-    (running, listen)
+    wait_for_port(admin).await;
+    (running, listen, admin)
 }
 
 /// Everything one test needs: the database seeded, upstreams behind a real pod nginx, the
@@ -182,8 +195,12 @@ async fn world(pool: PgPool) -> World {
         pool.clone(),
         Duration::from_secs(5),
     ));
-    let (ingress, addr) =
-        start_ingress(directory, dashboard.addr, "upstream_read_timeout = \"1s\"").await;
+    let (ingress, addr) = start_ingress(
+        directory,
+        dashboard.addr,
+        "upstream_read_timeout = \"1s\"\ndirectory_query_timeout = \"500ms\"",
+    )
+    .await;
     World {
         pool,
         addr,

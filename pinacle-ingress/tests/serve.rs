@@ -112,25 +112,9 @@ fn check_config_accepts_the_example_and_lists_every_problem() {
 struct Process(Option<Child>);
 
 impl Process {
-    /// SIGTERM, then the exit status within `limit`.
-    fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
-        let mut child = self.0.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("serve did not exit within {limit:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// The child, no longer killed on drop.
+    fn into_child(mut self) -> Child {
+        self.0.take().unwrap()
     }
 }
 
@@ -185,7 +169,14 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
     std::fs::create_dir_all(&dir).unwrap();
     let directory = directory_file(&dir, pod.addr.port());
     let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
-    let (listen_s, dashboard_s) = (listen.to_string(), dashboard.addr.to_string());
+    let admin: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let (listen_s, dashboard_s, admin_s) = (
+        listen.to_string(),
+        dashboard.addr.to_string(),
+        admin.to_string(),
+    );
+    let log_path = dir.join("stderr.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
     let child = command(
         &["serve"],
         &[
@@ -201,15 +192,29 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
             ("PINACLE_INGRESS_THREADS", "1"),
             ("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.test, pinacle.io"),
             ("PINACLE_INGRESS_UPSTREAM_DOMAIN", "pods.internal"),
-            ("RUST_LOG", "warn"),
+            ("PINACLE_INGRESS_ADMIN_LISTEN", &admin_s),
+            ("PINACLE_INGRESS_LOG_FORMAT", "json"),
+            // The most verbose logs there are: still no secret may appear in them.
+            ("RUST_LOG", "trace"),
         ],
     )
     .stdout(Stdio::null())
-    .stderr(Stdio::null())
+    .stderr(Stdio::from(log_file))
     .spawn()
     .unwrap();
     let process = Process(Some(child));
     wait_for_port(listen).await;
+    wait_for_port(admin).await;
+    let health = client::get(admin, "/healthz", &[]).await;
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let ready = client::get(admin, "/readyz", &[]).await;
+    assert_eq!(
+        (ready.status, ready.json()["status"].as_str()),
+        (200, Some("ready"))
+    );
 
     let host = "localhost-3000-pod-proj.pinacle.test";
     let r = client::get(listen, "/x", &[("host", host), ("accept", "text/html")]).await;
@@ -258,7 +263,126 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
     let r = client::get(listen, "/", &[("host", "pinacle.test")]).await;
     assert_eq!(r.json()["name"], "dashboard");
 
-    let status = process.terminate(Duration::from_secs(15));
+    // A proxy token through the callback, then used.
+    let token = verifier
+        .mint_proxy_token(&pinacle_authz::ProxyTokenClaims {
+            user_id: "user_ada".into(),
+            pod_id: "pod_1".into(),
+            pod_slug: "proj".into(),
+            target_port: 3000,
+            iat: now,
+            exp: now + 900,
+        })
+        .unwrap();
+    let r = client::get(
+        listen,
+        &format!("/pinacle-proxy-callback?token={token}&return_url=%2Fdocs"),
+        &[("host", host)],
+    )
+    .await;
+    assert_eq!(r.status, 302);
+    let r = client::get(
+        listen,
+        "/docs?page=1",
+        &[
+            ("host", host),
+            ("cookie", &format!("pinacle-proxy-token={token}")),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    // The counters moved.
+    let metrics = client::get(admin, "/metrics", &[]).await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    for line in [
+        "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"2xx\"} 2",
+        "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"4xx\"} 1",
+        "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"3xx\"} 1",
+        "pinacle_ingress_requests_total{port=\"3000\",route=\"callback\",status_class=\"3xx\"} 1",
+        "pinacle_ingress_requests_total{port=\"\",route=\"dashboard\",status_class=\"2xx\"} 1",
+        "pinacle_ingress_authz_cache_lookups_total{result=\"miss\"} 1",
+        "pinacle_ingress_directory_query_duration_seconds_count{query=\"pods_by_slug\"} 1",
+        "pinacle_ingress_upstream_response_seconds_count{route=\"pod\"} 3",
+        "pinacle_ingress_requests_total{port=\"5173\",route=\"pod\",status_class=\"2xx\"} 1",
+        "pinacle_ingress_websocket_tunnels_open 0",
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+    assert!(
+        text.contains("pinacle_ingress_authz_cache_lookups_total{result=\"hit\"} 2"),
+        "{text}"
+    );
+
+    // SIGTERM: /readyz turns 503 while the in-flight work drains, then the process exits 0.
+    let mut child = process.into_child();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client::get(admin, "/readyz", &[]).await;
+        if r.status == 503 {
+            assert_eq!(r.json()["status"], "draining");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz never reported draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let status = wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
+
+    // One JSON access line per request, and nothing secret anywhere in the logs.
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    for secret in [SECRET, value.as_str(), token.as_str()] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
+    }
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "pinacle_ingress::access")
+        .collect();
+    assert_eq!(access.len(), 7, "{logs}");
+    let callback = access.iter().find(|v| v["route"] == "callback").unwrap();
+    assert_eq!(
+        callback["path"],
+        "/pinacle-proxy-callback?token=REDACTED&return_url=%2Fdocs"
+    );
+    for field in [
+        "request_id",
+        "client",
+        "host",
+        "pod",
+        "port",
+        "user",
+        "method",
+        "status",
+        "bytes_out",
+        "duration_us",
+        "upstream",
+        "authz",
+    ] {
+        assert!(
+            callback.get(field).is_some(),
+            "{field} missing in {callback}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve did not exit within {limit:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,0 +1,105 @@
+//! The admin listener: `/healthz` (the process answers), `/readyz` (the directory answers and we
+//! are not draining) and `/metrics` (Prometheus text). A small hyper server on the side runtime,
+//! not a Pingora service, so it keeps answering (`/readyz`: 503) while Pingora drains. Bound with
+//! `SO_REUSEPORT` so an old and a new process can both hold it during a hand-over.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use pinacle_authz::PodDirectory;
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::telemetry::Metrics;
+
+/// What the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// Metrics to expose.
+    pub metrics: Metrics,
+    /// The directory `/readyz` pings.
+    pub directory: Arc<dyn PodDirectory>,
+    /// Set when shutdown or hand-over starts.
+    pub draining: Arc<AtomicBool>,
+    /// Longest `/readyz` waits for the directory.
+    pub ping_timeout: Duration,
+}
+
+/// Binds the admin address (`SO_REUSEPORT`, so a process taking over can bind it too).
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
+}
+
+/// Serves until the runtime stops.
+pub async fn serve(listener: TcpListener, state: AdminState) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&state, &req).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn reply(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    const JSON: &str = "application/json";
+    match req.uri().path() {
+        "/healthz" => reply(200, JSON, r#"{"status":"ok"}"#.into()),
+        "/readyz" => {
+            if state.draining.load(Ordering::SeqCst) {
+                return reply(503, JSON, r#"{"status":"draining"}"#.into());
+            }
+            match tokio::time::timeout(state.ping_timeout, state.directory.ping()).await {
+                Ok(Ok(())) => reply(200, JSON, r#"{"status":"ready"}"#.into()),
+                _ => reply(503, JSON, r#"{"status":"directory unavailable"}"#.into()),
+            }
+        }
+        "/metrics" => reply(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.render(),
+        ),
+        _ => reply(404, JSON, r#"{"error":"Not found"}"#.into()),
+    }
+}

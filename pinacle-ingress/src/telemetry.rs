@@ -1,0 +1,395 @@
+//! Telemetry: Prometheus metrics, the logging setup, and what of a request may be logged.
+//!
+//! Metric names follow Prometheus conventions (`pinacle_ingress_` prefix, base units, `_total`
+//! for counters). Logs never carry cookies, tokens or secrets: the access log has the path with
+//! token-like query values redacted, and Pingora's own debug output (which prints whole request
+//! headers) is capped at `info` whatever `RUST_LOG` says.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: 0.5 ms to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// The ingress's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    authz_cache: IntCounterVec,
+    directory_duration: HistogramVec,
+    directory_errors: IntCounterVec,
+    tunnels_open: IntGauge,
+    connect_failures: IntCounterVec,
+    received_bytes: IntCounterVec,
+    sent_bytes: IntCounterVec,
+}
+
+/// `2xx`, `4xx`, ... (`0xx` when no response was sent).
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "none",
+    }
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    ///
+    /// # Errors
+    /// Only if two metrics share a name (a bug caught by the tests).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
+        };
+        let requests = counter(
+            "pinacle_ingress_requests_total",
+            "Requests by route kind (pod, dashboard, callback, unrouted), status class and pod port.",
+            &["route", "status_class", "port"],
+        )?;
+        let request_duration = histogram(
+            "pinacle_ingress_request_duration_seconds",
+            "Time from the request head to the end of the response, by route kind.",
+            &["route"],
+        )?;
+        let upstream_duration = histogram(
+            "pinacle_ingress_upstream_response_seconds",
+            "Time from sending the request upstream to its response head, by route kind.",
+            &["route"],
+        )?;
+        let authz_cache = counter(
+            "pinacle_ingress_authz_cache_lookups_total",
+            "Authorization decisions by whether the cache answered (hit) or the directory (miss).",
+            &["result"],
+        )?;
+        let directory_duration = histogram(
+            "pinacle_ingress_directory_query_duration_seconds",
+            "Pod directory (database) query latency, by query.",
+            &["query"],
+        )?;
+        let directory_errors = counter(
+            "pinacle_ingress_directory_errors_total",
+            "Pod directory queries that failed, by query and kind (unavailable, timeout, query).",
+            &["query", "kind"],
+        )?;
+        let tunnels_open = IntGauge::new(
+            "pinacle_ingress_websocket_tunnels_open",
+            "WebSocket (upgraded) tunnels open now.",
+        )?;
+        registry.register(Box::new(tunnels_open.clone()))?;
+        let connect_failures = counter(
+            "pinacle_ingress_upstream_connect_failures_total",
+            "Upstream connections that could not be made (refused or timed out), by route kind.",
+            &["route"],
+        )?;
+        let received_bytes = counter(
+            "pinacle_ingress_received_bytes_total",
+            "Body bytes received from clients (WebSocket payload included), by route kind.",
+            &["route"],
+        )?;
+        let sent_bytes = counter(
+            "pinacle_ingress_sent_bytes_total",
+            "Body bytes sent to clients (WebSocket payload included), by route kind.",
+            &["route"],
+        )?;
+        Ok(Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            authz_cache,
+            directory_duration,
+            directory_errors,
+            tunnels_open,
+            connect_failures,
+            received_bytes,
+            sent_bytes,
+        })
+    }
+
+    /// Records a finished request.
+    pub fn request(&self, done: &FinishedRequest) {
+        let port = if done.port == 0 {
+            String::new()
+        } else {
+            done.port.to_string()
+        };
+        self.requests
+            .with_label_values(&[done.route, status_class(done.status), &port])
+            .inc();
+        self.request_duration
+            .with_label_values(&[done.route])
+            .observe(done.duration.as_secs_f64());
+        if let Some(upstream) = done.upstream_duration {
+            self.upstream_duration
+                .with_label_values(&[done.route])
+                .observe(upstream.as_secs_f64());
+        }
+        self.received_bytes
+            .with_label_values(&[done.route])
+            .inc_by(done.bytes_in);
+        self.sent_bytes
+            .with_label_values(&[done.route])
+            .inc_by(done.bytes_out);
+        if done.connect_failed {
+            self.connect_failures.with_label_values(&[done.route]).inc();
+        }
+    }
+
+    /// Records an authorization cache lookup.
+    pub fn authz_lookup(&self, hit: bool) {
+        self.authz_cache
+            .with_label_values(&[if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    /// Records a directory query.
+    pub fn directory_query(&self, query: &str, took: Duration, error: Option<&str>) {
+        self.directory_duration
+            .with_label_values(&[query])
+            .observe(took.as_secs_f64());
+        if let Some(kind) = error {
+            self.directory_errors
+                .with_label_values(&[query, kind])
+                .inc();
+        }
+    }
+
+    /// A tunnel opened (`+1`) or closed (`-1`).
+    pub fn tunnels(&self, delta: i64) {
+        self.tunnels_open.add(delta);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// What the metrics need to know about a finished request.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishedRequest<'a> {
+    /// Route kind.
+    pub route: &'a str,
+    /// Status sent (0: none).
+    pub status: u16,
+    /// Pod port (0: not a pod request).
+    pub port: u16,
+    /// Whole duration.
+    pub duration: Duration,
+    /// Upstream time to response head, when proxied.
+    pub upstream_duration: Option<Duration>,
+    /// Body bytes from the client.
+    pub bytes_in: u64,
+    /// Body bytes to the client.
+    pub bytes_out: u64,
+    /// Whether connecting upstream failed.
+    pub connect_failed: bool,
+}
+
+/// Query keys whose values are credentials whatever they look like.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "auth",
+        "key",
+        "sig",
+        "session",
+        "jwt",
+        "code",
+        "credential",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+}
+
+/// Values that look like tokens: JWTs, or long runs of base64/hex-like characters.
+fn looks_like_token(value: &str) -> bool {
+    if value.contains("eyJ") {
+        return true;
+    }
+    value.len() >= 24
+        && value.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(b, b'-' | b'_' | b'.' | b'~' | b'%' | b'+' | b'/' | b'=')
+        })
+        && value.bytes().any(|b| b.is_ascii_digit())
+        && value.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
+/// The path and query for the access log, with credential-like query values replaced by
+/// `REDACTED` (by key name or by shape). The query is kept otherwise, as sent.
+pub fn loggable_target(path: &str, query: Option<&str>) -> String {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return path.to_owned();
+    };
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if is_secret_key(key) || looks_like_token(value) => {
+                format!("{key}=REDACTED")
+            }
+            Some(_) => pair.to_owned(),
+            None if looks_like_token(pair) => "REDACTED".to_owned(),
+            None => pair.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", parts.join("&"))
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// `text` or `json`.
+    ///
+    /// # Errors
+    /// Anything else.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("{other:?} is not a log format (text or json)")),
+        }
+    }
+}
+
+/// Crates whose debug output prints whole request headers (cookies): capped at `info`.
+const CAPPED: &[&str] = &[
+    "pingora_proxy",
+    "pingora_core",
+    "pingora_pool",
+    "h2",
+    "hyper",
+];
+
+/// Installs the global subscriber: `RUST_LOG` when set, else `default_filter`; writes to stderr.
+/// Bridges Pingora's `log` records into tracing. Does nothing if a subscriber is already set.
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    for target in CAPPED {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_like_query_values_are_redacted() {
+        assert_eq!(loggable_target("/a", None), "/a");
+        assert_eq!(
+            loggable_target("/a", Some("page=2&q=rust")),
+            "/a?page=2&q=rust"
+        );
+        assert_eq!(
+            loggable_target("/pinacle-proxy-callback", Some("token=abc&return_url=%2F")),
+            "/pinacle-proxy-callback?token=REDACTED&return_url=%2F"
+        );
+        assert_eq!(
+            loggable_target("/x", Some("id=eyJhbGciOiJIUzI1NiJ9.e30.sig&n=1")),
+            "/x?id=REDACTED&n=1"
+        );
+        assert_eq!(
+            loggable_target("/x", Some("state=8f3a9c2e71b44d0f9e2a6b7c1d5e3f40")),
+            "/x?state=REDACTED"
+        );
+        assert_eq!(
+            loggable_target("/x", Some("API_KEY=1")),
+            "/x?API_KEY=REDACTED"
+        );
+        assert_eq!(
+            loggable_target("/x", Some("lang=english-language-words")),
+            "/x?lang=english-language-words"
+        );
+    }
+
+    #[test]
+    fn metrics_render_in_prometheus_text_format_and_move() {
+        let m = Metrics::new().unwrap();
+        m.request(&FinishedRequest {
+            route: "pod",
+            status: 200,
+            port: 3000,
+            duration: Duration::from_millis(3),
+            upstream_duration: Some(Duration::from_millis(2)),
+            bytes_in: 10,
+            bytes_out: 20,
+            connect_failed: false,
+        });
+        m.authz_lookup(true);
+        m.authz_lookup(false);
+        m.directory_query("pods_by_slug", Duration::from_millis(1), Some("timeout"));
+        m.tunnels(1);
+        let text = m.render();
+        for line in [
+            "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"2xx\"} 1",
+            "pinacle_ingress_authz_cache_lookups_total{result=\"hit\"} 1",
+            "pinacle_ingress_directory_errors_total{kind=\"timeout\",query=\"pods_by_slug\"} 1",
+            "pinacle_ingress_websocket_tunnels_open 1",
+            "pinacle_ingress_sent_bytes_total{route=\"pod\"} 20",
+            "# TYPE pinacle_ingress_request_duration_seconds histogram",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(101), "1xx");
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(0), "none");
+    }
+}
