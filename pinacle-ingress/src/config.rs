@@ -70,6 +70,8 @@ pub struct FileConfig {
     pub trusted_proxies: Option<Vec<String>>,
     /// Largest request head (request line and headers) accepted, in bytes.
     pub max_request_header_bytes: Option<usize>,
+    /// Most requests (WebSocket tunnels included) handled at once; more get 503.
+    pub max_concurrent_requests: Option<usize>,
     /// `address:port` for HTTPS (needs `tls_cert_file` and `tls_key_file`).
     pub tls_listen: Option<String>,
     /// PEM certificate chain (the wildcard certificate).
@@ -127,6 +129,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("log_format", Kind::Text),
     ("trusted_proxies", Kind::List),
     ("max_request_header_bytes", Kind::Count),
+    ("max_concurrent_requests", Kind::Count),
     ("tls_listen", Kind::Text),
     ("tls_cert_file", Kind::Text),
     ("tls_key_file", Kind::Text),
@@ -202,6 +205,8 @@ pub struct IngressConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Largest request head accepted (431 above).
     pub max_request_header_bytes: usize,
+    /// Most requests in flight (503 above).
+    pub max_concurrent_requests: usize,
     /// HTTPS, if configured.
     pub tls: Option<TlsConfig>,
     /// The hand-over socket for `serve --upgrade`.
@@ -409,6 +414,8 @@ pub mod defaults {
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9180";
     /// `max_request_header_bytes`: nginx's default large_client_header_buffers (4 x 8k) doubled.
     pub const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+    /// `max_concurrent_requests`
+    pub const MAX_CONCURRENT_REQUESTS: usize = 20_000;
     /// `upgrade_sock`
     pub const UPGRADE_SOCK: &str = "/tmp/pinacle-ingress-upgrade.sock";
 }
@@ -648,6 +655,14 @@ fn validate(
         Some(n) => n,
         None => defaults::MAX_REQUEST_HEADER_BYTES,
     };
+    let max_concurrent_requests = match file.max_concurrent_requests {
+        Some(0) => {
+            problems.push(problem("max_concurrent_requests", "must be at least 1"));
+            defaults::MAX_CONCURRENT_REQUESTS
+        }
+        Some(n) => n,
+        None => defaults::MAX_CONCURRENT_REQUESTS,
+    };
     let tls = tls_config(file, &mut problems);
     if timeouts.directory_query >= timeouts.upstream_read {
         problems.push(problem(
@@ -679,6 +694,7 @@ fn validate(
             log_format,
             trusted_proxies,
             max_request_header_bytes,
+            max_concurrent_requests,
             tls,
             upgrade_sock,
         }),

@@ -40,6 +40,7 @@ pub struct Ingress {
     ids: RequestIds,
     clock: Clock,
     metrics: Metrics,
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -66,6 +67,7 @@ impl Ingress {
             ids: RequestIds::new(),
             clock,
             metrics,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -117,6 +119,7 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     upstream_duration: Option<std::time::Duration>,
     connect_failed: bool,
+    counted: bool,
 }
 
 impl RequestCtx {
@@ -139,6 +142,7 @@ impl RequestCtx {
             upstream_started: None,
             upstream_duration: None,
             connect_failed: false,
+            counted: false,
         }
     }
 }
@@ -489,6 +493,13 @@ impl ProxyHttp for Ingress {
         if too_large {
             return self.respond(session, ctx, Answer::HeaderTooLarge).await;
         }
+        let in_flight = self
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ctx.counted = true;
+        if in_flight >= self.config.max_concurrent_requests {
+            return self.respond(session, ctx, Answer::Overloaded).await;
+        }
         if let Some(answer) = self.https_redirect(session, ctx) {
             return self.respond(session, ctx, answer).await;
         }
@@ -648,6 +659,10 @@ impl ProxyHttp for Ingress {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if std::mem::take(&mut ctx.counted) {
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
         let status = session
             .response_written()
             .map_or(ctx.status, |r| r.status.as_u16());

@@ -59,6 +59,8 @@ pub enum Answer {
     },
     /// A health check on the plain listener while it redirects everything else.
     Health,
+    /// `max_concurrent_requests` reached.
+    Overloaded,
 }
 
 /// A response ready to be written: header and body.
@@ -92,6 +94,7 @@ impl Answer {
             Self::HeaderTooLarge => "header-too-large",
             Self::HttpsRedirect { .. } => "https-redirect",
             Self::Health => "health",
+            Self::Overloaded => "overloaded",
         }
     }
 
@@ -102,7 +105,7 @@ impl Answer {
             Self::SignIn { .. } => 302,
             Self::Unauthenticated => 401,
             Self::Forbidden => 403,
-            Self::PodUnavailable { .. } | Self::AuthorizationUnavailable => 503,
+            Self::PodUnavailable { .. } | Self::AuthorizationUnavailable | Self::Overloaded => 503,
             Self::UpstreamRefused => 502,
             Self::UpstreamTimeout => 504,
             Self::Internal => 500,
@@ -170,6 +173,12 @@ impl Answer {
                 return json_reply(status, json!({ "error": "Request header too large" }));
             }
             Self::Health => return json_reply(status, json!({ "status": "ok" })),
+            Self::Overloaded => {
+                let mut reply =
+                    json_reply(status, json!({ "error": "Too many requests in flight" }));
+                reply.headers.push(("retry-after", "1".to_owned()));
+                return reply;
+            }
             Self::HttpsRedirect { location } => {
                 headers.push(("location", location.clone()));
                 return Reply {

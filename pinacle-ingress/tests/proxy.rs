@@ -901,3 +901,56 @@ async fn an_unreachable_directory_is_503_never_a_denial() {
     .await;
     assert_eq!(r.status, 401);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn limits_answer_clearly(pool: PgPool) {
+    // The dashboard here holds its answer until released: one request stays in flight.
+    let held = upstream::sse().await;
+    let directory = Arc::new(PostgresDirectory::from_pool(pool, Duration::from_secs(5)));
+    let (_ingress, addr) = start_ingress(
+        directory,
+        held.addr,
+        "max_concurrent_requests = 1\nmax_request_header_bytes = 4096\n\
+         upstream_read_timeout = \"5s\"\ndirectory_query_timeout = \"1s\"",
+    )
+    .await;
+
+    let big = "x".repeat(5000);
+    let r = client::get(addr, "/", &[("host", "pinacle.test"), ("x-big", &big)]).await;
+    assert_eq!(r.status, 431);
+    assert_ours(&r, "header-too-large");
+    assert_eq!(r.json()["error"], "Request header too large");
+
+    let mut conn = Connection::open(addr).await;
+    let resp = conn
+        .send("GET", "/events", &[("host", "pinacle.test")], Bytes::new())
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    assert_eq!(
+        client::next_chunk(&mut body).await.unwrap(),
+        "data: first\n\n"
+    );
+    let r = client::get(addr, "/", &[("host", "pinacle.test")]).await;
+    assert_eq!(r.status, 503);
+    assert_ours(&r, "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    held.release.notify_one();
+    while client::next_chunk(&mut body).await.is_some() {}
+    drop(conn);
+    // The slot is free again once the held request has been logged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // Only the head: this upstream holds every body until released.
+        let status = Connection::open(addr)
+            .await
+            .send("GET", "/", &[("host", "pinacle.test")], Bytes::new())
+            .await
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -41,6 +41,12 @@ fn every_shipped_config_loads() {
     for entry in std::fs::read_dir(repo().join("config")).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".service") {
+            let unit = std::fs::read_to_string(&path).unwrap();
+            assert!(unit.contains("ExecStart=/usr/local/bin/pinacle-ingress serve --config"));
+            seen += 1;
+            continue;
+        }
         if !name.ends_with(".toml") {
             continue;
         }
@@ -292,28 +298,33 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
     .await;
     assert_eq!(r.status, 200);
 
-    // The counters moved.
-    let metrics = client::get(admin, "/metrics", &[]).await;
-    assert_eq!(metrics.status, 200);
-    let text = metrics.text();
-    for line in [
+    // The counters moved. A request is counted when it is logged, just after its response
+    // was sent: scrape until they settle (bounded).
+    let expected = [
         "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"2xx\"} 2",
         "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"4xx\"} 1",
         "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"3xx\"} 1",
+        "pinacle_ingress_requests_total{port=\"5173\",route=\"pod\",status_class=\"2xx\"} 1",
         "pinacle_ingress_requests_total{port=\"3000\",route=\"callback\",status_class=\"3xx\"} 1",
         "pinacle_ingress_requests_total{port=\"\",route=\"dashboard\",status_class=\"2xx\"} 1",
         "pinacle_ingress_authz_cache_lookups_total{result=\"miss\"} 1",
+        "pinacle_ingress_authz_cache_lookups_total{result=\"hit\"} 2",
         "pinacle_ingress_directory_query_duration_seconds_count{query=\"pods_by_slug\"} 1",
         "pinacle_ingress_upstream_response_seconds_count{route=\"pod\"} 3",
-        "pinacle_ingress_requests_total{port=\"5173\",route=\"pod\",status_class=\"2xx\"} 1",
         "pinacle_ingress_websocket_tunnels_open 0",
-    ] {
-        assert!(text.contains(line), "{line} not in:\n{text}");
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = client::get(admin, "/metrics", &[]).await;
+        assert_eq!(metrics.status, 200);
+        let text = metrics.text();
+        let missing: Vec<&&str> = expected.iter().filter(|l| !text.contains(**l)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{missing:?} not in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        text.contains("pinacle_ingress_authz_cache_lookups_total{result=\"hit\"} 2"),
-        "{text}"
-    );
 
     // SIGTERM: /readyz turns 503 while the in-flight work drains, then the process exits 0.
     let mut child = process.into_child();

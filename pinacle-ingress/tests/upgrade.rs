@@ -1,0 +1,132 @@
+//! Zero-downtime restart, as the README describes it, with real processes: a new
+//! `serve --upgrade` takes the listening socket over from the running one (SIGQUIT), while a
+//! client keeps sending requests on fresh connections; none may fail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pinacle_testkit::{client, reserve_port, upstream, wait_for_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pinacle-ingress");
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(env: &[(&str, String)], upgrade: bool) -> Killed {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve");
+    if upgrade {
+        cmd.arg("--upgrade");
+    }
+    for (var, _) in std::env::vars() {
+        if var.starts_with("PINACLE_INGRESS_") || var == "DATABASE_URL" || var == "RUST_LOG" {
+            cmd.env_remove(var);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Killed(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn signal(child: &Child, name: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_takes_over_without_a_failed_request() {
+    let dashboard = upstream::http_echo("dashboard").await;
+    let dir = std::env::temp_dir().join(format!("pinacle-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let env = vec![
+        ("NEXTAUTH_SECRET", "upgrade-test-secret".to_owned()),
+        ("PINACLE_INGRESS_LISTEN", listen.to_string()),
+        (
+            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
+            dashboard.addr.to_string(),
+        ),
+        ("PINACLE_INGRESS_ADMIN_LISTEN", "off".to_owned()),
+        ("PINACLE_INGRESS_THREADS", "1".to_owned()),
+        ("PINACLE_INGRESS_SHUTDOWN_GRACE_PERIOD", "1s".to_owned()),
+        (
+            "PINACLE_INGRESS_UPGRADE_SOCK",
+            dir.join("upgrade.sock").display().to_string(),
+        ),
+    ];
+    let mut old = start(&env, false);
+    wait_for_port(listen).await;
+
+    // Requests on fresh connections, one after another, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed, mut ids) = (0u32, Vec::new(), BTreeSet::new());
+            while !stop.load(Ordering::SeqCst) {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client::get(listen, "/", &[("host", "pinacle.test")]),
+                )
+                .await;
+                match r {
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        // The first 16 hex digits of a request id are the process's.
+                        let id = r.header("x-request-id").unwrap_or_default();
+                        ids.insert(id.get(..16).unwrap_or_default().to_owned());
+                    }
+                    Ok(r) => failed.push(format!("status {}", r.status)),
+                    Err(_) => failed.push("timeout".to_owned()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed, ids)
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = start(&env, true);
+    // The new process waits on the upgrade socket; the old one hands its listener over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&old.0, "QUIT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = old.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed, processes) = load.await.unwrap();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(ok > 50, "only {ok} requests");
+    assert_eq!(processes.len(), 2, "answers came from {processes:?}");
+    drop(new);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
