@@ -1,0 +1,550 @@
+#!/usr/bin/env python3
+"""The load comparison behind benches/RESULTS.md (run it through benches/load/run.sh).
+
+On 127.0.0.1: an origin (nginx serving 1 KiB and 100 KiB files) and a WebSocket echo server on
+the load core, with wrk and the WebSocket client; the proxy under test alone on the proxy core.
+Measured per proxy: requests/s and p50/p99 for both bodies at fixed concurrency, CPU time per
+request, WebSocket echo messages/s and p99 over 50 connections, resident memory after the runs
+and per idle WebSocket (IDLE_WS held open). For the ingress also the first request of a user
+(authorization cache miss against Postgres) against a repeated one.
+
+Every process started here is stopped by its PID at exit; every loop is bounded in time.
+"""
+
+import atexit
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import http.client
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+INGRESS = os.path.join(ROOT, "target", "release", "pinacle-ingress")
+WSLOAD = os.path.join(ROOT, "target", "release", "pinacle-wsload")
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+DURATION = int(os.environ.get("DURATION", "8"))
+CONNECTIONS = int(os.environ.get("CONNECTIONS", "50"))
+WS_CONNECTIONS = int(os.environ.get("WS_CONNECTIONS", "50"))
+IDLE_WS = int(os.environ.get("IDLE_WS", "2000"))
+MISS_USERS = int(os.environ.get("MISS_USERS", "200"))
+SECRET = "load-test-secret-not-for-production"
+POD_HOST = "localhost-3000-pod-bench.pinacle.bench"
+WS_HOST = "localhost-7681-pod-benchws.pinacle.bench"
+PROXY_CPU = "0"
+LOAD_CPU = "1" if (os.cpu_count() or 1) >= 2 else "0"
+
+WORK = tempfile.mkdtemp(prefix="pinacle-load-")
+PROCS = []
+
+
+def log(msg):
+    print(f"== {msg}", file=sys.stderr, flush=True)
+
+
+def stop_all():
+    for proc in reversed(PROCS):
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + 10
+    for proc in PROCS:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+atexit.register(stop_all)
+
+
+def start(name, cmd, cpu, env=None):
+    out = open(os.path.join(WORK, f"{name}.log"), "w")
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.Popen(["taskset", "-c", cpu] + cmd, stdout=out, stderr=subprocess.STDOUT,
+                            env=full_env, cwd=WORK)
+    PROCS.append(proc)
+    return proc
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port} after {timeout}s")
+
+
+def tree(pid):
+    """The pid and its direct children (nginx's master and workers)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def cpu_seconds(pids):
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / ticks
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def to_ms(value):
+    number, unit = re.match(r"([\d.]+)(us|ms|s)", value).groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(port, host, cookie, path, pids):
+    cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s",
+           "--latency", "--timeout", "10s", "-H", f"Host: {host}"]
+    if cookie:
+        cmd += ["-H", f"Cookie: {cookie}"]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    before = cpu_seconds(pids)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 60).stdout
+    used = cpu_seconds(pids) - before
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": to_ms(re.search(r"\s50%\s+(\S+)", out).group(1)),
+        "p99_ms": to_ms(re.search(r"\s99%\s+(\S+)", out).group(1)),
+        "cpu_us_per_request": used * 1e6 / requests if requests else None,
+        "requests": requests,
+        "errors": (int(errors.group(1)) if errors else 0),
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def ws_echo(port, host, cookie):
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, WSLOAD, "echo", f"ws://127.0.0.1:{port}/ws", host, cookie,
+         str(WS_CONNECTIONS), str(DURATION)],
+        capture_output=True, text=True, timeout=DURATION + 60)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def idle_ws(port, host, cookie, pids):
+    before = rss_kib(pids)
+    hold_seconds = 120
+    proc = subprocess.Popen(
+        ["taskset", "-c", LOAD_CPU, WSLOAD, "hold", f"ws://127.0.0.1:{port}/ws", host, cookie,
+         str(IDLE_WS), str(hold_seconds)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    PROCS.append(proc)
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready"):
+        proc.kill()
+        return {"error": (line or proc.stderr.read())[-300:]}
+    time.sleep(1)
+    during = rss_kib(pids)
+    proc.terminate()
+    proc.wait(timeout=10)
+    return {"rss_before_kib": before, "rss_held_kib": during,
+            "per_connection_kib": (during - before) / IDLE_WS}
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def origin_and_upstreams():
+    www = os.path.join(WORK, "www")
+    os.makedirs(www)
+    for name, size in (("1k.bin", 1024), ("100k.bin", 100 * 1024)):
+        with open(os.path.join(www, name), "wb") as f:
+            f.write(os.urandom(size))
+    port = free_port()
+    conf = write(os.path.join(WORK, "origin.conf"), f"""
+worker_processes 1; daemon off; pid {WORK}/origin.pid; error_log {WORK}/origin-error.log;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
+  client_body_temp_path {WORK}/ob; proxy_temp_path {WORK}/op; fastcgi_temp_path {WORK}/of;
+  uwsgi_temp_path {WORK}/ou; scgi_temp_path {WORK}/os;
+  server {{ listen 127.0.0.1:{port}; root {www}; location / {{ }} }} }}
+""")
+    start("origin", [NGINX, "-c", conf, "-p", WORK], LOAD_CPU)
+    wait_port(port)
+    ws_port = free_port()
+    start("ws-echo", [WSLOAD, "serve", f"127.0.0.1:{ws_port}"], LOAD_CPU)
+    wait_port(ws_port)
+    return port, ws_port
+
+
+def nginx_proxy(origin, ws):
+    port = free_port()
+    conf = write(os.path.join(WORK, "proxy-nginx.conf"), f"""
+worker_processes 1; daemon off; pid {WORK}/proxy-nginx.pid; error_log {WORK}/proxy-error.log;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{ access_log off;
+  client_body_temp_path {WORK}/pb; proxy_temp_path {WORK}/pp; fastcgi_temp_path {WORK}/pf;
+  uwsgi_temp_path {WORK}/pu; scgi_temp_path {WORK}/ps;
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+  upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}
+  upstream ws {{ server 127.0.0.1:{ws}; }}
+  server {{ listen 127.0.0.1:{port} backlog=4096; server_name {POD_HOST};
+    location / {{ proxy_pass http://origin; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $remote_addr; }} }}
+  server {{ listen 127.0.0.1:{port}; server_name {WS_HOST};
+    location / {{ proxy_pass http://ws; proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade;
+      proxy_read_timeout 1h; }} }} }}
+""")
+    proc = start("proxy-nginx", [NGINX, "-c", conf, "-p", WORK], PROXY_CPU)
+    wait_port(port)
+    return port, proc
+
+
+def haproxy(origin, ws):
+    port = free_port()
+    conf = write(os.path.join(WORK, "haproxy.cfg"), f"""
+global
+  nbthread 1
+  maxconn 65536
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:{port}
+  acl is_ws hdr(host) -i {WS_HOST}
+  use_backend ws if is_ws
+  default_backend origin
+backend origin
+  http-reuse always
+  server o 127.0.0.1:{origin} maxconn 1000
+backend ws
+  server w 127.0.0.1:{ws}
+""")
+    proc = start("haproxy", [HAPROXY, "-db", "-f", conf], PROXY_CPU)
+    wait_port(port)
+    return port, proc
+
+
+def directory_file(origin, ws):
+    return write(os.path.join(WORK, "directory.toml"), f"""
+[[users]]
+id = "user_bench"
+email = "bench@example.test"
+[[teams]]
+id = "team_bench"
+[[servers]]
+id = "server_local"
+ip_address = "127.0.0.1"
+[[pods]]
+id = "pod_bench"
+slug = "bench"
+owner_id = "user_bench"
+team_id = "team_bench"
+server_id = "server_local"
+status = "running"
+ports = [{{ name = "nginx-proxy", internal = 80, external = {origin}, protocol = "tcp" }}]
+[[pods]]
+id = "pod_benchws"
+slug = "benchws"
+owner_id = "user_bench"
+team_id = "team_bench"
+server_id = "server_local"
+status = "running"
+ports = [{{ name = "nginx-proxy", internal = 80, external = {ws}, protocol = "tcp" }}]
+""")
+
+
+def ingress_env(port, extra=None):
+    env = {
+        "NEXTAUTH_SECRET": SECRET,
+        "NEXTAUTH_URL": "http://pinacle.bench",
+        "PINACLE_INGRESS_LISTEN": f"127.0.0.1:{port}",
+        "PINACLE_INGRESS_ADMIN_LISTEN": "off",
+        "PINACLE_INGRESS_THREADS": "1",
+        "PINACLE_INGRESS_UPGRADE_SOCK": os.path.join(WORK, f"upgrade-{port}.sock"),
+        # Access logging off for every proxy measured here (nginx: access_log off).
+        "RUST_LOG": "warn",
+    }
+    env.update(extra or {})
+    env.pop("DATABASE_URL", None)
+    return env
+
+
+def start_ingress(name, port, extra, database_url=None):
+    env = ingress_env(port, extra)
+    full = dict(os.environ)
+    full.pop("DATABASE_URL", None)
+    full.update(env)
+    if database_url:
+        full["DATABASE_URL"] = database_url
+    out = open(os.path.join(WORK, f"{name}.log"), "w")
+    proc = subprocess.Popen(["taskset", "-c", PROXY_CPU, INGRESS, "serve"], stdout=out,
+                            stderr=subprocess.STDOUT, env=full, cwd=WORK)
+    PROCS.append(proc)
+    wait_port(port)
+    return proc
+
+
+def mint(user):
+    env = dict(os.environ, NEXTAUTH_SECRET=SECRET)
+    return subprocess.run([INGRESS, "session", "mint", "--user", user], capture_output=True,
+                          text=True, env=env, check=True).stdout.strip()
+
+
+def psql(url, sql):
+    subprocess.run(["psql", url, "-qtAc", sql], check=True, capture_output=True)
+
+
+def first_request(origin):
+    """Cache miss (a user's first request) against a repeated request, Postgres directory."""
+    base = os.environ["DATABASE_URL"]
+    db = f"pinacle_load_{os.getpid()}"
+    psql(base, f"DROP DATABASE IF EXISTS {db}")
+    psql(base, f"CREATE DATABASE {db}")
+    url = re.sub(r"/[^/?]*(\?|$)", f"/{db}\\1", base.split("://", 1)[1], count=1)
+    url = base.split("://", 1)[0] + "://" + url
+    try:
+        subprocess.run([INGRESS, "migrate"], env=dict(os.environ, DATABASE_URL=url), check=True,
+                       capture_output=True)
+        users = [f"user_{i}" for i in range(MISS_USERS)]
+        values = ",".join(f"('{u}','{u}','{u}@example.test')" for u in users)
+        psql(url, f'INSERT INTO "user" (id, name, email) VALUES {values}')
+        psql(url, "INSERT INTO team (id, name, slug, owner_id) VALUES ('t','t','t','user_0')")
+        members = ",".join(f"('tm_{u}','t','{u}','{u}@example.test','member',now(),now())"
+                           for u in users)
+        psql(url, "INSERT INTO team_member (id, team_id, user_id, email, role, invited_at, "
+                  f"joined_at) VALUES {members}")
+        psql(url, "INSERT INTO server (id, hostname, ip_address, status) "
+                  "VALUES ('s','s','127.0.0.1','online')")
+        psql(url, "INSERT INTO pod (id, name, slug, owner_id, team_id, server_id, status, ports) "
+                  "VALUES ('p','bench','bench','user_0','t','s','running', "
+                  f"'[{{\"name\":\"nginx-proxy\",\"internal\":80,\"external\":{origin}}}]')")
+        port = free_port()
+        proc = start_ingress("ingress-postgres", port, {}, database_url=url)
+        cookies = [mint(u) for u in users]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+        def timed(cookie):
+            started = time.perf_counter()
+            conn.request("GET", "/1k.bin", headers={"Host": POD_HOST, "Cookie": cookie})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            return (time.perf_counter() - started) * 1000
+
+        timed(cookies[0])  # warm the connection pools on both sides
+        misses, hits = [], []
+        for cookie in cookies[1:]:
+            misses.append(timed(cookie))
+            hits.append(timed(cookie))
+        conn.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+        return {
+            "users": len(misses),
+            "miss_p50_ms": statistics.median(misses),
+            "hit_p50_ms": statistics.median(hits),
+            "added_p50_ms": statistics.median(misses) - statistics.median(hits),
+            "added_p90_ms": sorted(misses)[int(len(misses) * 0.9)] - statistics.median(hits),
+        }
+    finally:
+        psql(base, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def version(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return (out.stdout + out.stderr).strip().splitlines()[0]
+
+
+def machine():
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores, Linux {platform.release()}"
+
+
+def main():
+    log(f"work directory {WORK}; proxy on CPU {PROXY_CPU}, load and upstreams on CPU {LOAD_CPU}")
+    origin, ws = origin_and_upstreams()
+    nginx_port, nginx_proc = nginx_proxy(origin, ws)
+    haproxy_port, haproxy_proc = haproxy(origin, ws)
+    ingress_port = free_port()
+    ingress_proc = start_ingress("ingress", ingress_port, {
+        "PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws)})
+    cookie = mint("user_bench")
+
+    targets = [
+        ("direct", origin, "origin", "", ws, None),
+        ("nginx", nginx_port, POD_HOST, "", nginx_port, nginx_proc),
+        ("haproxy", haproxy_port, POD_HOST, "", haproxy_port, haproxy_proc),
+        ("pinacle-ingress", ingress_port, POD_HOST, cookie, ingress_port, ingress_proc),
+    ]
+    results = {}
+    for name, port, host, cookie_value, ws_port, proc in targets:
+        pids = tree(proc.pid) if proc else []
+        entry = {}
+        for label, path in (("1k", "/1k.bin"), ("100k", "/100k.bin")):
+            log(f"{name}: HTTP {label}")
+            entry[label] = wrk(port, host, cookie_value, path, pids)
+        log(f"{name}: WebSocket echo")
+        ws_host = "ws" if name == "direct" else WS_HOST
+        entry["ws"] = ws_echo(ws_port, ws_host, cookie_value)
+        if proc:
+            entry["rss_after_runs_kib"] = rss_kib(pids)
+            log(f"{name}: {IDLE_WS} idle WebSockets")
+            entry["idle_ws"] = idle_ws(ws_port, WS_HOST, cookie_value, pids)
+        results[name] = entry
+    log("pinacle-ingress: first request of a user (Postgres, cache miss)")
+    results["first_request"] = first_request(origin)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "nginx": version([NGINX, "-v"]),
+        "haproxy": version([HAPROXY, "-v"]),
+        "wrk": version(["wrk", "-v"]),
+        "duration_s": DURATION, "connections": CONNECTIONS, "ws_connections": WS_CONNECTIONS,
+        "idle_ws": IDLE_WS, "proxy_cpu": PROXY_CPU, "load_cpu": LOAD_CPU,
+    }
+    out = os.path.join(ROOT, "benches", "RESULTS.md")
+    write(out, render(meta, results))
+    write(os.path.join(ROOT, "benches", "load", "last-run.json"),
+          json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    log(f"wrote {out}")
+    print(render(meta, results))
+
+
+def ratio(value, anchor):
+    return f"{value / anchor:.2f}" if value and anchor else "n/a"
+
+
+def render(meta, r):
+    nginx = r["nginx"]
+    lines = [
+        "# Load comparison",
+        "",
+        f"Produced by `benches/load/run.sh` on {meta['date']}; {meta['machine']}.",
+        f"Proxy under test pinned to CPU {meta['proxy_cpu']} (`taskset`), wrk, the WebSocket "
+        f"client, the origin (nginx serving static files) and the WebSocket echo server on CPU "
+        f"{meta['load_cpu']}. {meta['nginx']}; {meta['haproxy']}; {meta['wrk']}.",
+        f"HTTP: wrk, 1 thread, {meta['connections']} connections, {meta['duration_s']} s per "
+        f"run. WebSocket: {meta['ws_connections']} connections each sending 64-byte messages "
+        f"and waiting for the echo, {meta['duration_s']} s. Idle: {meta['idle_ws']} WebSockets "
+        "held open. Access logging is off in every proxy. Ratios are to nginx.",
+        "The ingress runs with authentication on: every request carries a next-auth session "
+        "cookie that is decrypted and authorized (warm cache, file directory); nginx and HAProxy "
+        "only route by Host.",
+        "",
+        "## HTTP",
+        "",
+        "| proxy | body | requests/s | ratio | p50 ms | p99 ms | p99 ratio | CPU µs/request |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("direct", "nginx", "haproxy", "pinacle-ingress"):
+        for body in ("1k", "100k"):
+            m = r[name][body]
+            cpu = m["cpu_us_per_request"]
+            errors = f" ({m['errors']} errors)" if m["errors"] else ""
+            lines.append(
+                f"| {name} | {'1 KiB' if body == '1k' else '100 KiB'} | {m['rps']:,.0f}{errors} | "
+                f"{ratio(m['rps'], nginx[body]['rps'])} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
+                f"{ratio(m['p99_ms'], nginx[body]['p99_ms'])} | "
+                f"{'n/a (origin)' if cpu is None or name == 'direct' else f'{cpu:.1f}'} |")
+    lines += ["", "## WebSocket echo", "",
+              "| proxy | messages/s | ratio | p50 µs | p99 µs | p99 ratio |", "|---|---|---|---|---|---|"]
+    for name in ("direct", "nginx", "haproxy", "pinacle-ingress"):
+        m = r[name]["ws"]
+        if "error" in m:
+            lines.append(f"| {name} | error: {m['error']} | | | | |")
+            continue
+        lines.append(f"| {name} | {m['per_second']:,.0f} | {ratio(m['per_second'], nginx['ws'].get('per_second'))} | "
+                     f"{m['p50_us']} | {m['p99_us']} | {ratio(m['p99_us'], nginx['ws'].get('p99_us'))} |")
+    lines += ["", "## Memory", "",
+              "| proxy | resident after the runs | per idle WebSocket | ratio |", "|---|---|---|---|"]
+    for name in ("nginx", "haproxy", "pinacle-ingress"):
+        idle = r[name]["idle_ws"]
+        per = idle.get("per_connection_kib")
+        anchor = nginx["idle_ws"].get("per_connection_kib")
+        lines.append(f"| {name} | {r[name]['rss_after_runs_kib'] / 1024:.1f} MiB | "
+                     f"{f'{per:.1f} KiB' if per is not None else idle.get('error')} | {ratio(per, anchor)} |")
+    f = r["first_request"]
+    lines += ["", "## First request of a user (authorization cache miss, Postgres on this machine)", "",
+              f"{f['users']} users, each requesting twice on one keep-alive connection: the first "
+              f"request (cache miss: one Postgres query) took {f['miss_p50_ms']:.2f} ms at the "
+              f"median, the repeat {f['hit_p50_ms']:.2f} ms: the miss adds "
+              f"{f['added_p50_ms']:.2f} ms (p90 {f['added_p90_ms']:.2f} ms).", ""]
+    ingress = r["pinacle-ingress"]
+    checks = [
+        ("requests/s with authentication ≥ 0.8 × nginx (1 KiB)",
+         ingress["1k"]["rps"] >= 0.8 * nginx["1k"]["rps"]),
+        ("requests/s with authentication ≥ 0.8 × nginx (100 KiB)",
+         ingress["100k"]["rps"] >= 0.8 * nginx["100k"]["rps"]),
+        ("p99 ≤ 1.5 × nginx (1 KiB)", ingress["1k"]["p99_ms"] <= 1.5 * nginx["1k"]["p99_ms"]),
+        ("p99 ≤ 1.5 × nginx (100 KiB)", ingress["100k"]["p99_ms"] <= 1.5 * nginx["100k"]["p99_ms"]),
+        ("WebSocket messages/s ≥ 0.9 × nginx",
+         ingress["ws"].get("per_second", 0) >= 0.9 * nginx["ws"].get("per_second", 1)),
+        ("memory per idle WebSocket ≤ nginx",
+         (ingress["idle_ws"].get("per_connection_kib") or 1e9)
+         <= (nginx["idle_ws"].get("per_connection_kib") or 0)),
+        ("first request adds < 2 ms", f["added_p50_ms"] < 2.0),
+    ]
+    lines += ["## Targets", ""]
+    lines += [f"- {'met' if ok else 'MISSED'}: {label}" for label, ok in checks]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
