@@ -365,3 +365,58 @@ async fn reloaded_certificates_serve_new_handshakes_and_keep_open_connections() 
     assert_eq!(stream.get_ref().1.peer_certificates().unwrap()[0], reissued);
     std::fs::remove_dir_all(&w.dir).unwrap();
 }
+
+#[tokio::test]
+async fn sighup_makes_serve_reread_its_certificates() {
+    let dir = std::env::temp_dir().join(format!("pinacle-tls-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = ca();
+    let first = leaf(&ca, &["*.pinacle.test"], &dir, "wildcard");
+    let (plain, tls) = (reserve_port(), reserve_port());
+    let d = dir.display();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pinacle-ingress"));
+    for (var, _) in std::env::vars() {
+        if var.starts_with("PINACLE_INGRESS_") || var == "DATABASE_URL" {
+            cmd.env_remove(var);
+        }
+    }
+    let mut child = cmd
+        .arg("serve")
+        .env("NEXTAUTH_SECRET", SECRET)
+        .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{plain}"))
+        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
+        .env("PINACLE_INGRESS_TLS_CERT_FILE", format!("{d}/wildcard.pem"))
+        .env("PINACLE_INGRESS_TLS_KEY_FILE", format!("{d}/wildcard.key"))
+        .env("PINACLE_INGRESS_ADMIN_LISTEN", "off")
+        .env("PINACLE_INGRESS_UPGRADE_SOCK", format!("{d}/upgrade.sock"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
+    wait_for_port(tls_addr).await;
+    let served = |connector: TlsConnector| async move {
+        let stream = tls_connect(&connector, tls_addr, "x.pinacle.test").await;
+        stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    assert_eq!(served(connector(&ca, &[b"h2"])).await, first);
+
+    let second = leaf(&ca, &["*.pinacle.test"], &dir, "wildcard");
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while served(connector(&ca, &[b"h2"])).await != second {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
