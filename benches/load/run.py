@@ -44,6 +44,8 @@ PROXY_CPU = "0"
 LOAD_CPU = "1" if (os.cpu_count() or 1) >= 2 else "0"
 
 WORK = tempfile.mkdtemp(prefix="pinacle-load-")
+# nginx workers started by root run as nobody: they must be able to read the files.
+os.chmod(WORK, 0o755)
 PROCS = []
 
 
@@ -52,6 +54,8 @@ def log(msg):
 
 
 def stop_all():
+    if os.environ.get("KEEP_WORK"):
+        log(f"keeping {WORK}")
     for proc in reversed(PROCS):
         if proc.poll() is None:
             proc.terminate()
@@ -61,7 +65,8 @@ def stop_all():
             proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
-    shutil.rmtree(WORK, ignore_errors=True)
+    if not os.environ.get("KEEP_WORK"):
+        shutil.rmtree(WORK, ignore_errors=True)
 
 
 atexit.register(stop_all)
@@ -205,6 +210,7 @@ def origin_and_upstreams():
     for name, size in (("1k.bin", 1024), ("100k.bin", 100 * 1024)):
         with open(os.path.join(www, name), "wb") as f:
             f.write(os.urandom(size))
+        os.chmod(os.path.join(www, name), 0o644)
     port = free_port()
     conf = write(os.path.join(WORK, "origin.conf"), f"""
 worker_processes 1; daemon off; pid {WORK}/origin.pid; error_log {WORK}/origin-error.log;
@@ -226,8 +232,8 @@ def nginx_proxy(origin, ws):
     port = free_port()
     conf = write(os.path.join(WORK, "proxy-nginx.conf"), f"""
 worker_processes 1; daemon off; pid {WORK}/proxy-nginx.pid; error_log {WORK}/proxy-error.log;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
 http {{ access_log off;
   client_body_temp_path {WORK}/pb; proxy_temp_path {WORK}/pp; fastcgi_temp_path {WORK}/pf;
   uwsgi_temp_path {WORK}/pu; scgi_temp_path {WORK}/ps;
@@ -253,7 +259,7 @@ def haproxy(origin, ws):
     conf = write(os.path.join(WORK, "haproxy.cfg"), f"""
 global
   nbthread 1
-  maxconn 65536
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s
@@ -379,8 +385,8 @@ def first_request(origin):
             started = time.perf_counter()
             conn.request("GET", "/1k.bin", headers={"Host": POD_HOST, "Cookie": cookie})
             response = conn.getresponse()
-            response.read()
-            assert response.status == 200, response.status
+            body = response.read()
+            assert response.status == 200, (response.status, body[:300])
             return (time.perf_counter() - started) * 1000
 
         timed(cookies[0])  # warm the connection pools on both sides

@@ -28,8 +28,8 @@ fi
 export DATABASE_URL="${DATABASE_URL:-$(find_or_start_postgres)}"
 
 echo "== building release binaries" >&2
-cargo build --release --locked -p pinacle-ingress --bin pinacle-ingress
-cargo build --release --locked -p pinacle-benches --bin pinacle-wsload
+# One invocation: both binaries with the same feature set (no second build of Pingora).
+cargo build --release --locked -p pinacle-ingress -p pinacle-benches --bins
 
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+ulimit -n "$(ulimit -Hn)"
 exec python3 benches/load/run.py "$@"

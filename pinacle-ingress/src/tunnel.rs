@@ -236,7 +236,8 @@ pub async fn run(session: &mut Session, spec: TunnelSpec<'_>) -> Result<TunnelRe
     }
     let _open = OpenTunnel::new(spec.metrics);
     let mut upstream = TokioIo::new(upgraded);
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small: idle tunnels (a silent VS Code tab) hold this buffer for hours.
+    let mut buf = vec![0u8; 4 * 1024];
     loop {
         let event = tokio::time::timeout(timeouts.websocket_idle, async {
             tokio::select! {
