@@ -220,3 +220,40 @@ fn team_member_id(team: &str, user: &str) -> String {
 pub fn ports_json(external: u16) -> String {
     format!(r#"[{{"name":"nginx-proxy","internal":80,"external":{external},"protocol":"tcp"}}]"#)
 }
+
+/// A file directory (TOML) with one owner, one team, one server at 127.0.0.1 and running pods
+/// `(id, slug, nginx-proxy external port)`, all owned by `owner`.
+pub fn owner_directory_toml(owner: &str, pods: &[(&str, &str, u16)]) -> String {
+    let mut text = format!(
+        "[[users]]\nid = \"{owner}\"\nemail = \"{owner}@example.test\"\n\n\
+         [[teams]]\nid = \"team\"\n\n[[servers]]\nid = \"server\"\nip_address = \"127.0.0.1\"\n"
+    );
+    for (id, slug, port) in pods {
+        text.push_str(&format!(
+            "\n[[pods]]\nid = \"{id}\"\nslug = \"{slug}\"\nowner_id = \"{owner}\"\n\
+             team_id = \"team\"\nserver_id = \"server\"\nstatus = \"running\"\n\
+             ports = [{{ name = \"nginx-proxy\", internal = 80, external = {port}, protocol = \"tcp\" }}]\n"
+        ));
+    }
+    text
+}
+
+/// A next-auth v4 session cookie value for `user` (`sub` and `id`), valid from `now` for
+/// `ttl_secs`, encrypted with `secret`.
+///
+/// # Panics
+/// Only on an empty secret (test code).
+#[allow(clippy::expect_used)]
+pub fn session_cookie_value(secret: &str, user: &str, now: i64, ttl_secs: i64) -> String {
+    use crate::credentials::{CredentialConfig, CredentialVerifier};
+    let verifier =
+        CredentialVerifier::new(&CredentialConfig::with_secrets(vec![crate::Secret::new(
+            secret.to_owned(),
+        )]))
+        .expect("a non-empty secret");
+    let claims = serde_json::json!({"sub": user, "id": user, "iat": now, "exp": now + ttl_secs});
+    let map = claims.as_object().cloned().unwrap_or_default();
+    verifier
+        .mint_session_v4(&crate::Claims(map))
+        .expect("minting needs only randomness")
+}

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pinacle_authz::testing::{PodSeed, Seed, ports_json};
 use pinacle_authz::{
-    Claims, CredentialConfig, CredentialVerifier, PodDirectory, PodSlug, PostgresDirectory,
+    CredentialConfig, CredentialVerifier, PodDirectory, PodSlug, PostgresDirectory,
     ProxyTokenClaims, Secret, UserId,
 };
 use pinacle_ingress::config;
@@ -42,11 +42,7 @@ fn verifier() -> CredentialVerifier {
 
 /// A next-auth v4 session cookie for `user`, valid for an hour.
 fn session_cookie(user: &str) -> String {
-    let now = unix_now();
-    let claims = serde_json::json!({"sub": user, "id": user, "iat": now, "exp": now + 3600});
-    let value = verifier()
-        .mint_session_v4(&Claims(claims.as_object().cloned().unwrap()))
-        .unwrap();
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, user, unix_now(), 3600);
     format!("next-auth.session-token={value}")
 }
 
@@ -394,12 +390,8 @@ async fn no_credentials_redirect_navigations_and_refuse_fetch_and_websocket(pool
     assert_eq!(r.json()["error"], "Authentication required");
 
     // An expired session counts as none.
-    let now = unix_now();
-    let claims =
-        serde_json::json!({"sub": "ada", "id": "ada", "iat": now - 7200, "exp": now - 3600});
-    let expired = verifier()
-        .mint_session_v4(&Claims(claims.as_object().cloned().unwrap()))
-        .unwrap();
+    let expired =
+        pinacle_authz::testing::session_cookie_value(SECRET, "ada", unix_now() - 7200, 3600);
     let r = w
         .get(
             &host,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pinacle_authz::{Claims, CredentialConfig, CredentialVerifier, FileDirectory, Secret};
+use pinacle_authz::{CredentialConfig, CredentialVerifier, FileDirectory, Secret};
 use pinacle_testkit::{client, reserve_port, upstream, wait_for_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pinacle-ingress");
@@ -135,33 +135,9 @@ impl Drop for Process {
 
 fn directory_file(dir: &Path, pod_port: u16) -> PathBuf {
     let path = dir.join("directory.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[[users]]
-id = "user_ada"
-email = "ada@example.test"
-
-[[teams]]
-id = "team"
-
-[[servers]]
-id = "s1"
-ip_address = "127.0.0.1"
-
-[[pods]]
-id = "pod_1"
-slug = "proj"
-owner_id = "user_ada"
-team_id = "team"
-server_id = "s1"
-status = "running"
-ports = [{{ name = "nginx-proxy", internal = 80, external = {pod_port}, protocol = "tcp" }}]
-"#
-        ),
-    )
-    .unwrap();
+    let text =
+        pinacle_authz::testing::owner_directory_toml("user_ada", &[("pod_1", "proj", pod_port)]);
+    std::fs::write(&path, text).unwrap();
     path
 }
 
@@ -236,10 +212,7 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
     )]))
     .unwrap();
     let now = pinacle_ingress::cli::unix_now();
-    let claims = serde_json::json!({"sub": "user_ada", "iat": now, "exp": now + 600});
-    let value = verifier
-        .mint_session_v4(&Claims(claims.as_object().cloned().unwrap()))
-        .unwrap();
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, "user_ada", now, 600);
     let cookie = format!("__Secure-next-auth.session-token={value}");
     let r = client::get(listen, "/x", &[("host", host), ("cookie", &cookie)]).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pinacle_authz::{Claims, CredentialConfig, CredentialVerifier, FileDirectory, Secret};
+use pinacle_authz::{CredentialConfig, CredentialVerifier, FileDirectory, Secret};
 use pinacle_ingress::config;
 use pinacle_ingress::server::{self, Running};
 use pinacle_testkit::{client, reserve_port, upstream, wait_for_port};
@@ -78,15 +78,8 @@ async fn tls_connect(
 }
 
 fn session_cookie(user: &str) -> String {
-    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new(
-        SECRET.to_owned(),
-    )]))
-    .unwrap();
     let now = pinacle_ingress::cli::unix_now();
-    let claims = serde_json::json!({"sub": user, "iat": now, "exp": now + 600});
-    let value = verifier
-        .mint_session_v4(&Claims(claims.as_object().cloned().unwrap()))
-        .unwrap();
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, user, now, 600);
     format!("__Secure-next-auth.session-token={value}")
 }
 
@@ -114,40 +107,14 @@ async fn world(tag: &str) -> World {
     leaf(&ca, &["*.pinacle.test", "pinacle.test"], &dir, "wildcard");
     leaf(&ca, &["other.example"], &dir, "other");
 
-    let directory = FileDirectory::from_toml(
-        &format!(
-            r#"
-[[users]]
-id = "ada"
-email = "ada@example.test"
-[[teams]]
-id = "t"
-[[servers]]
-id = "s"
-ip_address = "127.0.0.1"
-[[pods]]
-id = "p_app"
-slug = "app"
-owner_id = "ada"
-team_id = "t"
-server_id = "s"
-status = "running"
-ports = [{{ name = "nginx-proxy", internal = 80, external = {pod}, protocol = "tcp" }}]
-[[pods]]
-id = "p_ws"
-slug = "term"
-owner_id = "ada"
-team_id = "t"
-server_id = "s"
-status = "running"
-ports = [{{ name = "nginx-proxy", internal = 80, external = {ws}, protocol = "tcp" }}]
-"#,
-            pod = pod.addr.port(),
-            ws = ws.addr.port(),
-        ),
-        "tls test",
-    )
-    .unwrap();
+    let text = pinacle_authz::testing::owner_directory_toml(
+        "ada",
+        &[
+            ("p_app", "app", pod.addr.port()),
+            ("p_ws", "term", ws.addr.port()),
+        ],
+    );
+    let directory = FileDirectory::from_toml(&text, "tls test").unwrap();
     let plain: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
     let tls: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
     let d = dir.display();
