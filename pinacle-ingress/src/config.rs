@@ -493,7 +493,20 @@ fn validate(
             .ok()
     });
 
-    let directory = match env("DATABASE_URL").filter(|v| !v.is_empty()) {
+    let database_url = env("DATABASE_URL").filter(|v| !v.is_empty()).or_else(|| {
+        let path = env("DATABASE_URL_FILE").filter(|v| !v.is_empty())?;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text.trim_end_matches(['\r', '\n']).to_owned()),
+            Err(e) => {
+                problems.push(problem(
+                    "DATABASE_URL_FILE",
+                    format!("cannot read {path}: {e}"),
+                ));
+                None
+            }
+        }
+    });
+    let directory = match database_url {
         Some(url) => DirectorySource::Postgres(Secret::new(url)),
         None => match &file.directory_file {
             Some(path) => DirectorySource::File(path.clone()),
@@ -909,6 +922,26 @@ mod tests {
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn database_url_can_come_from_a_file() {
+        let path = std::env::temp_dir().join(format!("pinacle-dburl-{}", std::process::id()));
+        std::fs::write(&path, "postgres://u:pw@db/x\n").unwrap();
+        let p = path.display().to_string();
+        let c = from_toml("", "t", &env(&[SECRET, ("DATABASE_URL_FILE", p.as_str())])).unwrap();
+        let DirectorySource::Postgres(url) = c.directory else {
+            panic!("expected Postgres")
+        };
+        assert_eq!(url.expose(), b"postgres://u:pw@db/x");
+        std::fs::remove_file(&path).unwrap();
+        let err = from_toml(
+            "",
+            "t",
+            &env(&[SECRET, ("DATABASE_URL_FILE", "/nonexistent")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "DATABASE_URL_FILE");
     }
 
     #[test]

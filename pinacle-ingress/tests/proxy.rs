@@ -946,3 +946,43 @@ async fn limits_answer_clearly(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn request_ids_and_forwarded_for_are_kept_only_from_trusted_proxies(pool: PgPool) {
+    let dashboard = upstream::http_echo("dashboard").await;
+    let directory: Arc<dyn PodDirectory> =
+        Arc::new(PostgresDirectory::from_pool(pool, Duration::from_secs(5)));
+    let headers = [
+        ("host", "pinacle.test"),
+        ("x-request-id", "lb-7f3a:42"),
+        ("x-forwarded-for", "203.0.113.5"),
+    ];
+
+    let (_trusting, addr) = start_ingress(
+        directory.clone(),
+        dashboard.addr,
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+    )
+    .await;
+    let r = client::get(addr, "/", &headers).await;
+    assert_eq!(r.header("x-request-id"), Some("lb-7f3a:42"));
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-request-id"], "lb-7f3a:42");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.5, 127.0.0.1");
+    // A value that could break log lines is never kept.
+    let r = client::get(
+        addr,
+        "/",
+        &[("host", "pinacle.test"), ("x-request-id", "a b\"c")],
+    )
+    .await;
+    assert_ne!(r.header("x-request-id"), Some("a b\"c"));
+
+    let (_edge, addr) = start_ingress(directory, dashboard.addr, "").await;
+    let r = client::get(addr, "/", &headers).await;
+    let id = r.header("x-request-id").unwrap().to_owned();
+    assert_ne!(id, "lb-7f3a:42");
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-request-id"], id);
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+}
