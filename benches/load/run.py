@@ -82,6 +82,15 @@ def start(name, cmd, cpu, env=None):
     return proc
 
 
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,6 +205,33 @@ def idle_ws(port, host, cookie, pids):
     proc.wait(timeout=10)
     return {"rss_before_kib": before, "rss_held_kib": during,
             "per_connection_kib": (during - before) / IDLE_WS}
+
+
+def idle_http(port, host, cookie, pids):
+    """Memory per idle keep-alive connection: IDLE_WS connections, one small request each."""
+    before = rss_kib(pids)
+    request = f"GET /1k.bin HTTP/1.1\r\nHost: {host}\r\n"
+    if cookie:
+        request += f"Cookie: {cookie}\r\n"
+    request = (request + "\r\n").encode()
+    sockets = []
+    try:
+        for _ in range(IDLE_WS):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(request)
+            received = b""
+            deadline = time.time() + 10
+            while len(received) < 1024 and time.time() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            sockets.append(s)
+        time.sleep(1)
+        return {"per_connection_kib": (rss_kib(pids) - before) / IDLE_WS}
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def write(path, text):
@@ -319,6 +355,7 @@ def ingress_env(port, extra=None):
         "PINACLE_INGRESS_ADMIN_LISTEN": "off",
         "PINACLE_INGRESS_THREADS": "1",
         "PINACLE_INGRESS_UPGRADE_SOCK": os.path.join(WORK, f"upgrade-{port}.sock"),
+        "PINACLE_INGRESS_SHUTDOWN_GRACE_PERIOD": "1s",
         # Access logging off for every proxy measured here (nginx: access_log off).
         "RUST_LOG": "warn",
     }
@@ -340,6 +377,13 @@ def start_ingress(name, port, extra, database_url=None):
     PROCS.append(proc)
     wait_port(port)
     return proc
+
+
+def fresh_ingress(origin, ws):
+    port = free_port()
+    proc = start_ingress(f"ingress-{port}", port,
+                         {"PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws)})
+    return port, proc
 
 
 def mint(user):
@@ -451,9 +495,24 @@ def main():
         entry["ws"] = ws_echo(ws_port, ws_host, cookie_value)
         if proc:
             entry["rss_after_runs_kib"] = rss_kib(pids)
-            log(f"{name}: {IDLE_WS} idle WebSockets")
-            entry["idle_ws"] = idle_ws(ws_port, WS_HOST, cookie_value, pids)
         results[name] = entry
+    # Idle connections, each count on a fresh process: an allocator keeps the pages a previous
+    # phase freed, which would hide the cost of the next one.
+    fresh = {
+        "nginx": lambda: nginx_proxy(origin, ws),
+        "haproxy": lambda: haproxy(origin, ws),
+        "pinacle-ingress": lambda: fresh_ingress(origin, ws),
+    }
+    for name, make in fresh.items():
+        cookie_value = cookie if name == "pinacle-ingress" else ""
+        port, proc = make()
+        log(f"{name}: {IDLE_WS} idle WebSockets (fresh process)")
+        results[name]["idle_ws"] = idle_ws(port, WS_HOST, cookie_value, tree(proc.pid))
+        stop(proc)
+        port, proc = make()
+        log(f"{name}: {IDLE_WS} idle keep-alive connections (fresh process)")
+        results[name]["idle_http"] = idle_http(port, POD_HOST, cookie_value, tree(proc.pid))
+        stop(proc)
     log("pinacle-ingress: first request of a user (Postgres, cache miss)")
     results["first_request"] = first_request(origin)
     meta = {
@@ -519,13 +578,16 @@ def render(meta, r):
         lines.append(f"| {name} | {m['per_second']:,.0f} | {ratio(m['per_second'], nginx['ws'].get('per_second'))} | "
                      f"{m['p50_us']} | {m['p99_us']} | {ratio(m['p99_us'], nginx['ws'].get('p99_us'))} |")
     lines += ["", "## Memory", "",
-              "| proxy | resident after the runs | per idle WebSocket | ratio |", "|---|---|---|---|"]
+              "| proxy | resident after the runs | per idle WebSocket | ratio | per idle keep-alive connection |",
+              "|---|---|---|---|---|"]
     for name in ("nginx", "haproxy", "pinacle-ingress"):
         idle = r[name]["idle_ws"]
         per = idle.get("per_connection_kib")
         anchor = nginx["idle_ws"].get("per_connection_kib")
+        keepalive = r[name]["idle_http"]["per_connection_kib"]
         lines.append(f"| {name} | {r[name]['rss_after_runs_kib'] / 1024:.1f} MiB | "
-                     f"{f'{per:.1f} KiB' if per is not None else idle.get('error')} | {ratio(per, anchor)} |")
+                     f"{f'{per:.1f} KiB' if per is not None else idle.get('error')} | {ratio(per, anchor)} | "
+                     f"{keepalive:.1f} KiB |")
     f = r["first_request"]
     lines += ["", "## First request of a user (authorization cache miss, Postgres on this machine)", "",
               f"{f['users']} users, each requesting twice on one keep-alive connection: the first "
