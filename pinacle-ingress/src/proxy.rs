@@ -120,6 +120,8 @@ pub struct RequestCtx {
     upstream_duration: Option<std::time::Duration>,
     connect_failed: bool,
     counted: bool,
+    /// The request's span (its id); our events in every phase are its children.
+    span: tracing::Span,
 }
 
 impl RequestCtx {
@@ -143,6 +145,7 @@ impl RequestCtx {
             upstream_duration: None,
             connect_failed: false,
             counted: false,
+            span: tracing::Span::none(),
         }
     }
 }
@@ -425,7 +428,7 @@ impl Ingress {
 
 /// The directory could not answer: fail closed (503), and say why in the log.
 fn directory_failed(ctx: &mut RequestCtx, what: &str, e: &DirectoryError) -> Answer {
-    tracing::warn!(request_id = %ctx.request_id, error = %e, "{what} failed");
+    tracing::warn!(parent: &ctx.span, request_id = %ctx.request_id, error = %e, "{what} failed");
     ctx.authz = "directory_error";
     Answer::AuthorizationUnavailable
 }
@@ -480,6 +483,7 @@ impl ProxyHttp for Ingress {
             Some(id) if ctx.trusted_client && acceptable_request_id(id) => id.to_owned(),
             _ => self.ids.next_id(),
         };
+        ctx.span = tracing::info_span!("request", request_id = %ctx.request_id);
         ctx.host = request_host(req);
         ctx.intent = intent::classify(&req.method, &req.headers);
         let too_large = request_head_bytes(req) > self.config.max_request_header_bytes;
@@ -645,11 +649,11 @@ impl ProxyHttp for Ingress {
                     .write_error_response(header, body)
                     .await
                 {
-                    tracing::debug!(request_id = %ctx.request_id, error = %write_error, "could not send the error response");
+                    tracing::debug!(parent: &ctx.span, request_id = %ctx.request_id, error = %write_error, "could not send the error response");
                 }
             }
             Err(build_error) => {
-                tracing::error!(request_id = %ctx.request_id, error = %build_error, "could not build the error response");
+                tracing::error!(parent: &ctx.span, request_id = %ctx.request_id, error = %build_error, "could not build the error response");
             }
         }
         FailToProxy {
@@ -688,6 +692,7 @@ impl ProxyHttp for Ingress {
         let req = session.req_header();
         tracing::info!(
             target: "pinacle_ingress::access",
+            parent: &ctx.span,
             request_id = %ctx.request_id,
             client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
             host = %ctx.host,
