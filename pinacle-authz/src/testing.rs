@@ -176,6 +176,17 @@ impl Seed<'_> {
         .map(drop)
     }
 
+    /// The people every test world shares: users `ada`, `bob`, `eve` and `mal`; team `t1`
+    /// owned by `ada`; `bob` a joined member, `eve` a pending invitee, `mal` a stranger.
+    pub async fn people(&self) -> Result<(), sqlx::Error> {
+        for u in ["ada", "bob", "eve", "mal"] {
+            self.user(u).await?;
+        }
+        self.team("t1", "ada").await?;
+        self.member("tm_bob", "t1", Some("bob"), "member").await?;
+        self.member("tm_eve", "t1", None, "member").await
+    }
+
     /// Sets `pod.status`.
     pub async fn set_pod_status(&self, id: &str, status: &str) -> Result<(), sqlx::Error> {
         sqlx::query!("UPDATE pod SET status = $2 WHERE id = $1", id, status)

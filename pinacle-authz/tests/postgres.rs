@@ -37,14 +37,7 @@ fn authorizer(pool: &PgPool) -> Authorizer {
 /// pod `p1` (slug `proj`) running on server `s1` at 10.1.2.3, nginx on 30001.
 async fn seed_world(pool: &PgPool) {
     let seed = Seed(pool);
-    for u in ["ada", "bob", "eve", "mal"] {
-        seed.user(u).await.unwrap();
-    }
-    seed.team("t1", "ada").await.unwrap();
-    seed.member("tm_bob", "t1", Some("bob"), "member")
-        .await
-        .unwrap();
-    seed.member("tm_eve", "t1", None, "member").await.unwrap();
+    seed.people().await.unwrap();
     seed.server("s1", "10.1.2.3").await.unwrap();
     let ports = ports_json(30001);
     seed.pod(&PodSeed {

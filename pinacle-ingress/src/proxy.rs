@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::header;
 use pinacle_authz::{
     Authorizer, CredentialVerifier, Decision, DirectoryError, Outcome, Principal, UserId,
+    Verification,
 };
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -191,7 +192,10 @@ fn acceptable_request_id(value: &str) -> bool {
 
 /// The size of the request head as received (request line and header fields).
 fn request_head_bytes(req: &RequestHeader) -> usize {
-    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    // Request line: method, target, version and separators (no allocation on the hot path).
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
     req.headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
@@ -347,12 +351,13 @@ impl Ingress {
     ) -> Result<Target, Answer> {
         let now = (self.clock)();
         let cookies = cookie_header(session.req_header());
-        let inspection = self.verifier.inspect(&cookies, now);
-        let outcome = match self
-            .authorizer
-            .resolve(inspection.verification.clone(), now)
-            .await
-        {
+        let mut inspection = self.verifier.inspect(&cookies, now);
+        // Moved out (not cloned): only the credential cookie names are needed afterwards.
+        let verification = std::mem::replace(
+            &mut inspection.verification,
+            Verification::Decided(Outcome::Missing),
+        );
+        let outcome = match self.authorizer.resolve(verification, now).await {
             Ok(outcome) => outcome,
             Err(e) => return Err(directory_failed(ctx, "session lookup", &e)),
         };

@@ -44,22 +44,28 @@ fn json_of(out: &Output) -> Value {
     })
 }
 
+/// `session inspect` on a fixture case's Cookie header at the case's `now`.
+fn inspect_case(case: &Value, secret: (&str, &str)) -> Output {
+    let now = case["now"].to_string();
+    let header = case["cookie_header"].as_str().unwrap();
+    ingress(
+        &[
+            "session",
+            "inspect",
+            "--cookie-header",
+            header,
+            "--now",
+            &now,
+        ],
+        &[secret],
+    )
+}
+
 #[test]
 fn inspect_reports_every_fixture_case_with_the_right_exit_status() {
     let fixture = fixture("public.json");
     for case in fixture["cases"].as_array().unwrap() {
-        let now = case["now"].to_string();
-        let out = ingress(
-            &[
-                "session",
-                "inspect",
-                "--cookie-header",
-                case["cookie_header"].as_str().unwrap(),
-                "--now",
-                &now,
-            ],
-            &[("NEXTAUTH_SECRET", case["secret"].as_str().unwrap())],
-        );
+        let out = inspect_case(case, ("NEXTAUTH_SECRET", case["secret"].as_str().unwrap()));
         let report = json_of(&out);
         let name = case["name"].as_str().unwrap();
         let expect = case["expect"].as_str().unwrap();
@@ -95,18 +101,7 @@ fn inspect_reports_proxy_tokens() {
     let fixture = fixture("proxy-token-public.json");
     let secret = fixture["secret"].as_str().unwrap();
     for case in fixture["cases"].as_array().unwrap() {
-        let now = case["now"].to_string();
-        let out = ingress(
-            &[
-                "session",
-                "inspect",
-                "--cookie-header",
-                case["cookie_header"].as_str().unwrap(),
-                "--now",
-                &now,
-            ],
-            &[("AUTH_SECRET", secret)],
-        );
+        let out = inspect_case(case, ("AUTH_SECRET", secret));
         let report = json_of(&out);
         assert_eq!(report["outcome"], case["expect"], "{}", case["name"]);
         assert_eq!(report["kind"], "proxy-token");

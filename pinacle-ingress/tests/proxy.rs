@@ -152,14 +152,7 @@ async fn world(pool: PgPool) -> World {
     let nginx = Nginx::start(dir, &rendered, nginx_addr).await;
 
     let seed = Seed(&pool);
-    for u in ["ada", "bob", "eve", "mal"] {
-        seed.user(u).await.unwrap();
-    }
-    seed.team("t1", "ada").await.unwrap();
-    seed.member("tm_bob", "t1", Some("bob"), "member")
-        .await
-        .unwrap();
-    seed.member("tm_eve", "t1", None, "member").await.unwrap();
+    seed.people().await.unwrap();
     seed.server("s1", "127.0.0.1").await.unwrap();
     let gone_port = reserve_port();
     for (id, slug, status, port) in [
