@@ -79,6 +79,7 @@ fn upstream_choice(c: &mut Criterion) {
         upstream_idle: std::time::Duration::from_secs(60),
         websocket_idle: std::time::Duration::from_secs(86_400),
         client_read: std::time::Duration::from_secs(60),
+        request_header: std::time::Duration::from_secs(30),
         directory_query: std::time::Duration::from_secs(2),
         shutdown_grace: std::time::Duration::from_secs(10),
     };

@@ -53,6 +53,8 @@ pub struct FileConfig {
     pub websocket_idle_timeout: Option<String>,
     /// Longest silence while reading a request body from the client.
     pub client_read_timeout: Option<String>,
+    /// Longest a client may take to send a whole request head (slow clients get 408).
+    pub request_header_timeout: Option<String>,
     /// Longest a directory (database) query may take.
     pub directory_query_timeout: Option<String>,
     /// How long an authorization "allow" is cached.
@@ -72,6 +74,8 @@ pub struct FileConfig {
     pub max_request_header_bytes: Option<usize>,
     /// Most requests (WebSocket tunnels included) handled at once; more get 503.
     pub max_concurrent_requests: Option<usize>,
+    /// Most client connections open at once (idle keep-alive ones included); more get 503.
+    pub max_connections: Option<usize>,
     /// `address:port` for HTTPS (needs `tls_cert_file` and `tls_key_file`).
     pub tls_listen: Option<String>,
     /// PEM certificate chain (the wildcard certificate).
@@ -121,6 +125,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("upstream_idle_timeout", Kind::Text),
     ("websocket_idle_timeout", Kind::Text),
     ("client_read_timeout", Kind::Text),
+    ("request_header_timeout", Kind::Text),
     ("directory_query_timeout", Kind::Text),
     ("authz_allow_ttl", Kind::Text),
     ("authz_deny_ttl", Kind::Text),
@@ -130,6 +135,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("trusted_proxies", Kind::List),
     ("max_request_header_bytes", Kind::Count),
     ("max_concurrent_requests", Kind::Count),
+    ("max_connections", Kind::Count),
     ("tls_listen", Kind::Text),
     ("tls_cert_file", Kind::Text),
     ("tls_key_file", Kind::Text),
@@ -162,6 +168,8 @@ pub struct Timeouts {
     pub websocket_idle: Duration,
     /// Silence while reading a request body.
     pub client_read: Duration,
+    /// A whole request head, from its first byte (from the connection's start for the first).
+    pub request_header: Duration,
     /// One directory query.
     pub directory_query: Duration,
     /// In-flight work after SIGTERM.
@@ -207,6 +215,8 @@ pub struct IngressConfig {
     pub max_request_header_bytes: usize,
     /// Most requests in flight (503 above).
     pub max_concurrent_requests: usize,
+    /// Most client connections open (503 and close above).
+    pub max_connections: usize,
     /// HTTPS, if configured.
     pub tls: Option<TlsConfig>,
     /// The hand-over socket for `serve --upgrade`.
@@ -406,6 +416,9 @@ pub mod defaults {
     pub const WEBSOCKET_IDLE: Duration = Duration::from_secs(24 * 3600);
     /// `client_read_timeout`
     pub const CLIENT_READ: Duration = Duration::from_secs(60);
+    /// `request_header_timeout`: nginx's `client_header_timeout` is 60 s; a browser sends a
+    /// head in one packet, so half of that is generous.
+    pub const REQUEST_HEADER: Duration = Duration::from_secs(30);
     /// `directory_query_timeout`: well below the request budget.
     pub const DIRECTORY_QUERY: Duration = Duration::from_secs(2);
     /// `shutdown_grace_period`
@@ -416,6 +429,8 @@ pub mod defaults {
     pub const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
     /// `max_concurrent_requests`
     pub const MAX_CONCURRENT_REQUESTS: usize = 20_000;
+    /// `max_connections`: browsers keep idle connections open, so well above the requests.
+    pub const MAX_CONNECTIONS: usize = 50_000;
     /// `upgrade_sock`
     pub const UPGRADE_SOCK: &str = "/tmp/pinacle-ingress-upgrade.sock";
 }
@@ -579,6 +594,12 @@ fn validate(
             defaults::CLIENT_READ,
             &mut problems,
         ),
+        request_header: d(
+            "request_header_timeout",
+            &file.request_header_timeout,
+            defaults::REQUEST_HEADER,
+            &mut problems,
+        ),
         directory_query: d(
             "directory_query_timeout",
             &file.directory_query_timeout,
@@ -676,6 +697,14 @@ fn validate(
         Some(n) => n,
         None => defaults::MAX_CONCURRENT_REQUESTS,
     };
+    let max_connections = match file.max_connections {
+        Some(0) => {
+            problems.push(problem("max_connections", "must be at least 1"));
+            defaults::MAX_CONNECTIONS
+        }
+        Some(n) => n,
+        None => defaults::MAX_CONNECTIONS,
+    };
     let tls = tls_config(file, &mut problems);
     if timeouts.directory_query >= timeouts.upstream_read {
         problems.push(problem(
@@ -708,6 +737,7 @@ fn validate(
             trusted_proxies,
             max_request_header_bytes,
             max_concurrent_requests,
+            max_connections,
             tls,
             upgrade_sock,
         }),
@@ -903,7 +933,8 @@ mod tests {
     fn every_problem_is_reported_with_its_key() {
         let err = from_toml(
             "lisen = \"x\"\nlisten = \"nowhere\"\nthreads = 0\nupstream_read_timeout = \"soon\"\n\
-             base_domains = [\"*.x\"]\nstrip_response_headers = [\"bad header\"]\ncolour = 1",
+             base_domains = [\"*.x\"]\nstrip_response_headers = [\"bad header\"]\ncolour = 1\n\
+             max_connections = 0\nrequest_header_timeout = \"0s\"",
             "t",
             &env(&[("PINACLE_INGRESS_THREADS", "many")]),
         )
@@ -919,6 +950,8 @@ mod tests {
             "base_domains",
             "strip_response_headers",
             "NEXTAUTH_SECRET",
+            "max_connections",
+            "request_header_timeout",
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }

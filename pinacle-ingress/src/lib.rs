@@ -15,6 +15,7 @@
 //! - [`responses`]: every response the ingress makes itself.
 //! - [`tunnel`]: WebSocket tunnels (works around a Pingora 0.9.1 upgrade race).
 //! - [`proxy`]: the `ProxyHttp` implementation that wires the above together.
+//! - [`connections`]: `max_connections` and `request_header_timeout` (around Pingora's app).
 //! - [`config`]: the TOML file, environment overrides, validation.
 //! - [`server`]: building and running the Pingora server; [`admin`]: health and metrics.
 //! - [`directory`]: the pod directory opened from the configuration, metered.
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod callback;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod directory;
 pub mod host;
 pub mod inspect;

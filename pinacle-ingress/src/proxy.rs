@@ -22,6 +22,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
 use crate::config::IngressConfig;
+use crate::connections;
 use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::request_id::RequestIds;
@@ -473,6 +474,7 @@ impl ProxyHttp for Ingress {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.started = Instant::now();
+        connections::head_read(session);
         ctx.trusted_client = client_ip(session).is_some_and(|ip| {
             self.config
                 .trusted_proxies
@@ -668,6 +670,7 @@ impl ProxyHttp for Ingress {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        connections::request_done(session);
         if std::mem::take(&mut ctx.counted) {
             self.in_flight
                 .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);

@@ -61,6 +61,10 @@ pub enum Answer {
     Health,
     /// `max_concurrent_requests` reached.
     Overloaded,
+    /// The request head did not arrive within `request_header_timeout`.
+    RequestHeaderTimeout,
+    /// `max_connections` reached: answered, then the connection is closed.
+    TooManyConnections,
 }
 
 /// A response ready to be written: header and body.
@@ -95,6 +99,8 @@ impl Answer {
             Self::HttpsRedirect { .. } => "https-redirect",
             Self::Health => "health",
             Self::Overloaded => "overloaded",
+            Self::RequestHeaderTimeout => "request-header-timeout",
+            Self::TooManyConnections => "too-many-connections",
         }
     }
 
@@ -105,7 +111,11 @@ impl Answer {
             Self::SignIn { .. } => 302,
             Self::Unauthenticated => 401,
             Self::Forbidden => 403,
-            Self::PodUnavailable { .. } | Self::AuthorizationUnavailable | Self::Overloaded => 503,
+            Self::PodUnavailable { .. }
+            | Self::AuthorizationUnavailable
+            | Self::Overloaded
+            | Self::TooManyConnections => 503,
+            Self::RequestHeaderTimeout => 408,
             Self::UpstreamRefused => 502,
             Self::UpstreamTimeout => 504,
             Self::Internal => 500,
@@ -178,6 +188,14 @@ impl Answer {
                     json_reply(status, json!({ "error": "Too many requests in flight" }));
                 reply.headers.push(("retry-after", "1".to_owned()));
                 return reply;
+            }
+            Self::TooManyConnections => {
+                let mut reply = json_reply(status, json!({ "error": "Too many connections" }));
+                reply.headers.push(("retry-after", "1".to_owned()));
+                return reply;
+            }
+            Self::RequestHeaderTimeout => {
+                return json_reply(status, json!({ "error": "Request header timeout" }));
             }
             Self::HttpsRedirect { location } => {
                 headers.push(("location", location.clone()));
@@ -266,6 +284,29 @@ impl Reply {
         header.insert_header("cache-control", "no-store")?;
         header.insert_header("content-length", self.body.len().to_string())?;
         Ok(header)
+    }
+}
+
+impl Reply {
+    /// The whole HTTP/1.1 response as bytes, with `connection: close`, for answers written
+    /// before Pingora has a request (the connection limits).
+    pub fn http1_bytes(&self, marker: &'static str, request_id: &str) -> Vec<u8> {
+        let reason = http::StatusCode::from_u16(self.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let mut head = format!("HTTP/1.1 {} {reason}\r\n", self.status);
+        for (name, value) in &self.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!(
+            "{MARKER_HEADER}: {marker}\r\n{REQUEST_ID_HEADER}: {request_id}\r\n\
+             cache-control: no-store\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+            self.body.len()
+        ));
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        bytes
     }
 }
 
@@ -377,6 +418,35 @@ mod tests {
             reply.body.len().to_string()
         );
         assert_eq!(header.headers["cache-control"], "no-store");
+    }
+
+    #[test]
+    fn raw_answers_are_complete_http1_responses() {
+        let answer = Answer::TooManyConnections;
+        let bytes = answer.reply(false).http1_bytes(answer.name(), "req-2");
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        for field in [
+            "retry-after: 1",
+            "x-pinacle-ingress: too-many-connections",
+            "x-request-id: req-2",
+            "connection: close",
+            "content-type: application/json",
+        ] {
+            assert!(head.split("\r\n").any(|l| l == field), "{field} in {head}");
+        }
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert_eq!(body, r#"{"error":"Too many connections"}"#);
+        let timeout = Answer::RequestHeaderTimeout.reply(false);
+        let text = String::from_utf8(timeout.http1_bytes("request-header-timeout", "r")).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -17,11 +17,13 @@ use pinacle_authz::{Authorizer, CredentialConfig, CredentialVerifier, PodDirecto
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
 use crate::admin::{self, AdminState};
 use crate::config::IngressConfig;
+use crate::connections::{Gate, Limits};
 use crate::directory::{self, Metered};
 use crate::proxy::{Clock, Ingress};
 use crate::telemetry::Metrics;
@@ -190,6 +192,10 @@ pub fn build(
     server.bootstrap();
     let listen = config.listen.to_string();
     let tls = config.tls.clone();
+    let limits = Limits {
+        max_connections: config.max_connections,
+        request_header_timeout: config.timeouts.request_header,
+    };
     let ingress = Ingress::new(
         Arc::new(config),
         verifier,
@@ -197,11 +203,9 @@ pub fn build(
         clock,
         prepared.metrics.clone(),
     );
-    let mut service = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        ingress,
-        "pinacle-ingress",
-    );
+    let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
+    let gate = Gate::new(proxy, limits, prepared.metrics.clone());
+    let mut service = Service::new("pinacle-ingress".to_owned(), gate);
     service.add_tcp(&listen);
     if let (Some(tls), Some(certs)) = (tls, &prepared.certs) {
         let first = tls

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets in seconds: 0.5 ms to 60 s.
@@ -31,6 +32,9 @@ pub struct Metrics {
     connect_failures: IntCounterVec,
     received_bytes: IntCounterVec,
     sent_bytes: IntCounterVec,
+    connections_open: IntGauge,
+    connections_refused: IntCounter,
+    header_timeouts: IntCounter,
 }
 
 /// `2xx`, `4xx`, ... (`0xx` when no response was sent).
@@ -115,8 +119,26 @@ impl Metrics {
             "Body bytes sent to clients (WebSocket payload included), by route kind.",
             &["route"],
         )?;
+        let connections_open = IntGauge::new(
+            "pinacle_ingress_client_connections_open",
+            "Client connections open now (counted from the end of the TLS handshake).",
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        let connections_refused = IntCounter::new(
+            "pinacle_ingress_client_connections_refused_total",
+            "Client connections answered 503 and closed because max_connections were open.",
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        let header_timeouts = IntCounter::new(
+            "pinacle_ingress_request_header_timeouts_total",
+            "Connections closed because a request head took longer than request_header_timeout.",
+        )?;
+        registry.register(Box::new(header_timeouts.clone()))?;
         Ok(Self {
             registry,
+            connections_open,
+            connections_refused,
+            header_timeouts,
             requests,
             request_duration,
             upstream_duration,
@@ -181,6 +203,21 @@ impl Metrics {
     /// A tunnel opened (`+1`) or closed (`-1`).
     pub fn tunnels(&self, delta: i64) {
         self.tunnels_open.add(delta);
+    }
+
+    /// A client connection opened (`+1`) or closed (`-1`).
+    pub fn connections(&self, delta: i64) {
+        self.connections_open.add(delta);
+    }
+
+    /// A client connection refused at `max_connections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// A request head that did not arrive within `request_header_timeout`.
+    pub fn header_timeout(&self) {
+        self.header_timeouts.inc();
     }
 
     /// The Prometheus text exposition.

@@ -158,6 +158,7 @@ mod tests {
             upstream_idle: Duration::from_secs(3),
             websocket_idle: Duration::from_secs(4),
             client_read: Duration::from_secs(5),
+            request_header: Duration::from_secs(8),
             directory_query: Duration::from_secs(6),
             shutdown_grace: Duration::from_secs(7),
         }

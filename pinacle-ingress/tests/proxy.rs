@@ -23,6 +23,7 @@ use pinacle_testkit::nginx::Nginx;
 use pinacle_testkit::{reserve_port, upstream, wait_for_port};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -936,6 +937,203 @@ async fn limits_answer_clearly(pool: PgPool) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads until the ingress closes the connection (at most 10 s) and returns what came.
+async fn read_to_close(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one response with a `content-length` body; returns the head.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return head;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn metric(ingress: &Running, name: &str) -> f64 {
+    let text = ingress.metrics().unwrap().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn slow_request_heads_get_408_and_only_heads_are_timed(pool: PgPool) {
+    let dashboard = upstream::http_echo("dashboard").await;
+    let directory = Arc::new(PostgresDirectory::from_pool(pool, Duration::from_secs(5)));
+    let (ingress, addr) = start_ingress(
+        directory,
+        dashboard.addr,
+        "request_header_timeout = \"300ms\"",
+    )
+    .await;
+
+    // A head dripped a byte every 50 ms: each read is quick, the head as a whole is late.
+    let (mut reader, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
+    writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: pinacle.test\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let drip = async move {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if writer.write_all(b"a").await.is_err() {
+                break;
+            }
+        }
+    };
+    let (answer, ()) = tokio::join!(read_to_close(&mut reader), drip);
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\nx-pinacle-ingress: request-header-timeout\r\n"));
+    assert!(answer.contains("\r\nconnection: close\r\n"));
+    assert!(
+        answer.ends_with(r#"{"error":"Request header timeout"}"#),
+        "{answer}"
+    );
+
+    // On a kept-alive connection neither the pause between requests nor a slow body is timed;
+    // a late head is, from its first byte.
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: pinacle.test\r\n\r\n");
+    conn.write_all(get("/one").as_bytes()).await.unwrap();
+    assert!(read_response(&mut conn).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    conn.write_all(get("/two").as_bytes()).await.unwrap();
+    assert!(read_response(&mut conn).await.starts_with("HTTP/1.1 200"));
+    conn.write_all(b"POST /three HTTP/1.1\r\nHost: pinacle.test\r\ncontent-length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    conn.write_all(b"hello").await.unwrap();
+    assert!(read_response(&mut conn).await.starts_with("HTTP/1.1 200"));
+    conn.write_all(b"GET /four HTTP/1.1\r\nHost: pin")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+
+    // A connection that never sends a byte is closed without an answer.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_to_close(&mut idle).await, "");
+
+    assert_eq!(
+        metric(&ingress, "pinacle_ingress_request_header_timeouts_total"),
+        2.0
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn connections_above_max_connections_get_503_and_are_closed(pool: PgPool) {
+    let dashboard = upstream::http_echo("dashboard").await;
+    let directory = Arc::new(PostgresDirectory::from_pool(pool, Duration::from_secs(5)));
+    let (ingress, addr) = start_ingress(directory, dashboard.addr, "max_connections = 2").await;
+    let host = [("host", "pinacle.test")];
+
+    // Two kept-alive connections, each known to the ingress (a request answered on it). The
+    // readiness probe's connection may still hold a slot for a moment: retry until it has gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut held = Vec::new();
+    while held.len() < 2 {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: pinacle.test\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_response(&mut conn).await;
+        if head.starts_with("HTTP/1.1 200") {
+            held.push(conn);
+        } else {
+            assert!(std::time::Instant::now() < deadline, "{head}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        metric(&ingress, "pinacle_ingress_client_connections_open"),
+        2.0
+    );
+
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: pinacle.test\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut third).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{answer}"
+    );
+    for field in [
+        "x-pinacle-ingress: too-many-connections",
+        "retry-after: 1",
+        "connection: close",
+    ] {
+        assert!(
+            answer.contains(&format!("\r\n{field}\r\n")),
+            "{field}: {answer}"
+        );
+    }
+    assert!(
+        answer.ends_with(r#"{"error":"Too many connections"}"#),
+        "{answer}"
+    );
+    assert_eq!(
+        metric(&ingress, "pinacle_ingress_client_connections_refused_total"),
+        1.0
+    );
+
+    // The held connections still work; closing one frees its slot.
+    for conn in &mut held {
+        conn.write_all(b"GET /again HTTP/1.1\r\nHost: pinacle.test\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_response(conn).await.starts_with("HTTP/1.1 200"));
+    }
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client::get(addr, "/", &host).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was not given back"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -96,6 +96,11 @@ struct World {
 }
 
 async fn world(tag: &str) -> World {
+    world_with(tag, "").await
+}
+
+/// [`world`] with `extra` configuration lines.
+async fn world_with(tag: &str, extra: &str) -> World {
     let (pod, ws, dashboard) = (
         upstream::http_echo("pod").await,
         upstream::websocket_echo().await,
@@ -122,6 +127,7 @@ async fn world(tag: &str) -> World {
         "listen = \"{plain}\"\ntls_listen = \"{tls}\"\ndashboard_upstream = \"{dash}\"\n\
          admin_listen = \"off\"\nthreads = 2\nhttp_redirect_to_https = true\n\
          tls_cert_file = \"{d}/wildcard.pem\"\ntls_key_file = \"{d}/wildcard.key\"\n\
+         {extra}\n\
          [[tls_certificates]]\ncert_file = \"{d}/other.pem\"\nkey_file = \"{d}/other.key\"\n",
         dash = dashboard.addr,
     );
@@ -330,6 +336,43 @@ async fn reloaded_certificates_serve_new_handshakes_and_keep_open_connections() 
     assert!(w.ingress.reload_certificates().is_err());
     let stream = tls_connect(&connector(&w.ca, &[b"h2"]), w.tls, &host).await;
     assert_eq!(stream.get_ref().1.peer_certificates().unwrap()[0], reissued);
+    std::fs::remove_dir_all(&w.dir).unwrap();
+}
+
+#[tokio::test]
+async fn slow_heads_over_tls_get_408_and_http2_connections_are_not_timed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let w = world_with("slow", "request_header_timeout = \"300ms\"").await;
+    let host = format!("localhost-{}-pod-app.pinacle.test", w.pod_port);
+
+    let mut stream = tls_connect(&connector(&w.ca, &[b"http/1.1"]), w.tls, &host).await;
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nCookie: ").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\nx-pinacle-ingress: request-header-timeout\r\n"));
+
+    // HTTP/2 has its own flow control and framing: an idle h2 connection is not cut by the
+    // head timeout.
+    let stream = tls_connect(&connector(&w.ca, &[b"h2"]), w.tls, &host).await;
+    let cookie = session_cookie("ada");
+    let (mut sender, status, ..) = h2_get(stream, &host, "/first", &cookie).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let (status, ..) = h2_request(&mut sender, &host, "/second", &cookie).await;
+    assert_eq!(status, 200);
     std::fs::remove_dir_all(&w.dir).unwrap();
 }
 

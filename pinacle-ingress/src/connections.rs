@@ -1,0 +1,444 @@
+//! Client-connection limits Pingora 0.9.1 has no setting for: how many connections may be open
+//! at once (`max_connections`) and how long a client may take to send a request head
+//! (`request_header_timeout`, against slow clients; Pingora only bounds each read by 60 s).
+//!
+//! [`Gate`] wraps the proxy's Pingora app. Each connection (counted from the end of its TLS
+//! handshake, which Pingora bounds at 60 s) holds a slot while it lives; one above the limit is
+//! answered `503` with `connection: close` and closed. Every other HTTP/1 connection is read
+//! through a [`HeaderDeadline`]: the first request head must be complete within the timeout of
+//! the connection's start, each later one within the timeout of its first byte. The proxy marks
+//! the head as read ([`head_read`], in `request_filter`) and the request as done
+//! ([`request_done`], in `logging`); in between, the body and response timeouts apply. A late
+//! head gets `408` and the connection closes; a connection that never sent a byte just closes.
+//! HTTP/2 connections are counted but not wrapped (h2 has its own flow control).
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Stream, TimingDigest, UniqueID, UniqueIDType,
+};
+use pingora::proxy::Session;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::request_id::RequestIds;
+use crate::responses::Answer;
+use crate::telemetry::Metrics;
+
+/// How long a refused connection or a late head's answer may take to send (and the refused
+/// request to be read, so that closing does not reset the connection under the answer).
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// The two limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Longest a request head may take.
+    pub request_header_timeout: Duration,
+}
+
+struct Shared {
+    limits: Limits,
+    open: AtomicUsize,
+    metrics: Metrics,
+    ids: RequestIds,
+}
+
+/// A Pingora app in front of another (the HTTP proxy) that enforces [`Limits`].
+pub struct Gate<A> {
+    inner: Arc<A>,
+    shared: Arc<Shared>,
+}
+
+impl<A> fmt::Debug for Gate<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gate")
+            .field("limits", &self.shared.limits)
+            .field("open", &self.shared.open.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A> Gate<A> {
+    /// Puts `inner` behind the limits; `metrics` gets the open, refused and timed-out counts.
+    pub fn new(inner: A, limits: Limits, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            shared: Arc::new(Shared {
+                limits,
+                open: AtomicUsize::new(0),
+                metrics,
+                ids: RequestIds::new(),
+            }),
+        }
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's place under `max_connections`, given back when dropped.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.limits.max_connections;
+        shared
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        shared.metrics.connections(1);
+        Some(Self(shared.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.connections(-1);
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let Some(_slot) = Slot::take(&self.shared) else {
+            refuse(&self.shared, stream).await;
+            return None;
+        };
+        let mut stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            stream
+        } else {
+            Box::new(HeaderDeadline::new(stream, self.shared.clone()))
+        };
+        // HTTP apps keep a connection until it closes; were one handed back, it stays counted.
+        while let Some(again) = self.inner.process_new(stream, shutdown).await {
+            stream = again;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+/// Answers a connection above the limit: reads (some of) its request, writes the 503, closes.
+/// HTTP/2 clients (ALPN) cannot read an HTTP/1 answer and are just closed.
+async fn refuse(shared: &Shared, mut stream: Stream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    shared.metrics.connection_refused();
+    let client = client_addr(&*stream);
+    let answer = Answer::TooManyConnections;
+    let request_id = shared.ids.next_id();
+    tracing::warn!(
+        target: "pinacle_ingress::access",
+        request_id = %request_id,
+        client = %client,
+        status = answer.status(),
+        answer = answer.name(),
+        max_connections = shared.limits.max_connections,
+        "connection refused"
+    );
+    if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        return;
+    }
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(ANSWER_GRACE, stream.read(&mut scratch)).await;
+    let bytes = answer.reply(false).http1_bytes(answer.name(), &request_id);
+    let sent = tokio::time::timeout(ANSWER_GRACE, async {
+        stream.write_all(&bytes).await?;
+        stream.flush().await
+    })
+    .await;
+    if matches!(sent, Ok(Ok(()))) {
+        Shutdown::shutdown(stream.as_mut()).await;
+        // Drain what the client still sends so that the close is not a reset.
+        let _ = tokio::time::timeout(ANSWER_GRACE, async {
+            while stream.read(&mut scratch).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+    }
+}
+
+fn client_addr(stream: &dyn pingora::protocols::IO) -> String {
+    stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().map(ToString::to_string))
+        .unwrap_or_default()
+}
+
+/// Between requests: no deadline of ours (Pingora's keep-alive timeout applies).
+const AWAITING: u8 = 0;
+/// A request head is being read: the deadline runs.
+const HEAD: u8 = 1;
+/// The head was read: the body and response have their own timeouts.
+const MESSAGE: u8 = 2;
+
+/// A client stream whose request heads must arrive in time (see the module documentation).
+pub struct HeaderDeadline {
+    inner: Stream,
+    shared: Arc<Shared>,
+    phase: AtomicU8,
+    /// Whether any byte of the current head arrived (the first request starts without one).
+    head_started: bool,
+    deadline: Pin<Box<Sleep>>,
+    /// Set when the deadline passed: the 408 still to be written.
+    late: Option<LateAnswer>,
+}
+
+struct LateAnswer {
+    bytes: Vec<u8>,
+    written: usize,
+}
+
+impl fmt::Debug for HeaderDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeaderDeadline")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeaderDeadline {
+    fn new(inner: Stream, shared: Arc<Shared>) -> Self {
+        let timeout = shared.limits.request_header_timeout;
+        Self {
+            inner,
+            shared,
+            phase: AtomicU8::new(HEAD),
+            head_started: false,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            late: None,
+        }
+    }
+
+    /// The deadline passed: log, count, and start writing the 408 (or close quietly when the
+    /// client never sent anything).
+    fn expire(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let timeout = self.shared.limits.request_header_timeout;
+        if !self.head_started {
+            tracing::debug!(client = %client_addr(&*self.inner), ?timeout, "idle connection closed: no request within request_header_timeout");
+            return Poll::Ready(Ok(()));
+        }
+        self.shared.metrics.header_timeout();
+        let answer = Answer::RequestHeaderTimeout;
+        let request_id = self.shared.ids.next_id();
+        tracing::warn!(
+            target: "pinacle_ingress::access",
+            request_id = %request_id,
+            client = %client_addr(&*self.inner),
+            status = answer.status(),
+            answer = answer.name(),
+            timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            "request head too slow"
+        );
+        self.late = Some(LateAnswer {
+            bytes: answer.reply(false).http1_bytes(answer.name(), &request_id),
+            written: 0,
+        });
+        self.deadline.as_mut().reset(Instant::now() + ANSWER_GRACE);
+        self.poll_late(cx)
+    }
+
+    /// Writes the 408, then fails the read (Pingora closes the connection); gives up on a client
+    /// that does not take it within [`ANSWER_GRACE`].
+    fn poll_late(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let timed_out = || {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received within request_header_timeout",
+            )))
+        };
+        let Some(late) = self.late.as_mut() else {
+            return timed_out();
+        };
+        loop {
+            let step = if late.written < late.bytes.len() {
+                Pin::new(&mut self.inner).poll_write(cx, &late.bytes[late.written..])
+            } else {
+                Pin::new(&mut self.inner).poll_flush(cx).map_ok(|()| 0)
+            };
+            match step {
+                Poll::Ready(Ok(n)) if n > 0 => late.written += n,
+                Poll::Ready(_) => return timed_out(),
+                Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => return timed_out(),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Marks the request head as read (from `request_filter`): the deadline stops.
+pub fn head_read(session: &Session) {
+    if let Some(stream) = deadline_of(session) {
+        stream.phase.store(MESSAGE, Ordering::Release);
+    }
+}
+
+/// Marks the request as done (from `logging`): the next head's deadline starts with its first
+/// byte.
+pub fn request_done(session: &Session) {
+    if let Some(stream) = deadline_of(session) {
+        stream.phase.store(AWAITING, Ordering::Release);
+    }
+}
+
+fn deadline_of(session: &Session) -> Option<&HeaderDeadline> {
+    session
+        .stream()
+        .and_then(|s| (**s).as_any().downcast_ref::<HeaderDeadline>())
+}
+
+impl AsyncRead for HeaderDeadline {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.late.is_some() {
+            return this.poll_late(cx);
+        }
+        let phase = this.phase.load(Ordering::Acquire);
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let got_bytes = buf.filled().len() > before;
+        match (&polled, phase) {
+            (Poll::Ready(Ok(())), AWAITING) if got_bytes => {
+                this.phase.store(HEAD, Ordering::Release);
+                this.head_started = true;
+                let timeout = this.shared.limits.request_header_timeout;
+                this.deadline.as_mut().reset(Instant::now() + timeout);
+            }
+            (Poll::Ready(Ok(())), HEAD) if got_bytes => this.head_started = true,
+            (Poll::Pending, HEAD) if this.deadline.as_mut().poll(cx).is_ready() => {
+                return this.expire(cx);
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for HeaderDeadline {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeaderDeadline {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(self.inner.as_mut()).await;
+    }
+}
+
+impl UniqueID for HeaderDeadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeaderDeadline {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeaderDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeaderDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for HeaderDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for HeaderDeadline {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
