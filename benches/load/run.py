@@ -29,6 +29,7 @@ import http.client
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 INGRESS = os.path.join(ROOT, "target", "release", "pinacle-ingress")
 WSLOAD = os.path.join(ROOT, "target", "release", "pinacle-wsload")
+FLOOR = os.path.join(ROOT, "target", "release", "pingora-floor")
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -318,6 +319,15 @@ backend ws
     return port, proc
 
 
+def pingora_floor(origin):
+    """The smallest Pingora proxy (benches/src/bin/pingora-floor.rs): Pingora's own cost."""
+    port = free_port()
+    proc = start("pingora-floor", [FLOOR, f"127.0.0.1:{port}", f"127.0.0.1:{origin}"],
+                 PROXY_CPU)
+    wait_port(port)
+    return port, proc
+
+
 def directory_file(origin, ws):
     return write(os.path.join(WORK, "directory.toml"), f"""
 [[users]]
@@ -474,13 +484,19 @@ def main():
     haproxy_port, haproxy_proc = haproxy(origin, ws)
     ingress_port = free_port()
     ingress_proc = start_ingress("ingress", ingress_port, {
-        "PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws)})
+        "PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws),
+        # The dashboard route (no credentials, no directory) goes to the origin too.
+        "PINACLE_INGRESS_DASHBOARD_UPSTREAM": f"127.0.0.1:{origin}"})
+    floor_port, floor_proc = pingora_floor(origin)
     cookie = mint("user_bench")
 
+    # (name, port, host, cookie, WebSocket port or None for HTTP only, process)
     targets = [
         ("direct", origin, "origin", "", ws, None),
         ("nginx", nginx_port, POD_HOST, "", nginx_port, nginx_proc),
         ("haproxy", haproxy_port, POD_HOST, "", haproxy_port, haproxy_proc),
+        ("pingora-floor", floor_port, POD_HOST, "", None, floor_proc),
+        ("ingress-dashboard", ingress_port, "pinacle.bench", "", None, ingress_proc),
         ("pinacle-ingress", ingress_port, POD_HOST, cookie, ingress_port, ingress_proc),
     ]
     results = {}
@@ -490,12 +506,14 @@ def main():
         for label, path in (("1k", "/1k.bin"), ("100k", "/100k.bin")):
             log(f"{name}: HTTP {label}")
             entry[label] = wrk(port, host, cookie_value, path, pids)
-        log(f"{name}: WebSocket echo")
-        ws_host = "ws" if name == "direct" else WS_HOST
-        entry["ws"] = ws_echo(ws_port, ws_host, cookie_value)
+        if ws_port is not None:
+            log(f"{name}: WebSocket echo")
+            ws_host = "ws" if name == "direct" else WS_HOST
+            entry["ws"] = ws_echo(ws_port, ws_host, cookie_value)
         if proc:
             entry["rss_after_runs_kib"] = rss_kib(pids)
         results[name] = entry
+    stop(floor_proc)
     # Idle connections, each count on a fresh process: an allocator keeps the pages a previous
     # phase freed, which would hide the cost of the next one.
     fresh = {
@@ -551,14 +569,18 @@ def render(meta, r):
         "held open. Access logging is off in every proxy. Ratios are to nginx.",
         "The ingress runs with authentication on: every request carries a next-auth session "
         "cookie that is decrypted and authorized (warm cache, file directory); nginx and HAProxy "
-        "only route by Host.",
+        "only route by Host. Two reference rows: `pingora-floor` is the smallest Pingora proxy "
+        "(same Pingora and allocator, no routing, credentials, logs or metrics: "
+        "`benches/src/bin/pingora-floor.rs`), and `ingress-dashboard` is the ingress on its "
+        "dashboard route (no credentials, no directory).",
         "",
         "## HTTP",
         "",
         "| proxy | body | requests/s | ratio | p50 ms | p99 ms | p99 ratio | CPU µs/request |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("direct", "nginx", "haproxy", "pinacle-ingress"):
+    for name in ("direct", "nginx", "haproxy", "pingora-floor", "ingress-dashboard",
+                 "pinacle-ingress"):
         for body in ("1k", "100k"):
             m = r[name][body]
             cpu = m["cpu_us_per_request"]

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use pinacle_authz::{Authorizer, CredentialConfig, CredentialVerifier, PodDirectory};
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -155,6 +156,21 @@ fn watch_draining(side: &tokio::runtime::Runtime, server: &Server, draining: Arc
     });
 }
 
+/// Socket buffers of a plain client connection. Pingora's default puts a 64 KiB read buffer in
+/// front of every accepted socket, zero-filled and so resident, and kept for the connection's
+/// life: most of an idle keep-alive connection's or WebSocket's memory. Its HTTP/1 reader has
+/// buffers of its own (4 KiB for heads, more for bodies), so plain connections read straight
+/// from the socket. The write side keeps Pingora's one-segment (1460-byte) coalescing.
+fn plain_buffers() -> L4BufferSettings {
+    L4BufferSettings::default().read(0)
+}
+
+/// TLS reads a record header and then the record: a buffer of one maximal record (16 KiB plus
+/// framing) saves a system call per record without holding 64 KiB per connection.
+fn tls_buffers() -> L4BufferSettings {
+    L4BufferSettings::default().read(16 * 1024 + 256)
+}
+
 /// Builds the Pingora server: HTTP on `listen`, HTTPS (SNI, HTTP/2) on `tls.listen`.
 /// `upgrade`: take the listening sockets over from a running process (see the README).
 ///
@@ -206,7 +222,7 @@ pub fn build(
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
     let gate = Gate::new(proxy, limits, prepared.metrics.clone());
     let mut service = Service::new("pinacle-ingress".to_owned(), gate);
-    service.add_tcp(&listen);
+    service.add_listener(ListenerConfig::tcp(listen).l4_buffer(plain_buffers()));
     if let (Some(tls), Some(certs)) = (tls, &prepared.certs) {
         let first = tls
             .certificates
@@ -220,7 +236,11 @@ pub fn build(
         .map_err(|e| ServeError::Io(format!("tls settings: {e}")))?;
         settings.set_cert_resolver(Arc::new(Resolver(certs.clone())));
         settings.enable_h2();
-        service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+        service.add_listener(
+            ListenerConfig::tcp(tls.listen.to_string())
+                .tls(settings)
+                .l4_buffer(tls_buffers()),
+        );
     }
     server.add_service(service);
     watch_draining(&prepared.side, &server, prepared.draining.clone());
