@@ -376,6 +376,23 @@ fn duration(
     }
 }
 
+/// A limit counted in units: at least 1.
+fn count_limit(
+    key: &str,
+    value: Option<usize>,
+    default: usize,
+    problems: &mut Vec<Problem>,
+) -> usize {
+    match value {
+        Some(0) => {
+            problems.push(problem(key, "must be at least 1"));
+            default
+        }
+        Some(n) => n,
+        None => default,
+    }
+}
+
 fn socket_addr(key: &str, text: &str, problems: &mut Vec<Problem>) -> Option<SocketAddr> {
     let text = text.trim();
     let stripped = text
@@ -689,22 +706,18 @@ fn validate(
         Some(n) => n,
         None => defaults::MAX_REQUEST_HEADER_BYTES,
     };
-    let max_concurrent_requests = match file.max_concurrent_requests {
-        Some(0) => {
-            problems.push(problem("max_concurrent_requests", "must be at least 1"));
-            defaults::MAX_CONCURRENT_REQUESTS
-        }
-        Some(n) => n,
-        None => defaults::MAX_CONCURRENT_REQUESTS,
-    };
-    let max_connections = match file.max_connections {
-        Some(0) => {
-            problems.push(problem("max_connections", "must be at least 1"));
-            defaults::MAX_CONNECTIONS
-        }
-        Some(n) => n,
-        None => defaults::MAX_CONNECTIONS,
-    };
+    let max_concurrent_requests = count_limit(
+        "max_concurrent_requests",
+        file.max_concurrent_requests,
+        defaults::MAX_CONCURRENT_REQUESTS,
+        &mut problems,
+    );
+    let max_connections = count_limit(
+        "max_connections",
+        file.max_connections,
+        defaults::MAX_CONNECTIONS,
+        &mut problems,
+    );
     let tls = tls_config(file, &mut problems);
     if timeouts.directory_query >= timeouts.upstream_read {
         problems.push(problem(

@@ -1,6 +1,7 @@
 //! Client-connection limits Pingora 0.9.1 has no setting for: how many connections may be open
 //! at once (`max_connections`) and how long a client may take to send a request head
-//! (`request_header_timeout`, against slow clients; Pingora only bounds each read by 60 s).
+//! (`request_header_timeout`, against slow clients; Pingora only bounds each read by 60 s, so
+//! a client sending a byte every 59 s holds a connection for good: cloudflare/pingora#447).
 //!
 //! [`Gate`] wraps the proxy's Pingora app. Each connection (counted from the end of its TLS
 //! handshake, which Pingora bounds at 60 s) holds a slot while it lives; one above the limit is
