@@ -98,11 +98,6 @@ impl<A> Gate<A> {
             }),
         }
     }
-
-    /// Connections open now.
-    pub fn open_connections(&self) -> usize {
-        self.shared.open.load(Ordering::Relaxed)
-    }
 }
 
 /// A connection's place under `max_connections`, given back when dropped.
