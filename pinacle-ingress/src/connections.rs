@@ -144,11 +144,20 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
             }
             return None;
         }
-        self.serve_http1(
-            Box::new(HeaderDeadline::new(stream, self.shared.clone())),
-            shutdown,
-        )
-        .await;
+        let handed = self
+            .serve_http1(
+                Box::new(HeaderDeadline::new(stream, self.shared.clone())),
+                shutdown,
+            )
+            .await;
+        if let Some((takeover, client, early)) = handed {
+            // A task of its own, sized for the tunnel: Pingora's per-connection task (about
+            // 9 KiB, most of it TLS-handshake state) ends here instead of living as long.
+            tokio::spawn(async move {
+                let _slot = _slot;
+                takeover.0.run(client, early).await;
+            });
+        }
         None
     }
 
@@ -160,12 +169,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
 impl<A: HttpServerApp + Send + Sync + 'static> Gate<A> {
     /// Pingora's HTTP/1 keep-alive loop, with one change: the wait for each request's first
     /// bytes happens here rather than inside Pingora's per-request futures (tens of KiB), so an
-    /// idle kept-alive connection holds little more than its socket.
+    /// idle kept-alive connection holds little more than its socket. Returns a [`Takeover`]
+    /// handed over with the connection, with the connection and its unread bytes.
     async fn serve_http1(
         self: &Arc<Self>,
         mut conn: Box<HeaderDeadline>,
         shutdown: &ShutdownWatch,
-    ) {
+    ) -> Option<(Takeover, Stream, Vec<u8>)> {
         let mut reused: Option<Option<HttpPersistentSettings>> = None;
         loop {
             let arrived = match reused {
@@ -174,7 +184,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Gate<A> {
                 Some(_) => conn.wait_for_request(Some(shutdown)).await,
             };
             if !arrived {
-                return;
+                return None;
             }
             let mut session = ServerSession::new_http1(conn);
             match reused.take() {
@@ -191,18 +201,52 @@ impl<A: HttpServerApp + Send + Sync + 'static> Gate<A> {
                 Some(Some(settings)) => settings.apply_to_session(&mut session),
                 Some(None) => {}
             }
-            let Some(next) = self.inner.process_new_http(session, shutdown).await else {
-                return;
-            };
-            let (stream, settings) = next.consume();
+            let next = self.inner.process_new_http(session, shutdown).await?;
+            let (stream, mut settings) = next.consume();
             // The stream handed back is the one we gave.
-            let Ok(again) = stream.into_any().downcast::<HeaderDeadline>() else {
-                return;
-            };
+            let again = stream.into_any().downcast::<HeaderDeadline>().ok()?;
+            let takeover = settings
+                .as_mut()
+                .and_then(HttpPersistentSettings::take_user_context)
+                .and_then(|context| context.downcast::<Takeover>().ok());
+            if let Some(takeover) = takeover {
+                // No more HTTP on this connection: no head deadline, no Pingora session.
+                let (client, early) = again.into_parts();
+                return Some((*takeover, client, early));
+            }
             conn = again;
             reused = Some(settings);
         }
     }
+}
+
+/// Work that owns a client connection once Pingora has finished its request: an accepted
+/// WebSocket upgrade, whose `101` and tunnel run on the raw connection (see `crate::tunnel`).
+/// The proxy hands it over as the request's persisted connection context; Pingora returns it
+/// with the connection, and the gate runs it instead of waiting for another request.
+pub struct Takeover(pub Box<dyn TakeoverTask>);
+
+impl fmt::Debug for Takeover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Takeover")
+    }
+}
+
+/// See [`Takeover`].
+pub trait TakeoverTask: Send + Sync {
+    /// Runs on the client's connection. `early`: bytes the client sent behind its request that
+    /// Pingora did not read.
+    fn run(
+        self: Box<Self>,
+        client: Stream,
+        early: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Whether a connection given back by Pingora comes to the gate (every HTTP/1 connection of the
+/// ingress), so that a [`Takeover`] handed over with it is run.
+pub fn taken_over_by_gate(session: &Session) -> bool {
+    deadline_of(session).is_some()
 }
 
 /// Answers a connection above the limit: reads (some of) its request, writes the 503, closes.
@@ -343,6 +387,13 @@ impl HeaderDeadline {
             self.first_taken = 0;
         }
         got
+    }
+
+    /// The client's stream and the bytes read from it that nobody took yet.
+    fn into_parts(self) -> (Stream, Vec<u8>) {
+        let mut early = self.first;
+        early.drain(..self.first_taken.min(early.len()));
+        (self.inner, early)
     }
 
     /// The deadline passed: log, count, and start writing the 408 (or close quietly when the

@@ -5,7 +5,8 @@
 //! `request_filter` decides everything (route, credentials, authorization, target) so that
 //! `upstream_peer`, which Pingora calls again on retries, only reads the decision.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -22,13 +23,13 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
 use crate::config::IngressConfig;
-use crate::connections;
+use crate::connections::{self, Takeover, TakeoverTask};
 use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::request_id::RequestIds;
 use crate::responses::{Answer, REQUEST_ID_HEADER};
 use crate::telemetry::{self, FinishedRequest, Metrics};
-use crate::tunnel::{self, TunnelSpec};
+use crate::tunnel::{self, Opened, TunnelReport, TunnelSpec, Upgraded};
 use crate::upstream::{self, Forwarding, HeaderEdit, Target};
 
 /// Unix seconds now (the credential clock).
@@ -42,7 +43,7 @@ pub struct Ingress {
     ids: RequestIds,
     clock: Clock,
     metrics: Metrics,
-    in_flight: std::sync::atomic::AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -69,7 +70,7 @@ impl Ingress {
             ids: RequestIds::new(),
             clock,
             metrics,
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -116,12 +117,16 @@ pub struct RequestCtx {
     forward_cookie: Option<String>,
     answer: Option<&'static str>,
     status: u16,
-    tunnel: Option<tunnel::TunnelReport>,
+    tunnel: Option<TunnelReport>,
+    /// An accepted upgrade waiting for Pingora to hand the connection back (see `logging` and
+    /// `persist_connection_context`). A mutex only because Pingora lends the context shared.
+    handover: Mutex<Option<Box<TunnelHandover>>>,
     trusted_client: bool,
     upstream_started: Option<Instant>,
     upstream_duration: Option<std::time::Duration>,
     connect_failed: bool,
-    counted: bool,
+    /// This request's place under `max_concurrent_requests`.
+    in_flight: Option<InFlight>,
     /// The request's span (its id); our events in every phase are its children.
     span: tracing::Span,
 }
@@ -142,13 +147,39 @@ impl RequestCtx {
             answer: None,
             status: 0,
             tunnel: None,
+            handover: Mutex::new(None),
             trusted_client: false,
             upstream_started: None,
             upstream_duration: None,
             connect_failed: false,
-            counted: false,
+            in_flight: None,
             span: tracing::Span::none(),
         }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A request counted under `max_concurrent_requests` until dropped (a WebSocket tunnel's lives
+/// with the tunnel).
+#[derive(Debug)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more; also returns how many were in flight before.
+    fn enter(counter: &Arc<AtomicUsize>) -> (Self, usize) {
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        (Self(counter.clone()), before)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -287,7 +318,9 @@ impl Ingress {
     }
 
     /// Hands the decided request to Pingora (`Ok(false)`), except HTTP/1.1 upgrades, which are
-    /// tunnelled here (see [`crate::tunnel`] for why).
+    /// tunnelled by us (see [`crate::tunnel`] for why): here the upstream side is opened; an
+    /// accepted upgrade is handed to the connection gate, which writes the `101` and runs the
+    /// tunnel once Pingora has finished this request.
     async fn proxy_or_tunnel(
         &self,
         session: &mut Session,
@@ -299,6 +332,12 @@ impl Ingress {
         let Some(target) = ctx.target.clone() else {
             return Ok(false);
         };
+        if !connections::taken_over_by_gate(session) {
+            // Every HTTP/1 connection of the ingress comes through the gate; this is a wiring
+            // mistake, not a client's.
+            tracing::error!(parent: &ctx.span, request_id = %ctx.request_id, "upgrade on a connection outside the connection gate");
+            return self.respond(session, ctx, Answer::Internal).await;
+        }
         let edits = self.forwarding(session, ctx);
         let strip: &[String] = match target {
             Target::Pod { .. } => &self.config.strip_response_headers,
@@ -310,12 +349,26 @@ impl Ingress {
             strip_response_headers: strip,
             timeouts: &self.config.timeouts,
             request_id: &ctx.request_id,
-            metrics: &self.metrics,
         };
-        match tunnel::run(session, spec).await {
-            Ok(report) => {
+        match tunnel::open(session, spec).await {
+            Ok(Opened::Refused(report)) => {
                 ctx.status = report.status;
                 ctx.tunnel = Some(report);
+                Ok(true)
+            }
+            Ok(Opened::Upgraded(upgraded)) => {
+                // Pingora gives the connection back only if it would keep it alive.
+                session.set_keepalive(Some(TAKEOVER_KEEPALIVE_SECS));
+                session.set_keepalive_reuses_remaining(None);
+                ctx.status = 101;
+                *ctx.handover
+                    .get_mut()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(TunnelHandover {
+                    upgraded: Some(upgraded),
+                    idle: self.config.timeouts.websocket_idle,
+                    metrics: self.metrics.clone(),
+                    finished: None,
+                }));
                 Ok(true)
             }
             Err(answer) => {
@@ -504,10 +557,8 @@ impl ProxyHttp for Ingress {
         if too_large {
             return self.respond(session, ctx, Answer::HeaderTooLarge).await;
         }
-        let in_flight = self
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        ctx.counted = true;
+        let (counted, in_flight) = InFlight::enter(&self.in_flight);
+        ctx.in_flight = Some(counted);
         if in_flight >= self.config.max_concurrent_requests {
             return self.respond(session, ctx, Answer::Overloaded).await;
         }
@@ -671,10 +722,20 @@ impl ProxyHttp for Ingress {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         connections::request_done(session);
-        if std::mem::take(&mut ctx.counted) {
-            self.in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let facts = RequestFacts::of(session);
+        let slot = ctx
+            .handover
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(mut handover) = slot.take() {
+            // An accepted upgrade: logged and counted when its tunnel ends.
+            handover.finished = Some((std::mem::take(ctx), facts));
+            *ctx.handover
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner) = Some(handover);
+            return;
         }
+        ctx.in_flight = None;
         let status = session
             .response_written()
             .map_or(ctx.status, |r| r.status.as_u16());
@@ -685,43 +746,198 @@ impl ProxyHttp for Ingress {
             ),
             |t| (t.bytes_up, t.bytes_down),
         );
-        let duration = ctx.started.elapsed();
-        let port = ctx.pod.as_ref().map_or(0, |p| p.port);
-        self.metrics.request(&FinishedRequest {
-            route: ctx.route.as_str(),
-            status,
-            port,
-            duration,
-            upstream_duration: ctx.upstream_duration,
-            bytes_in,
-            bytes_out,
-            connect_failed: ctx.connect_failed,
-        });
+        record(
+            &self.metrics,
+            ctx,
+            &facts,
+            &Ending {
+                status,
+                bytes_in,
+                bytes_out,
+                upgraded: session.was_upgraded(),
+                idle_timeout: false,
+                error: e.map_or("", |e| e.etype().as_str()),
+            },
+        );
+    }
+
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        let handover = ctx
+            .handover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        Some(Box::new(Takeover(handover)))
+    }
+}
+
+/// The keep-alive a handed-over connection is given so that Pingora returns it (no request
+/// follows on it: the tunnel ends the connection).
+const TAKEOVER_KEEPALIVE_SECS: u64 = 60;
+
+/// What the access log takes from the request besides its context; owned, so that a tunnel can
+/// be logged when it ends, long after its Pingora session.
+#[derive(Debug)]
+struct RequestFacts {
+    client: String,
+    method: http::Method,
+    path: String,
+}
+
+impl RequestFacts {
+    fn of(session: &Session) -> Self {
         let req = session.req_header();
-        tracing::info!(
-            target: "pinacle_ingress::access",
-            parent: &ctx.span,
-            request_id = %ctx.request_id,
-            client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
-            host = %ctx.host,
-            route = ctx.route.as_str(),
-            pod = ctx.pod.as_ref().map_or("", |p| p.slug.as_str()),
-            port,
-            user = ctx.user.as_ref().map_or("", UserId::as_str),
-            method = %req.method,
-            path = %telemetry::loggable_target(req.uri.path(), req.uri.query()),
-            status,
-            answer = ctx.answer.unwrap_or(""),
-            authz = ctx.authz,
-            upstream = %ctx.target.as_ref().map(|t| t.addr().to_string()).unwrap_or_default(),
-            upgraded = session.was_upgraded() || ctx.tunnel.is_some_and(|t| t.status == 101),
-            bytes_in,
-            bytes_out,
-            idle_timeout = ctx.tunnel.is_some_and(|t| t.idle_timeout),
-            duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
-            upstream_us = ctx.upstream_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            error = %e.map(|e| e.etype().as_str()).unwrap_or(""),
-            "request"
+        Self {
+            client: session
+                .client_addr()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            method: req.method.clone(),
+            path: telemetry::loggable_target(req.uri.path(), req.uri.query()),
+        }
+    }
+}
+
+/// How a request ended.
+#[derive(Debug)]
+struct Ending<'a> {
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    upgraded: bool,
+    idle_timeout: bool,
+    error: &'a str,
+}
+
+/// The request's metrics and access log line.
+fn record(metrics: &Metrics, ctx: &RequestCtx, facts: &RequestFacts, end: &Ending<'_>) {
+    let duration = ctx.started.elapsed();
+    let port = ctx.pod.as_ref().map_or(0, |p| p.port);
+    metrics.request(&FinishedRequest {
+        route: ctx.route.as_str(),
+        status: end.status,
+        port,
+        duration,
+        upstream_duration: ctx.upstream_duration,
+        bytes_in: end.bytes_in,
+        bytes_out: end.bytes_out,
+        connect_failed: ctx.connect_failed,
+    });
+    tracing::info!(
+        target: "pinacle_ingress::access",
+        parent: &ctx.span,
+        request_id = %ctx.request_id,
+        client = %facts.client,
+        host = %ctx.host,
+        route = ctx.route.as_str(),
+        pod = ctx.pod.as_ref().map_or("", |p| p.slug.as_str()),
+        port,
+        user = ctx.user.as_ref().map_or("", UserId::as_str),
+        method = %facts.method,
+        path = %facts.path,
+        status = end.status,
+        answer = ctx.answer.unwrap_or(""),
+        authz = ctx.authz,
+        upstream = %ctx.target.as_ref().map(|t| t.addr().to_string()).unwrap_or_default(),
+        upgraded = end.upgraded,
+        bytes_in = end.bytes_in,
+        bytes_out = end.bytes_out,
+        idle_timeout = end.idle_timeout,
+        duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+        upstream_us = ctx.upstream_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+        error = end.error,
+        "request"
+    );
+}
+
+/// An accepted upgrade on its way to the connection gate, with its request for the access log.
+#[derive(Debug)]
+pub struct TunnelHandover {
+    upgraded: Option<Upgraded>,
+    idle: std::time::Duration,
+    metrics: Metrics,
+    /// Set by `logging`: the request, logged when the tunnel ends.
+    finished: Option<(RequestCtx, RequestFacts)>,
+}
+
+impl TunnelHandover {
+    fn finish(
+        metrics: &Metrics,
+        finished: Option<(RequestCtx, RequestFacts)>,
+        report: TunnelReport,
+        error: &str,
+    ) {
+        let Some((mut ctx, facts)) = finished else {
+            return;
+        };
+        ctx.tunnel = Some(report);
+        record(
+            metrics,
+            &ctx,
+            &facts,
+            &Ending {
+                status: report.status,
+                bytes_in: report.bytes_up,
+                bytes_out: report.bytes_down,
+                upgraded: error.is_empty(),
+                idle_timeout: report.idle_timeout,
+                error,
+            },
+        );
+        // `ctx` goes here, and its place under `max_concurrent_requests` with it.
+    }
+}
+
+impl TakeoverTask for TunnelHandover {
+    fn run(
+        mut self: Box<Self>,
+        mut client: pingora::protocols::Stream,
+        early: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let upgraded = self.upgraded.take();
+        let finished = self.finished.take();
+        let metrics = self.metrics.clone();
+        let idle = self.idle;
+        Box::pin(async move {
+            let Some(upgraded) = upgraded else {
+                return;
+            };
+            let report = tunnel::relay(&mut client, &early, upgraded, idle, &metrics).await;
+            Self::finish(&metrics, finished, report, "");
+        })
+    }
+}
+
+impl Drop for TunnelHandover {
+    fn drop(&mut self) {
+        if self.upgraded.take().is_none() {
+            return;
+        }
+        // Pingora did not give the connection back: the client sent bytes before the `101`
+        // (which WebSocket clients must not do) or went away. The upstream side closes here.
+        let request_id = self
+            .finished
+            .as_ref()
+            .map_or("", |(ctx, _)| ctx.request_id.as_str());
+        tracing::warn!(
+            request_id,
+            "upgrade accepted upstream but the client connection was not handed over; closed"
+        );
+        let report = TunnelReport {
+            status: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            idle_timeout: false,
+        };
+        Self::finish(
+            &self.metrics,
+            self.finished.take(),
+            report,
+            "handover_failed",
         );
     }
 }

@@ -1,25 +1,35 @@
 //! HTTP/1.1 upgrade (WebSocket) tunnels, run here instead of by Pingora's proxy loop.
 //!
-//! Why: in Pingora 0.9.1, when the upstream's `101` is read before Pingora has handled the
-//! upgrade request's own (empty) body, the end of that body is taken for the end of the tunnel
-//! and the connection is closed right after the `101` (cloudflare/pingora#946; fixes proposed
-//! in #947 and #1016, not released). Fast upstreams (ttyd, code-server on the same host) hit it
-//! often. Here the upstream leg is a hyper HTTP/1.1 client connection (which hands over bytes
-//! that arrived with the `101`), and the downstream leg is Pingora's own session, which switches
-//! to raw mode when we write the `101`. Remove this module once a Pingora release has the fix.
+//! Why, twice over:
+//! - In Pingora 0.9.1, when the upstream's `101` is read before Pingora has handled the upgrade
+//!   request's own (empty) body, the end of that body is taken for the end of the tunnel and
+//!   the connection is closed right after the `101` (cloudflare/pingora#946; fixes proposed in
+//!   #947 and #1016, not released). Fast upstreams (ttyd, code-server on the same host) hit it
+//!   often.
+//! - A tunnel run inside Pingora's request keeps the whole request alive for the tunnel's life:
+//!   its futures, session and 64 KiB body buffer, about 60 KiB per idle WebSocket, against
+//!   nginx's 18.
+//!
+//! So the request phase only [`open`]s the upstream side (a hyper HTTP/1.1 client connection,
+//! which hands over bytes that arrived with the `101`, then taken back to the plain socket).
+//! Nothing is written to the client until Pingora has finished the request and handed the
+//! client's connection back to the connection gate (`connections::Takeover`); [`relay`] then
+//! writes the `101` and copies bytes on the two raw sockets with one small buffer.
 //!
 //! Every wait is bounded: connect and response-head by the upstream timeouts, the tunnel by the
-//! WebSocket idle timeout (in both directions).
+//! WebSocket idle timeout (silence both ways, and each write).
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use pingora::http::ResponseHeader;
+use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
 use crate::responses::{Answer, REQUEST_ID_HEADER};
@@ -62,8 +72,6 @@ pub struct TunnelSpec<'a> {
     pub timeouts: &'a Timeouts,
     /// The request id.
     pub request_id: &'a str,
-    /// Where open tunnels are counted.
-    pub metrics: &'a Metrics,
 }
 
 /// Counts a tunnel as open for as long as it lives (also when its task is cancelled).
@@ -149,18 +157,54 @@ fn response_header(
     Ok(header)
 }
 
-enum Event {
-    Down(pingora::Result<Option<Bytes>>),
-    Up(std::io::Result<usize>),
+/// How a tunnel's opening went, when the upstream answered.
+#[derive(Debug)]
+pub enum Opened {
+    /// The upstream refused the upgrade; its answer was relayed to the client as it was.
+    Refused(TunnelReport),
+    /// The upstream switched protocols. Nothing has been written to the client yet: the `101`
+    /// and the tunnel are run on the client's raw connection by [`relay`], once Pingora has
+    /// handed the connection back (`connections::Takeover`).
+    Upgraded(Upgraded),
 }
 
-/// Runs the tunnel to the end. `Err(answer)` when nothing has been written to the client yet
-/// (the caller answers); once the upstream's head has been relayed, failures only end the
-/// tunnel.
+/// An upstream connection that has switched protocols, waiting for its client.
+#[derive(Debug)]
+pub struct Upgraded {
+    upstream: TcpStream,
+    /// Bytes the upstream sent right behind its `101` (read along with the head).
+    early_down: Bytes,
+    /// The `101` head for the client, edited like every response head.
+    head: Vec<u8>,
+}
+
+/// Serialises a response head (status line, fields, blank line) for a raw HTTP/1.1 write.
+fn head_bytes(header: &ResponseHeader) -> Vec<u8> {
+    let status = header.status;
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &header.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Opens the upstream side of a tunnel. An upstream that refuses the upgrade has its answer
+/// relayed here; an accepted upgrade is returned for [`relay`], with nothing written to the
+/// client yet.
 ///
 /// # Errors
-/// The upstream refused, timed out or answered garbage before its response head.
-pub async fn run(session: &mut Session, spec: TunnelSpec<'_>) -> Result<TunnelReport, Answer> {
+/// The upstream refused the connection, timed out or answered garbage before its response
+/// head: nothing has been written to the client (the caller answers).
+pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened, Answer> {
     let timeouts = spec.timeouts;
     let addr = spec.target.addr();
     let stream = within(
@@ -185,96 +229,157 @@ pub async fn run(session: &mut Session, spec: TunnelSpec<'_>) -> Result<TunnelRe
         .map_err(|_| Answer::UpstreamRefused)?;
 
     if status != 101 {
-        // The upstream refused the upgrade: relay its answer as an ordinary response.
-        let mut report = TunnelReport {
-            status,
-            bytes_up: 0,
-            bytes_down: 0,
-            idle_timeout: false,
-        };
-        let mut body = response.into_body();
-        if session
-            .write_response_header(Box::new(header), body.is_end_stream())
-            .await
-            .is_err()
-        {
-            return Ok(report);
-        }
-        while let Ok(Some(Ok(frame))) =
-            tokio::time::timeout(timeouts.upstream_read, body.frame()).await
-        {
-            if let Ok(data) = frame.into_data() {
-                report.bytes_down += data.len() as u64;
-                if session
-                    .write_response_body(Some(data), false)
-                    .await
-                    .is_err()
-                {
-                    return Ok(report);
-                }
-            }
-        }
-        let _ = session.write_response_body(None, true).await;
-        return Ok(report);
+        return Ok(Opened::Refused(
+            relay_refusal(session, header, response, timeouts).await,
+        ));
     }
-
     let upgraded = within(timeouts.upstream_read, hyper::upgrade::on(response))
         .await?
         .map_err(|e| upstream_error(&e))?;
+    // Back to the plain socket: hyper's buffers and boxes are not kept for the tunnel's life.
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| Answer::Internal)?;
+    Ok(Opened::Upgraded(Upgraded {
+        upstream: parts.io.into_inner(),
+        early_down: Bytes::copy_from_slice(&parts.read_buf),
+        head: head_bytes(&header),
+    }))
+}
+
+/// Relays an upstream's refusal of an upgrade as an ordinary response.
+async fn relay_refusal(
+    session: &mut Session,
+    header: ResponseHeader,
+    response: hyper::Response<hyper::body::Incoming>,
+    timeouts: &Timeouts,
+) -> TunnelReport {
     let mut report = TunnelReport {
-        status,
+        status: header.status.as_u16(),
         bytes_up: 0,
         bytes_down: 0,
         idle_timeout: false,
     };
+    let mut body = response.into_body();
     if session
-        .write_response_header(Box::new(header), false)
+        .write_response_header(Box::new(header), body.is_end_stream())
         .await
         .is_err()
     {
-        return Ok(report);
+        return report;
     }
-    let _open = OpenTunnel::new(spec.metrics);
-    let mut upstream = TokioIo::new(upgraded);
-    // Small: idle tunnels (a silent VS Code tab) hold this buffer for hours.
-    let mut buf = vec![0u8; 4 * 1024];
-    loop {
-        let event = tokio::time::timeout(timeouts.websocket_idle, async {
-            tokio::select! {
-                down = session.read_request_body() => Event::Down(down),
-                up = upstream.read(&mut buf) => Event::Up(up),
-            }
-        })
-        .await;
-        match event {
-            Err(_) => {
-                report.idle_timeout = true;
-                break;
-            }
-            Ok(Event::Down(Ok(Some(bytes)))) => {
-                report.bytes_up += bytes.len() as u64;
-                if upstream.write_all(&bytes).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Event::Down(_)) => {
-                let _ = upstream.shutdown().await;
-                break;
-            }
-            Ok(Event::Up(Ok(0) | Err(_))) => break,
-            Ok(Event::Up(Ok(n))) => {
-                report.bytes_down += n as u64;
-                let data = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
-                if session
-                    .write_response_body(Some(data), false)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(timeouts.upstream_read, body.frame()).await
+    {
+        if let Ok(data) = frame.into_data() {
+            report.bytes_down += data.len() as u64;
+            if session
+                .write_response_body(Some(data), false)
+                .await
+                .is_err()
+            {
+                return report;
             }
         }
     }
     let _ = session.write_response_body(None, true).await;
-    Ok(report)
+    report
+}
+
+/// The relay's one buffer. Small: idle tunnels (a silent VS Code tab) live for hours, and
+/// while one waits nothing is buffered at all.
+const RELAY_BUFFER: usize = 4 * 1024;
+
+/// Runs an accepted tunnel on the client's raw connection: writes the `101` (and what the
+/// upstream sent behind it), then what the client sent early, then copies both ways until
+/// either side closes or both are silent for `idle`. Every write is bounded by `idle` too.
+pub async fn relay(
+    client: &mut Stream,
+    early_up: &[u8],
+    upgraded: Upgraded,
+    idle: Duration,
+    metrics: &Metrics,
+) -> TunnelReport {
+    let Upgraded {
+        mut upstream,
+        early_down,
+        head,
+    } = upgraded;
+    let mut report = TunnelReport {
+        status: 101,
+        bytes_up: 0,
+        bytes_down: 0,
+        idle_timeout: false,
+    };
+    let _open = OpenTunnel::new(metrics);
+    let opened = tokio::time::timeout(idle, async {
+        client.write_all(&head).await?;
+        client.write_all(&early_down).await?;
+        client.flush().await?;
+        upstream.write_all(early_up).await
+    })
+    .await;
+    if !matches!(opened, Ok(Ok(()))) {
+        // The client went away (or stopped reading) before its 101.
+        report.status = 0;
+        return report;
+    }
+    report.bytes_down += early_down.len() as u64;
+    report.bytes_up += early_up.len() as u64;
+    drop((head, early_down));
+
+    let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+    let silence = tokio::time::sleep(idle);
+    tokio::pin!(silence);
+    loop {
+        // The upstream is waited on for readiness only, so that one buffer serves both ways.
+        let event = tokio::select! {
+            read = client.read_buf(&mut buf) => Event::Down(read),
+            ready = upstream.readable() => Event::UpReady(ready),
+            () = &mut silence => Event::Silent,
+        };
+        let moved = match event {
+            Event::Silent => {
+                report.idle_timeout = true;
+                break;
+            }
+            Event::Down(Ok(0) | Err(_)) => {
+                let _ = tokio::time::timeout(idle, upstream.shutdown()).await;
+                break;
+            }
+            Event::Down(Ok(n)) => {
+                let written = tokio::time::timeout(idle, upstream.write_all(&buf)).await;
+                report.bytes_up += n as u64;
+                matches!(written, Ok(Ok(())))
+            }
+            Event::UpReady(Err(_)) => break,
+            Event::UpReady(Ok(())) => match upstream.try_read_buf(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let written = tokio::time::timeout(idle, async {
+                        client.write_all(&buf).await?;
+                        client.flush().await
+                    })
+                    .await;
+                    report.bytes_down += n as u64;
+                    matches!(written, Ok(Ok(())))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                Err(_) => break,
+            },
+        };
+        if !moved {
+            break;
+        }
+        buf.clear();
+        silence.as_mut().reset(tokio::time::Instant::now() + idle);
+    }
+    // A clean end for the client (TLS close_notify, then FIN), bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+    report
+}
+
+enum Event {
+    Down(std::io::Result<usize>),
+    UpReady(std::io::Result<()>),
+    Silent,
 }

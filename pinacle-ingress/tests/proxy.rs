@@ -767,6 +767,106 @@ async fn dashboard_websockets_are_tunnelled_and_idle_ones_closed(pool: PgPool) {
     );
 }
 
+/// A metric's value, 0 when no series has been recorded yet.
+fn metric_or_zero(ingress: &Running, name: &str) -> f64 {
+    let text = ingress.metrics().unwrap().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Polls until `metric` reaches `value` (bounded).
+async fn wait_for_metric(ingress: &Running, name: &str, value: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric_or_zero(ingress, name) != value {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} stayed at {} (waiting for {value})",
+            metric_or_zero(ingress, name)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_tunnel_runs_on_the_raw_connection_counts_while_open_and_is_recorded_when_it_ends(
+    pool: PgPool,
+) {
+    // The tunnel runs after Pingora has finished its request (connections::Takeover): it must
+    // still count under max_concurrent_requests, and be logged and counted when it ends.
+    let ws_dashboard = upstream::websocket_echo().await;
+    let directory = Arc::new(PostgresDirectory::from_pool(pool, Duration::from_secs(5)));
+    let (ingress, addr) =
+        start_ingress(directory, ws_dashboard.addr, "max_concurrent_requests = 1").await;
+    let upgraded =
+        "pinacle_ingress_requests_total{port=\"\",route=\"dashboard\",status_class=\"1xx\"}";
+    let open = "pinacle_ingress_websocket_tunnels_open";
+    let mut request = format!("ws://{addr}/_next/webpack-hmr")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", "pinacle.test".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["x-request-id"].len(), 24);
+    ws.send(Message::text("a".repeat(10_000))).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("a".repeat(10_000))
+    );
+    wait_for_metric(&ingress, open, 1.0).await;
+    assert_eq!(metric_or_zero(&ingress, upgraded), 0.0);
+
+    // The open tunnel takes the one request place.
+    let r = client::get(addr, "/", &[("host", "pinacle.test")]).await;
+    assert_eq!(r.status, 503);
+    assert_ours(&r, "overloaded");
+
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    wait_for_metric(&ingress, open, 0.0).await;
+    wait_for_metric(&ingress, upgraded, 1.0).await;
+    // Both directions were counted: the frames (with their WebSocket framing) and the closes.
+    let received = metric_or_zero(
+        &ingress,
+        "pinacle_ingress_received_bytes_total{route=\"dashboard\"}",
+    );
+    let sent = metric_or_zero(
+        &ingress,
+        "pinacle_ingress_sent_bytes_total{route=\"dashboard\"}",
+    );
+    assert!(received > 10_000.0 && sent > 10_000.0, "{received} {sent}");
+    // The place is free again.
+    let r = client::get(addr, "/", &[("host", "pinacle.test")]).await;
+    assert_ne!(
+        r.header("x-pinacle-ingress"),
+        Some("overloaded"),
+        "{}",
+        r.text()
+    );
+
+    // A client that sends bytes behind its upgrade request, before the 101 (which WebSocket
+    // clients must not do): closed without a 101, the upstream side closed, nothing held.
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(
+        b"GET /_next/webpack-hmr HTTP/1.1\r\nHost: pinacle.test\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n\x81\x02hi",
+    )
+    .await
+    .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_to_close(&mut raw))
+        .await
+        .expect("the connection was not closed");
+    assert!(!answer.contains(" 101 "), "{answer}");
+    let unanswered =
+        "pinacle_ingress_requests_total{port=\"\",route=\"dashboard\",status_class=\"none\"}";
+    wait_for_metric(&ingress, unanswered, 1.0).await;
+    assert_eq!(metric_or_zero(&ingress, upgraded), 1.0);
+    assert_eq!(metric_or_zero(&ingress, open), 0.0);
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn removing_a_team_member_denies_the_next_request(pool: PgPool) {
     let w = world(pool).await;
