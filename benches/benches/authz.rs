@@ -11,9 +11,17 @@ use pinacle_authz::{
 };
 use pinacle_benches::{case, fixture};
 
+/// A verifier that decodes every time (`remember` 0) or remembers decrypted cookies.
+fn verifier_remembering(secret: &str, remember: u64) -> CredentialVerifier {
+    CredentialVerifier::new(&CredentialConfig {
+        decrypted_sessions: remember,
+        ..CredentialConfig::with_secrets(vec![Secret::new(secret)])
+    })
+    .unwrap_or_else(|e| unreachable!("{e}"))
+}
+
 fn verifier(secret: &str) -> CredentialVerifier {
-    CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new(secret)]))
-        .unwrap_or_else(|e| unreachable!("{e}"))
+    verifier_remembering(secret, 0)
 }
 
 fn decode(c: &mut Criterion) {
@@ -31,6 +39,13 @@ fn decode(c: &mut Criterion) {
         );
         let now = case["now"].as_i64().unwrap_or_default();
         c.bench_function(label, |b| b.iter(|| v.inspect(black_box(&header), now)));
+        if name == "v4_valid_default_30d_maxage" {
+            // What the ingress does: the same cookie again, remembered decrypted.
+            let v = verifier_remembering(case["secret"].as_str().unwrap_or_default(), 16);
+            c.bench_function("decode/nextauth_v4_remembered", |b| {
+                b.iter(|| v.inspect(black_box(&header), now))
+            });
+        }
     }
     let tokens = fixture("proxy-token-public.json").unwrap_or_else(|e| unreachable!("{e}"));
     let case = case(&tokens, "valid_hs256").unwrap_or_else(|| unreachable!());

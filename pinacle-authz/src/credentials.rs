@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -278,15 +279,28 @@ pub struct CredentialConfig {
     pub session_cookies: Vec<SessionCookie>,
     /// Whether opaque session cookie values are database session tokens.
     pub database_sessions: bool,
+    /// How many decrypted session cookies are remembered, by their exact value, for
+    /// [`DECRYPTED_SESSION_TTL`] (0: none). A browser sends the same cookie with every request;
+    /// remembering it saves the decryption (most of a decode). Time claims (`exp`, `nbf`) are
+    /// checked again on every use, and only cookies that decrypted are remembered.
+    pub decrypted_sessions: u64,
 }
 
+/// The default of [`CredentialConfig::decrypted_sessions`]: a few MiB at most.
+pub const DEFAULT_DECRYPTED_SESSIONS: u64 = 4096;
+
+/// How long a decrypted session cookie is remembered (see
+/// [`CredentialConfig::decrypted_sessions`]).
+pub const DECRYPTED_SESSION_TTL: Duration = Duration::from_secs(300);
+
 impl CredentialConfig {
-    /// The default names with the given secrets.
+    /// The default names with the given secrets, remembering up to 4,096 decrypted cookies (a few MiB).
     pub fn with_secrets(secrets: Vec<Secret>) -> Self {
         Self {
             secrets,
             session_cookies: SessionCookie::defaults(),
             database_sessions: true,
+            decrypted_sessions: DEFAULT_DECRYPTED_SESSIONS,
         }
     }
 }
@@ -299,6 +313,8 @@ enum Keys {
 struct CookieSpec {
     name: Arc<str>,
     keys: Keys,
+    /// Claims of cookies that decrypted, by cookie value.
+    decrypted: Option<moka::sync::Cache<Arc<str>, Arc<Claims>>>,
 }
 
 /// Verifies credential cookies. Keys are derived once, at construction.
@@ -355,9 +371,16 @@ impl CredentialVerifier {
                         .collect(),
                 ),
             };
+            let decrypted = (config.decrypted_sessions > 0).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(config.decrypted_sessions)
+                    .time_to_live(DECRYPTED_SESSION_TTL)
+                    .build()
+            });
             cookies.push(CookieSpec {
                 name: Arc::from(cookie.name.as_str()),
                 keys,
+                decrypted,
             });
         }
         Ok(Self {
@@ -475,35 +498,19 @@ impl CredentialVerifier {
             }
             return (invalid(presented, InvalidReason::Malformed), false);
         }
-        let parsed = match jwe::parse(value) {
-            Ok(parsed) => parsed,
-            Err(e) => return (invalid(presented, jwe_reason(e)), false),
-        };
-        let plaintext = match &spec.keys {
-            Keys::V4(keys) => first_decrypting(keys, |k| k.decrypt(&parsed)),
-            Keys::V5(keys) => match parsed.kid.as_deref() {
-                Some(kid) => match keys.iter().find(|k| k.kid == kid) {
-                    Some(key) => key.decrypt(&parsed).map_err(|e| match e {
-                        JweError::AuthenticationFailed => InvalidReason::Tampered,
-                        other => jwe_reason(other),
-                    }),
-                    None => Err(InvalidReason::WrongSecret),
-                },
-                None => first_decrypting(keys, |k| k.decrypt(&parsed)),
+        let remembered = spec.decrypted.as_ref().and_then(|cache| cache.get(value));
+        let claims = match remembered {
+            Some(claims) => claims,
+            None => match decrypt(spec, value) {
+                Ok(claims) => {
+                    let claims = Arc::new(claims);
+                    if let Some(cache) = &spec.decrypted {
+                        cache.insert(Arc::from(value), claims.clone());
+                    }
+                    claims
+                }
+                Err((reason, ours)) => return (invalid(presented, reason), ours),
             },
-        };
-        let plaintext = match plaintext {
-            Ok(p) => p,
-            Err(reason) => {
-                return (
-                    invalid(presented, reason),
-                    reason == InvalidReason::Tampered,
-                );
-            }
-        };
-        let claims = match serde_json::from_slice(&plaintext) {
-            Ok(map) => Claims(map),
-            Err(_) => return (invalid(presented, InvalidReason::Malformed), true),
         };
         let verification = match claims.check(now) {
             ClaimCheck::Valid {
@@ -516,12 +523,12 @@ impl CredentialVerifier {
                 expires_at,
                 impersonated_by,
                 scope: None,
-                claims,
+                claims: Claims::clone(&claims),
             })),
             ClaimCheck::Expired { user } => Verification::Decided(Outcome::Expired {
                 presented,
                 user_id: user,
-                claims: Some(claims),
+                claims: Some(Claims::clone(&claims)),
             }),
             ClaimCheck::NotYetValid => invalid(presented, InvalidReason::NotYetValid),
             ClaimCheck::NoSubject => invalid(presented, InvalidReason::NoSubject),
@@ -546,6 +553,29 @@ impl CredentialVerifier {
     pub fn mint_proxy_token(&self, claims: &ProxyTokenClaims) -> Result<String, MintError> {
         self.proxy.mint(claims).map_err(|_| MintError)
     }
+}
+
+/// Decrypts a session cookie and parses its claims; on failure, why, and whether the cookie is
+/// still the dashboard's (it decrypted, or failed authentication under a known key id).
+fn decrypt(spec: &CookieSpec, value: &str) -> Result<Claims, (InvalidReason, bool)> {
+    let parsed = jwe::parse(value).map_err(|e| (jwe_reason(e), false))?;
+    let plaintext = match &spec.keys {
+        Keys::V4(keys) => first_decrypting(keys, |k| k.decrypt(&parsed)),
+        Keys::V5(keys) => match parsed.kid.as_deref() {
+            Some(kid) => match keys.iter().find(|k| k.kid == kid) {
+                Some(key) => key.decrypt(&parsed).map_err(|e| match e {
+                    JweError::AuthenticationFailed => InvalidReason::Tampered,
+                    other => jwe_reason(other),
+                }),
+                None => Err(InvalidReason::WrongSecret),
+            },
+            None => first_decrypting(keys, |k| k.decrypt(&parsed)),
+        },
+    }
+    .map_err(|reason| (reason, reason == InvalidReason::Tampered))?;
+    serde_json::from_slice(&plaintext)
+        .map(Claims)
+        .map_err(|_| (InvalidReason::Malformed, true))
 }
 
 /// A token could not be minted.

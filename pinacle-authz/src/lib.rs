@@ -37,9 +37,10 @@ pub mod testing;
 pub use authorizer::{Authorizer, AuthorizerConfig, CacheLookup};
 pub use claims::{CLOCK_TOLERANCE_SECS, Claims};
 pub use credentials::{
-    CredentialConfig, CredentialConfigError, CredentialKind, CredentialVerifier, Inspection,
-    InvalidReason, MintError, Outcome, PROXY_TOKEN_COOKIE, Presented, Principal, SessionCookie,
-    SessionFormat, SessionToken, Verification,
+    CredentialConfig, CredentialConfigError, CredentialKind, CredentialVerifier,
+    DECRYPTED_SESSION_TTL, DEFAULT_DECRYPTED_SESSIONS, Inspection, InvalidReason, MintError,
+    Outcome, PROXY_TOKEN_COOKIE, Presented, Principal, SessionCookie, SessionFormat, SessionToken,
+    Verification,
 };
 pub use directory::{
     DirectoryError, FileDirectory, FileDirectoryError, PodDirectory, PostgresDirectory,

@@ -118,6 +118,47 @@ fn every_session_cookie_case_matches_the_libraries() {
 }
 
 #[test]
+fn remembered_cookies_decide_as_fresh_ones_and_expire_on_time() {
+    let fixture = fixture("public.json");
+    let cases = fixture["cases"].as_array().unwrap();
+    for case in cases {
+        let secrets = vec![Secret::new(str_of(case, "secret"))];
+        // Decoding every time, and remembering: the second look comes from memory.
+        let fresh = CredentialVerifier::new(&CredentialConfig {
+            decrypted_sessions: 0,
+            ..CredentialConfig::with_secrets(secrets.clone())
+        })
+        .unwrap();
+        let remembering = verifier(&[str_of(case, "secret")]);
+        check_session_case(case, &fresh);
+        check_session_case(case, &remembering);
+        check_session_case(case, &remembering);
+    }
+    // A remembered cookie is still judged at the time of each use.
+    let case = cases
+        .iter()
+        .find(|c| c["expect"] == "valid" && c["claims"]["exp"].is_i64())
+        .unwrap();
+    let v = verifier(&[str_of(case, "secret")]);
+    let header = str_of(case, "cookie_header");
+    let now = case["now"].as_i64().unwrap();
+    let exp = case["claims"]["exp"].as_i64().unwrap();
+    assert!(matches!(
+        decided(v.inspect(header, now).verification),
+        Outcome::Valid(_)
+    ));
+    let later = exp + pinacle_authz::CLOCK_TOLERANCE_SECS + 1;
+    assert!(matches!(
+        decided(v.inspect(header, later).verification),
+        Outcome::Expired { .. }
+    ));
+    assert!(matches!(
+        decided(v.inspect(header, now).verification),
+        Outcome::Valid(_)
+    ));
+}
+
+#[test]
 fn every_session_cookie_case_holds_with_a_rotated_secret_list() {
     let fixture = fixture("public.json");
     for case in fixture["cases"].as_array().unwrap() {

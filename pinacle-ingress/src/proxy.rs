@@ -722,14 +722,13 @@ impl ProxyHttp for Ingress {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         connections::request_done(session);
-        let facts = RequestFacts::of(session);
         let slot = ctx
             .handover
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(mut handover) = slot.take() {
             // An accepted upgrade: logged and counted when its tunnel ends.
-            handover.finished = Some((std::mem::take(ctx), facts));
+            handover.finished = Some((std::mem::take(ctx), RequestFacts::of(session)));
             *ctx.handover
                 .get_mut()
                 .unwrap_or_else(PoisonError::into_inner) = Some(handover);
@@ -749,7 +748,7 @@ impl ProxyHttp for Ingress {
         record(
             &self.metrics,
             ctx,
-            &facts,
+            Facts::Live(session),
             &Ending {
                 status,
                 bytes_in,
@@ -779,8 +778,44 @@ impl ProxyHttp for Ingress {
 /// follows on it: the tunnel ends the connection).
 const TAKEOVER_KEEPALIVE_SECS: u64 = 60;
 
-/// What the access log takes from the request besides its context; owned, so that a tunnel can
-/// be logged when it ends, long after its Pingora session.
+/// What the access log takes from the request besides its context: from the live session, or
+/// (for a tunnel, logged when it ends, long after its Pingora session) kept copies. Read only
+/// when the access log is on.
+enum Facts<'a> {
+    Live(&'a Session),
+    Kept(&'a RequestFacts),
+}
+
+impl Facts<'_> {
+    fn client(&self) -> String {
+        match self {
+            Self::Live(session) => session
+                .client_addr()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            Self::Kept(kept) => kept.client.clone(),
+        }
+    }
+
+    fn method(&self) -> &str {
+        match self {
+            Self::Live(session) => session.req_header().method.as_str(),
+            Self::Kept(kept) => kept.method.as_str(),
+        }
+    }
+
+    fn path(&self) -> String {
+        match self {
+            Self::Live(session) => {
+                let uri = &session.req_header().uri;
+                telemetry::loggable_target(uri.path(), uri.query())
+            }
+            Self::Kept(kept) => kept.path.clone(),
+        }
+    }
+}
+
+/// [`Facts`] kept for a tunnel.
 #[derive(Debug)]
 struct RequestFacts {
     client: String,
@@ -790,14 +825,11 @@ struct RequestFacts {
 
 impl RequestFacts {
     fn of(session: &Session) -> Self {
-        let req = session.req_header();
+        let live = Facts::Live(session);
         Self {
-            client: session
-                .client_addr()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            method: req.method.clone(),
-            path: telemetry::loggable_target(req.uri.path(), req.uri.query()),
+            client: live.client(),
+            method: session.req_header().method.clone(),
+            path: live.path(),
         }
     }
 }
@@ -814,7 +846,7 @@ struct Ending<'a> {
 }
 
 /// The request's metrics and access log line.
-fn record(metrics: &Metrics, ctx: &RequestCtx, facts: &RequestFacts, end: &Ending<'_>) {
+fn record(metrics: &Metrics, ctx: &RequestCtx, facts: Facts<'_>, end: &Ending<'_>) {
     let duration = ctx.started.elapsed();
     let port = ctx.pod.as_ref().map_or(0, |p| p.port);
     metrics.request(&FinishedRequest {
@@ -831,14 +863,14 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, facts: &RequestFacts, end: &Endin
         target: "pinacle_ingress::access",
         parent: &ctx.span,
         request_id = %ctx.request_id,
-        client = %facts.client,
+        client = %facts.client(),
         host = %ctx.host,
         route = ctx.route.as_str(),
         pod = ctx.pod.as_ref().map_or("", |p| p.slug.as_str()),
         port,
         user = ctx.user.as_ref().map_or("", UserId::as_str),
-        method = %facts.method,
-        path = %facts.path,
+        method = facts.method(),
+        path = %facts.path(),
         status = end.status,
         answer = ctx.answer.unwrap_or(""),
         authz = ctx.authz,
@@ -878,7 +910,7 @@ impl TunnelHandover {
         record(
             metrics,
             &ctx,
-            &facts,
+            Facts::Kept(&facts),
             &Ending {
                 status: report.status,
                 bytes_in: report.bytes_up,

@@ -186,6 +186,7 @@ pub fn build(
         secrets: config.secrets.clone(),
         session_cookies: config.session_cookies.clone(),
         database_sessions: true,
+        decrypted_sessions: pinacle_authz::DEFAULT_DECRYPTED_SESSIONS,
     })?;
     let authorizer = Arc::new(Authorizer::new(
         prepared.directory.clone(),

@@ -5,11 +5,12 @@
 //! token-like query values redacted, and Pingora's own debug output (which prints whole request
 //! headers) is capped at `info` whatever `RUST_LOG` says.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: 0.5 ms to 60 s.
@@ -35,6 +36,38 @@ pub struct Metrics {
     connections_open: IntGauge,
     connections_refused: IntCounter,
     header_timeouts: IntCounter,
+    /// The per-route series of [`ROUTES`], resolved on first use: a labelled lookup hashes its
+    /// labels under a lock on every request otherwise.
+    route_series: Arc<[OnceLock<RouteSeries>; ROUTES.len()]>,
+}
+
+/// The route kinds the proxy reports (`RouteKind::as_str`).
+const ROUTES: [&str; 4] = ["unrouted", "dashboard", "pod", "callback"];
+
+/// One route's series.
+#[derive(Debug)]
+struct RouteSeries {
+    duration: Histogram,
+    upstream: Histogram,
+    received: IntCounter,
+    sent: IntCounter,
+}
+
+/// A port number as a label, without an allocation (`""` for 0: not a pod request).
+fn port_label(port: u16, buf: &mut [u8; 5]) -> &str {
+    if port == 0 {
+        return "";
+    }
+    let mut n = port;
+    let mut start = buf.len();
+    while n > 0 {
+        start -= 1;
+        if let Some(digit) = buf.get_mut(start) {
+            *digit = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+    }
+    std::str::from_utf8(buf.get(start..).unwrap_or_default()).unwrap_or_default()
 }
 
 /// `2xx`, `4xx`, ... (`0xx` when no response was sent).
@@ -139,6 +172,7 @@ impl Metrics {
             connections_open,
             connections_refused,
             header_timeouts,
+            route_series: Arc::new(Default::default()),
             requests,
             request_duration,
             upstream_duration,
@@ -152,30 +186,42 @@ impl Metrics {
         })
     }
 
+    fn series_for(&self, route: &str) -> RouteSeries {
+        RouteSeries {
+            duration: self.request_duration.with_label_values(&[route]),
+            upstream: self.upstream_duration.with_label_values(&[route]),
+            received: self.received_bytes.with_label_values(&[route]),
+            sent: self.sent_bytes.with_label_values(&[route]),
+        }
+    }
+
     /// Records a finished request.
     pub fn request(&self, done: &FinishedRequest) {
-        let port = if done.port == 0 {
-            String::new()
-        } else {
-            done.port.to_string()
-        };
+        let mut buf = [0u8; 5];
         self.requests
-            .with_label_values(&[done.route, status_class(done.status), &port])
+            .with_label_values(&[
+                done.route,
+                status_class(done.status),
+                port_label(done.port, &mut buf),
+            ])
             .inc();
-        self.request_duration
-            .with_label_values(&[done.route])
-            .observe(done.duration.as_secs_f64());
+        let cell = ROUTES
+            .iter()
+            .position(|r| *r == done.route)
+            .and_then(|i| self.route_series.get(i));
+        let resolved;
+        let series = if let Some(cell) = cell {
+            cell.get_or_init(|| self.series_for(done.route))
+        } else {
+            resolved = self.series_for(done.route);
+            &resolved
+        };
+        series.duration.observe(done.duration.as_secs_f64());
         if let Some(upstream) = done.upstream_duration {
-            self.upstream_duration
-                .with_label_values(&[done.route])
-                .observe(upstream.as_secs_f64());
+            series.upstream.observe(upstream.as_secs_f64());
         }
-        self.received_bytes
-            .with_label_values(&[done.route])
-            .inc_by(done.bytes_in);
-        self.sent_bytes
-            .with_label_values(&[done.route])
-            .inc_by(done.bytes_out);
+        series.received.inc_by(done.bytes_in);
+        series.sent.inc_by(done.bytes_out);
         if done.connect_failed {
             self.connect_failures.with_label_values(&[done.route]).inc();
         }
@@ -421,6 +467,15 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }
+    }
+
+    #[test]
+    fn port_labels() {
+        let mut buf = [0u8; 5];
+        assert_eq!(port_label(0, &mut buf), "");
+        assert_eq!(port_label(7, &mut buf), "7");
+        assert_eq!(port_label(3000, &mut buf), "3000");
+        assert_eq!(port_label(65535, &mut buf), "65535");
     }
 
     #[test]
