@@ -178,14 +178,21 @@ def wrk(port, host, cookie, path, pids):
     }
 
 
-def ws_echo(port, host, cookie):
+def ws_echo(port, host, cookie, pids):
+    """Echo messages/s and round-trip percentiles; with `pids`, the proxy's CPU per message
+    (steadier than messages/s on a shared VM, where both move between runs)."""
+    before = cpu_seconds(pids)
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, WSLOAD, "echo", f"ws://127.0.0.1:{port}/ws", host, cookie,
          str(WS_CONNECTIONS), str(DURATION)],
         capture_output=True, text=True, timeout=DURATION + 60)
+    used = cpu_seconds(pids) - before
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-300:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    messages = result.get("messages") or 0
+    result["cpu_us_per_message"] = used * 1e6 / messages if pids and messages else None
+    return result
 
 
 def idle_ws(port, host, cookie, pids):
@@ -509,7 +516,7 @@ def main():
         if ws_port is not None:
             log(f"{name}: WebSocket echo")
             ws_host = "ws" if name == "direct" else WS_HOST
-            entry["ws"] = ws_echo(ws_port, ws_host, cookie_value)
+            entry["ws"] = ws_echo(ws_port, ws_host, cookie_value, pids)
         if proc:
             entry["rss_after_runs_kib"] = rss_kib(pids)
         results[name] = entry
@@ -591,14 +598,17 @@ def render(meta, r):
                 f"{ratio(m['p99_ms'], nginx[body]['p99_ms'])} | "
                 f"{'n/a (origin)' if cpu is None or name == 'direct' else f'{cpu:.1f}'} |")
     lines += ["", "## WebSocket echo", "",
-              "| proxy | messages/s | ratio | p50 µs | p99 µs | p99 ratio |", "|---|---|---|---|---|---|"]
+              "| proxy | messages/s | ratio | p50 µs | p99 µs | p99 ratio | CPU µs/message |",
+              "|---|---|---|---|---|---|---|"]
     for name in ("direct", "nginx", "haproxy", "pinacle-ingress"):
         m = r[name]["ws"]
         if "error" in m:
-            lines.append(f"| {name} | error: {m['error']} | | | | |")
+            lines.append(f"| {name} | error: {m['error']} | | | | | |")
             continue
+        cpu = m.get("cpu_us_per_message")
         lines.append(f"| {name} | {m['per_second']:,.0f} | {ratio(m['per_second'], nginx['ws'].get('per_second'))} | "
-                     f"{m['p50_us']} | {m['p99_us']} | {ratio(m['p99_us'], nginx['ws'].get('p99_us'))} |")
+                     f"{m['p50_us']} | {m['p99_us']} | {ratio(m['p99_us'], nginx['ws'].get('p99_us'))} | "
+                     f"{'n/a (origin)' if cpu is None else f'{cpu:.1f}'} |")
     lines += ["", "## Memory", "",
               "| proxy | resident after the runs | per idle WebSocket | ratio | per idle keep-alive connection |",
               "|---|---|---|---|---|"]

@@ -328,6 +328,8 @@ pub async fn relay(
     drop((head, early_down));
 
     let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+    // Re-armed only when it fires (from the last activity), not on every message.
+    let mut last_activity = tokio::time::Instant::now();
     let silence = tokio::time::sleep(idle);
     tokio::pin!(silence);
     loop {
@@ -339,6 +341,11 @@ pub async fn relay(
         };
         let moved = match event {
             Event::Silent => {
+                let quiet_until = last_activity + idle;
+                if quiet_until > tokio::time::Instant::now() {
+                    silence.as_mut().reset(quiet_until);
+                    continue;
+                }
                 report.idle_timeout = true;
                 break;
             }
@@ -371,7 +378,7 @@ pub async fn relay(
             break;
         }
         buf.clear();
-        silence.as_mut().reset(tokio::time::Instant::now() + idle);
+        last_activity = tokio::time::Instant::now();
     }
     // A clean end for the client (TLS close_notify, then FIN), bounded.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
