@@ -30,6 +30,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 INGRESS = os.path.join(ROOT, "target", "release", "pinacle-ingress")
 WSLOAD = os.path.join(ROOT, "target", "release", "pinacle-wsload")
 FLOOR = os.path.join(ROOT, "target", "release", "pingora-floor")
+OLD_INGRESS = os.path.join(ROOT, "benches", "load", "old-ingress")
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -335,6 +336,30 @@ def pingora_floor(origin):
     return port, proc
 
 
+def old_ingress(origin, ws):
+    """The stand-in for today's Node.js ingress (benches/load/old-ingress/server.js), with a
+    proxy token for the HTTP pod and one for the WebSocket pod; None when Node is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        log("node/npm not found: no old-ingress row")
+        return None
+    if not os.path.isdir(os.path.join(OLD_INGRESS, "node_modules")):
+        subprocess.run([npm, "install", "--no-package-lock", "--no-audit", "--no-fund", "--silent"],
+                       cwd=OLD_INGRESS, check=True, timeout=300)
+    script = os.path.join(OLD_INGRESS, "server.js")
+
+    def token(slug, port):
+        out = subprocess.run([node, script, "mint", SECRET, slug, str(port)], capture_output=True,
+                             text=True, check=True, timeout=30)
+        return f"pinacle-proxy-token={out.stdout.strip()}"
+
+    port = free_port()
+    proc = start("old-ingress", [node, script, "serve", str(port), SECRET, f"bench={origin}",
+                                 f"benchws={ws}"], PROXY_CPU)
+    wait_port(port)
+    return port, proc, token("bench", 3000), token("benchws", 7681)
+
+
 def directory_file(origin, ws):
     return write(os.path.join(WORK, "directory.toml"), f"""
 [[users]]
@@ -495,19 +520,23 @@ def main():
         # The dashboard route (no credentials, no directory) goes to the origin too.
         "PINACLE_INGRESS_DASHBOARD_UPSTREAM": f"127.0.0.1:{origin}"})
     floor_port, floor_proc = pingora_floor(origin)
+    old = old_ingress(origin, ws)
     cookie = mint("user_bench")
 
-    # (name, port, host, cookie, WebSocket port or None for HTTP only, process)
+    # (name, port, host, cookie, WebSocket port or None for HTTP only, its cookie, process)
     targets = [
-        ("direct", origin, "origin", "", ws, None),
-        ("nginx", nginx_port, POD_HOST, "", nginx_port, nginx_proc),
-        ("haproxy", haproxy_port, POD_HOST, "", haproxy_port, haproxy_proc),
-        ("pingora-floor", floor_port, POD_HOST, "", None, floor_proc),
-        ("ingress-dashboard", ingress_port, "pinacle.bench", "", None, ingress_proc),
-        ("pinacle-ingress", ingress_port, POD_HOST, cookie, ingress_port, ingress_proc),
+        ("direct", origin, "origin", "", ws, "", None),
+        ("nginx", nginx_port, POD_HOST, "", nginx_port, "", nginx_proc),
+        ("haproxy", haproxy_port, POD_HOST, "", haproxy_port, "", haproxy_proc),
+        ("pingora-floor", floor_port, POD_HOST, "", None, "", floor_proc),
+        ("ingress-dashboard", ingress_port, "pinacle.bench", "", None, "", ingress_proc),
+        ("pinacle-ingress", ingress_port, POD_HOST, cookie, ingress_port, cookie, ingress_proc),
     ]
+    if old:
+        old_port, old_proc, old_http, old_ws = old
+        targets.append(("old-ingress", old_port, POD_HOST, old_http, old_port, old_ws, old_proc))
     results = {}
-    for name, port, host, cookie_value, ws_port, proc in targets:
+    for name, port, host, cookie_value, ws_port, ws_cookie, proc in targets:
         pids = tree(proc.pid) if proc else []
         entry = {}
         for label, path in (("1k", "/1k.bin"), ("100k", "/100k.bin")):
@@ -516,11 +545,13 @@ def main():
         if ws_port is not None:
             log(f"{name}: WebSocket echo")
             ws_host = "ws" if name == "direct" else WS_HOST
-            entry["ws"] = ws_echo(ws_port, ws_host, cookie_value, pids)
+            entry["ws"] = ws_echo(ws_port, ws_host, ws_cookie, pids)
         if proc:
             entry["rss_after_runs_kib"] = rss_kib(pids)
         results[name] = entry
     stop(floor_proc)
+    if old:
+        stop(old[1])
     # Idle connections, each count on a fresh process: an allocator keeps the pages a previous
     # phase freed, which would hide the cost of the next one.
     fresh = {
@@ -579,7 +610,10 @@ def render(meta, r):
         "only route by Host. Two reference rows: `pingora-floor` is the smallest Pingora proxy "
         "(same Pingora and allocator, no routing, credentials, logs or metrics: "
         "`benches/src/bin/pingora-floor.rs`), and `ingress-dashboard` is the ingress on its "
-        "dashboard route (no credentials, no directory).",
+        "dashboard route (no credentials, no directory). `old-ingress` stands in for the Node.js "
+        "ingress Pinacle runs today (`benches/load/old-ingress/server.js`: http-proxy, a "
+        "jsonwebtoken proxy-token check per request, no upstream keep-alive, as shared/PINACLE.md "
+        "describes it).",
         "",
         "## HTTP",
         "",
@@ -587,7 +621,9 @@ def render(meta, r):
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("direct", "nginx", "haproxy", "pingora-floor", "ingress-dashboard",
-                 "pinacle-ingress"):
+                 "pinacle-ingress", "old-ingress"):
+        if name not in r:
+            continue
         for body in ("1k", "100k"):
             m = r[name][body]
             cpu = m["cpu_us_per_request"]
@@ -600,7 +636,9 @@ def render(meta, r):
     lines += ["", "## WebSocket echo", "",
               "| proxy | messages/s | ratio | p50 µs | p99 µs | p99 ratio | CPU µs/message |",
               "|---|---|---|---|---|---|---|"]
-    for name in ("direct", "nginx", "haproxy", "pinacle-ingress"):
+    for name in ("direct", "nginx", "haproxy", "pinacle-ingress", "old-ingress"):
+        if name not in r:
+            continue
         m = r[name]["ws"]
         if "error" in m:
             lines.append(f"| {name} | error: {m['error']} | | | | | |")
