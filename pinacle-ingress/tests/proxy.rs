@@ -737,6 +737,17 @@ async fn other_hosts_go_to_the_dashboard_with_their_own_host(pool: PgPool) {
     assert_ours(&r, "bad-port");
 }
 
+/// A WebSocket handshake to the dashboard's Next.js HMR endpoint through the ingress.
+fn hmr_request(addr: SocketAddr) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = format!("ws://{addr}/_next/webpack-hmr")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", "pinacle.test".parse().unwrap());
+    request
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn dashboard_websockets_are_tunnelled_and_idle_ones_closed(pool: PgPool) {
     // Next.js HMR in development: the dashboard itself speaks WebSocket.
@@ -748,12 +759,7 @@ async fn dashboard_websockets_are_tunnelled_and_idle_ones_closed(pool: PgPool) {
         "websocket_idle_timeout = \"1s\"",
     )
     .await;
-    let mut request = format!("ws://{addr}/_next/webpack-hmr")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("host", "pinacle.test".parse().unwrap());
+    let request = hmr_request(addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     ws.send(Message::text("hmr")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hmr"));
@@ -801,12 +807,7 @@ async fn a_tunnel_runs_on_the_raw_connection_counts_while_open_and_is_recorded_w
     let upgraded =
         "pinacle_ingress_requests_total{port=\"\",route=\"dashboard\",status_class=\"1xx\"}";
     let open = "pinacle_ingress_websocket_tunnels_open";
-    let mut request = format!("ws://{addr}/_next/webpack-hmr")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("host", "pinacle.test".parse().unwrap());
+    let request = hmr_request(addr);
     let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     assert_eq!(response.status(), 101);
     assert_eq!(response.headers()["x-request-id"].len(), 24);
