@@ -361,6 +361,16 @@ def old_ingress(origin, ws):
 
 
 def directory_file(origin, ws):
+    pods = "".join(f"""
+[[pods]]
+id = "pod_{slug}"
+slug = "{slug}"
+owner_id = "user_bench"
+team_id = "team_bench"
+server_id = "server_local"
+status = "running"
+ports = [{{ name = "nginx-proxy", internal = 80, external = {port}, protocol = "tcp" }}]
+""" for slug, port in (("bench", origin), ("benchws", ws)))
     return write(os.path.join(WORK, "directory.toml"), f"""
 [[users]]
 id = "user_bench"
@@ -370,23 +380,7 @@ id = "team_bench"
 [[servers]]
 id = "server_local"
 ip_address = "127.0.0.1"
-[[pods]]
-id = "pod_bench"
-slug = "bench"
-owner_id = "user_bench"
-team_id = "team_bench"
-server_id = "server_local"
-status = "running"
-ports = [{{ name = "nginx-proxy", internal = 80, external = {origin}, protocol = "tcp" }}]
-[[pods]]
-id = "pod_benchws"
-slug = "benchws"
-owner_id = "user_bench"
-team_id = "team_bench"
-server_id = "server_local"
-status = "running"
-ports = [{{ name = "nginx-proxy", internal = 80, external = {ws}, protocol = "tcp" }}]
-""")
+{pods}""")
 
 
 def ingress_env(port, extra=None):

@@ -28,6 +28,7 @@ use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::request_id::RequestIds;
 use crate::responses::{Answer, REQUEST_ID_HEADER};
+pub use crate::telemetry::RouteKind;
 use crate::telemetry::{self, FinishedRequest, Metrics};
 use crate::tunnel::{self, Opened, TunnelReport, TunnelSpec, Upgraded};
 use crate::upstream::{self, Forwarding, HeaderEdit, Target};
@@ -71,32 +72,6 @@ impl Ingress {
             clock,
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-}
-
-/// What kind of request this turned out to be (logs and metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RouteKind {
-    /// Not yet routed (the request could not be read).
-    #[default]
-    Unrouted,
-    /// To the dashboard.
-    Dashboard,
-    /// To a pod (or refused on a pod host).
-    Pod,
-    /// The proxy-token callback.
-    Callback,
-}
-
-impl RouteKind {
-    /// Stable name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unrouted => "unrouted",
-            Self::Dashboard => "dashboard",
-            Self::Pod => "pod",
-            Self::Callback => "callback",
         }
     }
 }
@@ -850,7 +825,7 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, facts: Facts<'_>, end: &Ending<'_
     let duration = ctx.started.elapsed();
     let port = ctx.pod.as_ref().map_or(0, |p| p.port);
     metrics.request(&FinishedRequest {
-        route: ctx.route.as_str(),
+        route: ctx.route,
         status: end.status,
         port,
         duration,
@@ -903,10 +878,9 @@ impl TunnelHandover {
         report: TunnelReport,
         error: &str,
     ) {
-        let Some((mut ctx, facts)) = finished else {
+        let Some((ctx, facts)) = finished else {
             return;
         };
-        ctx.tunnel = Some(report);
         record(
             metrics,
             &ctx,
@@ -915,7 +889,7 @@ impl TunnelHandover {
                 status: report.status,
                 bytes_in: report.bytes_up,
                 bytes_out: report.bytes_down,
-                upgraded: error.is_empty(),
+                upgraded: report.status == 101,
                 idle_timeout: report.idle_timeout,
                 error,
             },

@@ -36,13 +36,39 @@ pub struct Metrics {
     connections_open: IntGauge,
     connections_refused: IntCounter,
     header_timeouts: IntCounter,
-    /// The per-route series of [`ROUTES`], resolved on first use: a labelled lookup hashes its
-    /// labels under a lock on every request otherwise.
-    route_series: Arc<[OnceLock<RouteSeries>; ROUTES.len()]>,
+    /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
+    /// under a lock on every request otherwise.
+    route_series: Arc<[OnceLock<RouteSeries>; RouteKind::ALL.len()]>,
 }
 
-/// The route kinds the proxy reports (`RouteKind::as_str`).
-const ROUTES: [&str; 4] = ["unrouted", "dashboard", "pod", "callback"];
+/// What kind of request this turned out to be (logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteKind {
+    /// Not yet routed (the request could not be read).
+    #[default]
+    Unrouted,
+    /// To the dashboard.
+    Dashboard,
+    /// To a pod (or refused on a pod host).
+    Pod,
+    /// The proxy-token callback.
+    Callback,
+}
+
+impl RouteKind {
+    /// Every kind, in declaration order (the index of each is `kind as usize`).
+    const ALL: [Self; 4] = [Self::Unrouted, Self::Dashboard, Self::Pod, Self::Callback];
+
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unrouted => "unrouted",
+            Self::Dashboard => "dashboard",
+            Self::Pod => "pod",
+            Self::Callback => "callback",
+        }
+    }
+}
 
 /// One route's series.
 #[derive(Debug)]
@@ -51,23 +77,6 @@ struct RouteSeries {
     upstream: Histogram,
     received: IntCounter,
     sent: IntCounter,
-}
-
-/// A port number as a label, without an allocation (`""` for 0: not a pod request).
-fn port_label(port: u16, buf: &mut [u8; 5]) -> &str {
-    if port == 0 {
-        return "";
-    }
-    let mut n = port;
-    let mut start = buf.len();
-    while n > 0 {
-        start -= 1;
-        if let Some(digit) = buf.get_mut(start) {
-            *digit = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-    }
-    std::str::from_utf8(buf.get(start..).unwrap_or_default()).unwrap_or_default()
 }
 
 /// `2xx`, `4xx`, ... (`0xx` when no response was sent).
@@ -186,7 +195,8 @@ impl Metrics {
         })
     }
 
-    fn series_for(&self, route: &str) -> RouteSeries {
+    fn series_for(&self, route: RouteKind) -> RouteSeries {
+        let route = route.as_str();
         RouteSeries {
             duration: self.request_duration.with_label_values(&[route]),
             upstream: self.upstream_duration.with_label_values(&[route]),
@@ -197,18 +207,17 @@ impl Metrics {
 
     /// Records a finished request.
     pub fn request(&self, done: &FinishedRequest) {
-        let mut buf = [0u8; 5];
+        let mut port = itoa::Buffer::new();
+        let port = if done.port == 0 {
+            ""
+        } else {
+            port.format(done.port)
+        };
+        let route = done.route.as_str();
         self.requests
-            .with_label_values(&[
-                done.route,
-                status_class(done.status),
-                port_label(done.port, &mut buf),
-            ])
+            .with_label_values(&[route, status_class(done.status), port])
             .inc();
-        let cell = ROUTES
-            .iter()
-            .position(|r| *r == done.route)
-            .and_then(|i| self.route_series.get(i));
+        let cell = self.route_series.get(done.route as usize);
         let resolved;
         let series = if let Some(cell) = cell {
             cell.get_or_init(|| self.series_for(done.route))
@@ -223,7 +232,7 @@ impl Metrics {
         series.received.inc_by(done.bytes_in);
         series.sent.inc_by(done.bytes_out);
         if done.connect_failed {
-            self.connect_failures.with_label_values(&[done.route]).inc();
+            self.connect_failures.with_label_values(&[route]).inc();
         }
     }
 
@@ -277,9 +286,9 @@ impl Metrics {
 
 /// What the metrics need to know about a finished request.
 #[derive(Debug, Clone, Copy)]
-pub struct FinishedRequest<'a> {
+pub struct FinishedRequest {
     /// Route kind.
-    pub route: &'a str,
+    pub route: RouteKind,
     /// Status sent (0: none).
     pub status: u16,
     /// Pod port (0: not a pod request).
@@ -443,7 +452,7 @@ mod tests {
     fn metrics_render_in_prometheus_text_format_and_move() {
         let m = Metrics::new().unwrap();
         m.request(&FinishedRequest {
-            route: "pod",
+            route: RouteKind::Pod,
             status: 200,
             port: 3000,
             duration: Duration::from_millis(3),
@@ -467,15 +476,6 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }
-    }
-
-    #[test]
-    fn port_labels() {
-        let mut buf = [0u8; 5];
-        assert_eq!(port_label(0, &mut buf), "");
-        assert_eq!(port_label(7, &mut buf), "7");
-        assert_eq!(port_label(3000, &mut buf), "3000");
-        assert_eq!(port_label(65535, &mut buf), "65535");
     }
 
     #[test]
