@@ -19,16 +19,18 @@
 //! Every wait is bounded: connect and response-head by the upstream timeouts, the tunnel by the
 //! WebSocket idle timeout (silence both ways, and each write).
 
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 use pingora::proxy::Session;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
@@ -327,18 +329,33 @@ pub async fn relay(
     report.bytes_up += early_up.len() as u64;
     drop((head, early_down));
 
-    let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+    let mut buf = vec![0u8; RELAY_BUFFER];
     // Re-armed only when it fires (from the last activity), not on every message.
     let mut last_activity = tokio::time::Instant::now();
     let silence = tokio::time::sleep(idle);
     tokio::pin!(silence);
+    let mut upstream_first = false;
     loop {
-        // The upstream is waited on for readiness only, so that one buffer serves both ways.
-        let event = tokio::select! {
-            read = client.read_buf(&mut buf) => Event::Down(read),
-            ready = upstream.readable() => Event::UpReady(ready),
-            () = &mut silence => Event::Silent,
-        };
+        // Both sides read into the one buffer by `poll_read`, which also tells tokio that a
+        // socket is drained after a short read: waiting for readiness and then `try_read`
+        // cost one more `recvfrom` (EAGAIN) per message. Sides take turns going first.
+        upstream_first = !upstream_first;
+        let event = std::future::poll_fn(|cx| {
+            let mut read = ReadBuf::new(&mut buf);
+            for up in [upstream_first, !upstream_first] {
+                let polled = if up {
+                    Pin::new(&mut upstream).poll_read(cx, &mut read)
+                } else {
+                    Pin::new(&mut *client).poll_read(cx, &mut read)
+                };
+                if let Poll::Ready(result) = polled {
+                    let n = result.map(|()| read.filled().len());
+                    return Poll::Ready(if up { Event::Up(n) } else { Event::Down(n) });
+                }
+            }
+            silence.as_mut().poll(cx).map(|()| Event::Silent)
+        })
+        .await;
         let moved = match event {
             Event::Silent => {
                 let quiet_until = last_activity + idle;
@@ -354,30 +371,26 @@ pub async fn relay(
                 break;
             }
             Event::Down(Ok(n)) => {
-                let written = tokio::time::timeout(idle, upstream.write_all(&buf)).await;
+                let data = buf.get(..n).unwrap_or_default();
+                let written = tokio::time::timeout(idle, upstream.write_all(data)).await;
                 report.bytes_up += n as u64;
                 matches!(written, Ok(Ok(())))
             }
-            Event::UpReady(Err(_)) => break,
-            Event::UpReady(Ok(())) => match upstream.try_read_buf(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let written = tokio::time::timeout(idle, async {
-                        client.write_all(&buf).await?;
-                        client.flush().await
-                    })
-                    .await;
-                    report.bytes_down += n as u64;
-                    matches!(written, Ok(Ok(())))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-                Err(_) => break,
-            },
+            Event::Up(Ok(0) | Err(_)) => break,
+            Event::Up(Ok(n)) => {
+                let data = buf.get(..n).unwrap_or_default();
+                let written = tokio::time::timeout(idle, async {
+                    client.write_all(data).await?;
+                    client.flush().await
+                })
+                .await;
+                report.bytes_down += n as u64;
+                matches!(written, Ok(Ok(())))
+            }
         };
         if !moved {
             break;
         }
-        buf.clear();
         last_activity = tokio::time::Instant::now();
     }
     // A clean end for the client (TLS close_notify, then FIN), bounded.
@@ -386,7 +399,9 @@ pub async fn relay(
 }
 
 enum Event {
+    /// Read from the client.
     Down(std::io::Result<usize>),
-    UpReady(std::io::Result<()>),
+    /// Read from the upstream.
+    Up(std::io::Result<usize>),
     Silent,
 }
