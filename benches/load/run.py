@@ -30,6 +30,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 INGRESS = os.path.join(ROOT, "target", "release", "pinacle-ingress")
 WSLOAD = os.path.join(ROOT, "target", "release", "pinacle-wsload")
 FLOOR = os.path.join(ROOT, "target", "release", "pingora-floor")
+TOKIO_FLOOR = os.path.join(ROOT, "target", "release", "tokio-floor")
 OLD_INGRESS = os.path.join(ROOT, "benches", "load", "old-ingress")
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -327,11 +328,11 @@ backend ws
     return port, proc
 
 
-def pingora_floor(origin):
-    """The smallest Pingora proxy (benches/src/bin/pingora-floor.rs): Pingora's own cost."""
+def floor(name, binary, origin):
+    """A floor: the smallest Pingora proxy (benches/src/bin/pingora-floor.rs), Pingora's own
+    cost; or the least a hand-written Tokio forwarder does (benches/src/bin/tokio-floor.rs)."""
     port = free_port()
-    proc = start("pingora-floor", [FLOOR, f"127.0.0.1:{port}", f"127.0.0.1:{origin}"],
-                 PROXY_CPU)
+    proc = start(name, [binary, f"127.0.0.1:{port}", f"127.0.0.1:{origin}"], PROXY_CPU)
     wait_port(port)
     return port, proc
 
@@ -513,7 +514,8 @@ def main():
         "PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws),
         # The dashboard route (no credentials, no directory) goes to the origin too.
         "PINACLE_INGRESS_DASHBOARD_UPSTREAM": f"127.0.0.1:{origin}"})
-    floor_port, floor_proc = pingora_floor(origin)
+    floor_port, floor_proc = floor("pingora-floor", FLOOR, origin)
+    tokio_port, tokio_proc = floor("tokio-floor", TOKIO_FLOOR, origin)
     old = old_ingress(origin, ws)
     cookie = mint("user_bench")
 
@@ -523,6 +525,7 @@ def main():
         ("nginx", nginx_port, POD_HOST, "", nginx_port, "", nginx_proc),
         ("haproxy", haproxy_port, POD_HOST, "", haproxy_port, "", haproxy_proc),
         ("pingora-floor", floor_port, POD_HOST, "", None, "", floor_proc),
+        ("tokio-floor", tokio_port, POD_HOST, "", None, "", tokio_proc),
         ("ingress-dashboard", ingress_port, "pinacle.bench", "", None, "", ingress_proc),
         ("pinacle-ingress", ingress_port, POD_HOST, cookie, ingress_port, cookie, ingress_proc),
     ]
@@ -544,6 +547,7 @@ def main():
             entry["rss_after_runs_kib"] = rss_kib(pids)
         results[name] = entry
     stop(floor_proc)
+    stop(tokio_proc)
     if old:
         stop(old[1])
     # Idle connections, each count on a fresh process: an allocator keeps the pages a previous
@@ -601,9 +605,12 @@ def render(meta, r):
         "held open. Access logging is off in every proxy. Ratios are to nginx.",
         "The ingress runs with authentication on: every request carries a next-auth session "
         "cookie that is decrypted and authorized (warm cache, file directory); nginx and HAProxy "
-        "only route by Host. Two reference rows: `pingora-floor` is the smallest Pingora proxy "
+        "only route by Host. Three reference rows: `pingora-floor` is the smallest Pingora proxy "
         "(same Pingora and allocator, no routing, credentials, logs or metrics: "
-        "`benches/src/bin/pingora-floor.rs`), and `ingress-dashboard` is the ingress on its "
+        "`benches/src/bin/pingora-floor.rs`); `tokio-floor` is the least a hand-written Tokio "
+        "HTTP/1 forwarder does (same runtime shape and allocator, httparse, pooled upstream, "
+        "`Content-Length` bodies only: `benches/src/bin/tokio-floor.rs`), what a path of our own "
+        "for plain requests could approach; and `ingress-dashboard` is the ingress on its "
         "dashboard route (no credentials, no directory). `old-ingress` stands in for the Node.js "
         "ingress Pinacle runs today (`benches/load/old-ingress/server.js`: http-proxy, a "
         "jsonwebtoken proxy-token check per request, no upstream keep-alive, as shared/PINACLE.md "
@@ -614,7 +621,7 @@ def render(meta, r):
         "| proxy | body | requests/s | ratio | p50 ms | p99 ms | p99 ratio | CPU µs/request |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("direct", "nginx", "haproxy", "pingora-floor", "ingress-dashboard",
+    for name in ("direct", "nginx", "haproxy", "pingora-floor", "tokio-floor", "ingress-dashboard",
                  "pinacle-ingress", "old-ingress"):
         if name not in r:
             continue
