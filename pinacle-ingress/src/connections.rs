@@ -74,6 +74,26 @@ struct Shared {
 pub struct Gate<A> {
     inner: Arc<A>,
     shared: Arc<Shared>,
+    plain: Option<Arc<dyn PlainRequests>>,
+}
+
+/// Serves some HTTP/1 requests without the Pingora app (see `crate::plain`): asked first for
+/// every request whose first bytes arrived; what it declines goes to the app untouched.
+#[async_trait]
+pub trait PlainRequests: Send + Sync {
+    /// Serves the request waiting on `conn` ([`HeaderDeadline::pending`]) or declines it.
+    async fn serve(&self, conn: &mut HeaderDeadline, stopping: bool) -> Served;
+}
+
+/// What [`PlainRequests::serve`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Not a request it serves: nothing was read or written.
+    Declined,
+    /// Served; the connection may take another request.
+    KeepAlive,
+    /// Served (or failed); the connection closes.
+    Close,
 }
 
 impl<A> fmt::Debug for Gate<A> {
@@ -96,7 +116,15 @@ impl<A> Gate<A> {
                 metrics,
                 ids: RequestIds::new(),
             }),
+            plain: None,
         }
+    }
+
+    /// Lets `plain` serve the requests it takes before the app sees them.
+    #[must_use]
+    pub fn with_plain_requests(mut self, plain: Arc<dyn PlainRequests>) -> Self {
+        self.plain = Some(plain);
+        self
     }
 }
 
@@ -176,18 +204,37 @@ impl<A: HttpServerApp + Send + Sync + 'static> Gate<A> {
         mut conn: Box<HeaderDeadline>,
         shutdown: &ShutdownWatch,
     ) -> Option<(Takeover, Stream, Vec<u8>)> {
-        let mut reused: Option<Option<HttpPersistentSettings>> = None;
+        // Pingora's settings from the previous request: `None` for a session that starts the
+        // way a new connection's does (the first, and any after a plain request).
+        let mut carried: Option<Option<HttpPersistentSettings>> = None;
+        // The plain path only counts requests against no limit of Pingora's.
+        let plain = self.plain.as_ref().filter(|_| {
+            self.inner
+                .server_options()
+                .and_then(|o| o.keepalive_request_limit)
+                .is_none()
+        });
+        let mut first = true;
         loop {
-            let arrived = match reused {
-                // The first head's deadline runs from the connection's start.
-                None => conn.wait_for_request(None).await,
-                Some(_) => conn.wait_for_request(Some(shutdown)).await,
-            };
+            // The first head's deadline runs from the connection's start.
+            let arrived = conn.wait_for_request((!first).then_some(shutdown)).await;
             if !arrived {
                 return None;
             }
+            first = false;
+            if let Some(plain) = plain {
+                let stopping = *shutdown.borrow();
+                match plain.serve(&mut conn, stopping).await {
+                    Served::Declined => {}
+                    Served::KeepAlive => {
+                        carried = None;
+                        continue;
+                    }
+                    Served::Close => return None,
+                }
+            }
             let mut session = ServerSession::new_http1(conn);
-            match reused.take() {
+            match carried.take() {
                 None => {
                     // As Pingora does for a new connection.
                     session.set_keepalive((!*shutdown.borrow()).then_some(60));
@@ -215,7 +262,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Gate<A> {
                 return Some((*takeover, client, early));
             }
             conn = again;
-            reused = Some(settings);
+            carried = Some(settings);
         }
     }
 }
@@ -387,6 +434,35 @@ impl HeaderDeadline {
             self.first_taken = 0;
         }
         got
+    }
+
+    /// Bytes of the next request already read (what [`PlainRequests::serve`] looks at).
+    pub fn pending(&self) -> &[u8] {
+        self.first.get(self.first_taken..).unwrap_or_default()
+    }
+
+    /// Takes the pending bytes as a whole request head: its deadline stops.
+    pub fn take_pending_head(&mut self) {
+        self.first = Vec::new();
+        self.first_taken = 0;
+        self.phase.store(MESSAGE, Ordering::Release);
+    }
+
+    /// The request is answered: the next head's deadline starts with its first byte.
+    pub fn request_done(&self) {
+        self.phase.store(AWAITING, Ordering::Release);
+    }
+
+    /// The client's address.
+    pub fn client_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()))
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.inner.get_ssl_digest().is_some()
     }
 
     /// The client's stream and the bytes read from it that nobody took yet.

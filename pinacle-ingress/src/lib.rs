@@ -15,6 +15,7 @@
 //! - [`responses`]: every response the ingress makes itself.
 //! - [`tunnel`]: WebSocket tunnels (works around a Pingora 0.9.1 upgrade race).
 //! - [`proxy`]: the `ProxyHttp` implementation that wires the above together.
+//! - [`plain`]: bodiless `GET`/`HEAD` requests to pods served without Pingora's proxy loop.
 //! - [`connections`]: `max_connections` and `request_header_timeout` (around Pingora's app).
 //! - [`config`]: the TOML file, environment overrides, validation.
 //! - [`server`]: building and running the Pingora server; [`admin`]: health and metrics.
@@ -35,6 +36,7 @@ pub mod directory;
 pub mod host;
 pub mod inspect;
 pub mod intent;
+pub mod plain;
 pub mod proxy;
 pub mod request_id;
 pub mod responses;

@@ -23,9 +23,10 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
 use crate::config::IngressConfig;
-use crate::connections::{self, Takeover, TakeoverTask};
+use crate::connections::{self, HeaderDeadline, PlainRequests, Served, Takeover, TakeoverTask};
 use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
+use crate::plain::{self, Exchange, Failure, PlainRequest, UpstreamPool};
 use crate::request_id::RequestIds;
 use crate::responses::{Answer, REQUEST_ID_HEADER};
 pub use crate::telemetry::RouteKind;
@@ -36,8 +37,11 @@ use crate::upstream::{self, Forwarding, HeaderEdit, Target};
 /// Unix seconds now (the credential clock).
 pub type Clock = fn() -> i64;
 
-/// The shared state of the proxy.
-pub struct Ingress {
+/// The proxy: Pingora's `ProxyHttp` and the gate's [`PlainRequests`] over one shared state.
+pub struct Ingress(Arc<State>);
+
+/// What every request reads.
+pub struct State {
     config: Arc<IngressConfig>,
     verifier: CredentialVerifier,
     authorizer: Arc<Authorizer>,
@@ -45,6 +49,25 @@ pub struct Ingress {
     clock: Clock,
     metrics: Metrics,
     in_flight: Arc<AtomicUsize>,
+    /// Idle upstream connections of the plain path (Pingora keeps its own).
+    pool: UpstreamPool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("listen", &self.config.listen)
+            .field("idle_upstream_connections", &self.pool.idle_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Ingress {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Ingress {
@@ -64,7 +87,8 @@ impl Ingress {
         clock: Clock,
         metrics: Metrics,
     ) -> Self {
-        Self {
+        let pool = UpstreamPool::new(config.timeouts.upstream_idle);
+        Self(Arc::new(State {
             config,
             verifier,
             authorizer,
@@ -72,7 +96,13 @@ impl Ingress {
             clock,
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
-        }
+            pool,
+        }))
+    }
+
+    /// The same proxy as the connection gate's [`PlainRequests`] (see [`crate::plain`]).
+    pub fn plain_requests(&self) -> Arc<dyn PlainRequests> {
+        Arc::new(Self(self.0.clone()))
     }
 }
 
@@ -158,6 +188,29 @@ impl Drop for InFlight {
     }
 }
 
+/// The parts of a request the decisions read, from Pingora's session or from the plain path.
+#[derive(Debug, Clone, Copy)]
+struct RequestView<'a> {
+    method: &'a http::Method,
+    uri: &'a http::Uri,
+    headers: &'a http::HeaderMap,
+    client_ip: Option<std::net::IpAddr>,
+    tls: bool,
+}
+
+impl<'a> RequestView<'a> {
+    fn of(session: &'a Session) -> Self {
+        let req = session.req_header();
+        Self {
+            method: &req.method,
+            uri: &req.uri,
+            headers: &req.headers,
+            client_ip: client_ip(session),
+            tls: is_tls(session),
+        }
+    }
+}
+
 /// The `Host` header, or the `:authority` of an HTTP/2 request.
 fn request_host(req: &RequestHeader) -> String {
     req.headers
@@ -169,9 +222,9 @@ fn request_host(req: &RequestHeader) -> String {
 }
 
 /// Every `Cookie` header joined as one (HTTP/2 clients send one field per cookie).
-fn cookie_header(req: &RequestHeader) -> String {
+fn cookie_header(headers: &http::HeaderMap) -> String {
     let mut joined = String::new();
-    for value in req.headers.get_all(header::COOKIE) {
+    for value in headers.get_all(header::COOKIE) {
         if let Ok(v) = value.to_str() {
             if !joined.is_empty() {
                 joined.push_str("; ");
@@ -215,6 +268,27 @@ fn is_tls(session: &Session) -> bool {
 }
 
 impl Ingress {
+    /// The request's client trust, id, span, host and intent (first thing, on either path).
+    fn identify(&self, ctx: &mut RequestCtx, view: &RequestView<'_>, host: String) {
+        ctx.trusted_client = view.client_ip.is_some_and(|ip| {
+            self.config
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(ip))
+        });
+        ctx.request_id = match view
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if ctx.trusted_client && acceptable_request_id(id) => id.to_owned(),
+            _ => self.ids.next_id(),
+        };
+        ctx.span = tracing::info_span!("request", request_id = %ctx.request_id);
+        ctx.host = host;
+        ctx.intent = intent::classify(view.method, view.headers);
+    }
+
     /// Writes an answer of ours and records it.
     async fn respond(
         &self,
@@ -269,24 +343,22 @@ impl Ingress {
     }
 
     /// The header edits for the decided target.
-    fn forwarding(&self, session: &Session, ctx: &RequestCtx) -> Vec<HeaderEdit> {
+    fn forwarding(&self, view: &RequestView<'_>, ctx: &RequestCtx) -> Vec<HeaderEdit> {
         let Some(target) = &ctx.target else {
             return Vec::new();
         };
         upstream::forwarding_edits(&Forwarding {
             target,
             cookie: ctx.forward_cookie.as_deref(),
-            client_ip: client_ip(session),
+            client_ip: view.client_ip,
             trusted_forwarded_for: if ctx.trusted_client {
-                session
-                    .req_header()
-                    .headers
+                view.headers
                     .get("x-forwarded-for")
                     .and_then(|v| v.to_str().ok())
             } else {
                 None
             },
-            tls: is_tls(session),
+            tls: view.tls,
             original_host: &ctx.host,
             request_id: &ctx.request_id,
         })
@@ -313,7 +385,7 @@ impl Ingress {
             tracing::error!(parent: &ctx.span, request_id = %ctx.request_id, "upgrade on a connection outside the connection gate");
             return self.respond(session, ctx, Answer::Internal).await;
         }
-        let edits = self.forwarding(session, ctx);
+        let edits = self.forwarding(&RequestView::of(session), ctx);
         let strip: &[String] = match target {
             Target::Pod { .. } => &self.config.strip_response_headers,
             Target::Dashboard { .. } => &[],
@@ -355,9 +427,8 @@ impl Ingress {
     }
 
     /// The answer to a pod request without usable credentials.
-    fn unauthenticated(&self, pod: &PodHost, session: &Session, intent: Intent) -> Answer {
+    fn unauthenticated(&self, pod: &PodHost, uri: &http::Uri, intent: Intent) -> Answer {
         if intent.navigation {
-            let uri = &session.req_header().uri;
             let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
             Answer::SignIn {
                 location: callback::sign_in_location(
@@ -371,42 +442,47 @@ impl Ingress {
         }
     }
 
-    /// Authenticates and authorizes a pod request; `Ok(target)` or the answer to give instead.
-    async fn decide_pod(
-        &self,
-        session: &Session,
-        ctx: &mut RequestCtx,
-        pod: &PodHost,
-    ) -> Result<Target, Answer> {
+    /// Authenticates and authorizes a pod request. No side effects (but cache fills), so the
+    /// plain path can drop a judgement it does not serve; [`Self::apply`] records it.
+    async fn judge_pod(&self, view: &RequestView<'_>, intent: Intent, pod: &PodHost) -> Judged {
         let now = (self.clock)();
-        let cookies = cookie_header(session.req_header());
+        let cookies = cookie_header(view.headers);
         let mut inspection = self.verifier.inspect(&cookies, now);
         // Moved out (not cloned): only the credential cookie names are needed afterwards.
         let verification = std::mem::replace(
             &mut inspection.verification,
             Verification::Decided(Outcome::Missing),
         );
+        let mut judged = Judged {
+            verdict: Err(Answer::Internal),
+            authz: "none",
+            user: None,
+            lookup: None,
+            directory_error: None,
+        };
         let outcome = match self.authorizer.resolve(verification, now).await {
             Ok(outcome) => outcome,
-            Err(e) => return Err(directory_failed(ctx, "session lookup", &e)),
+            Err(e) => return judged.directory_failed("session lookup", e),
         };
         let principal: Principal = match outcome {
             Outcome::Valid(p) => p,
             other => {
-                ctx.authz = match other {
+                judged.authz = match other {
                     Outcome::Expired { .. } => "expired",
                     Outcome::Invalid { .. } => "invalid",
                     _ => "missing",
                 };
-                return Err(self.unauthenticated(pod, session, ctx.intent));
+                judged.verdict = Err(self.unauthenticated(pod, view.uri, intent));
+                return judged;
             }
         };
-        ctx.user = Some(principal.user_id.clone());
+        judged.user = Some(principal.user_id.clone());
         if let Some(scope) = &principal.scope
             && (scope.pod_slug != pod.slug || scope.target_port != pod.port)
         {
-            ctx.authz = "token_for_other_pod";
-            return Err(self.unauthenticated(pod, session, ctx.intent));
+            judged.authz = "token_for_other_pod";
+            judged.verdict = Err(self.unauthenticated(pod, view.uri, intent));
+            return judged;
         }
         let decision = match self
             .authorizer
@@ -414,13 +490,12 @@ impl Ingress {
             .await
         {
             Ok((d, lookup)) => {
-                self.metrics
-                    .authz_lookup(lookup == pinacle_authz::CacheLookup::Hit);
+                judged.lookup = Some(lookup);
                 d
             }
-            Err(e) => return Err(directory_failed(ctx, "authorization lookup", &e)),
+            Err(e) => return judged.directory_failed("authorization lookup", e),
         };
-        match decision {
+        let (authz, verdict) = match decision {
             Decision::Allow {
                 pod_id, upstream, ..
             } => {
@@ -428,43 +503,84 @@ impl Ingress {
                     && scope.pod_id != pod_id
                 {
                     // A token for an earlier pod with this slug: get a fresh one.
-                    ctx.authz = "token_for_replaced_pod";
-                    return Err(self.unauthenticated(pod, session, ctx.intent));
+                    (
+                        "token_for_replaced_pod",
+                        Err(self.unauthenticated(pod, view.uri, intent)),
+                    )
+                } else {
+                    let domain = self
+                        .config
+                        .upstream_domain
+                        .as_ref()
+                        .or_else(|| self.config.base_domains.get(pod.base));
+                    let host =
+                        domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
+                    (
+                        "allow",
+                        Ok(Allowed {
+                            target: Target::Pod {
+                                addr: upstream,
+                                pod_id,
+                                host,
+                            },
+                            forward_cookie: inspection.forwardable_cookie_header(&cookies),
+                        }),
+                    )
                 }
-                ctx.authz = "allow";
-                ctx.forward_cookie = inspection.forwardable_cookie_header(&cookies);
-                let domain = self
-                    .config
-                    .upstream_domain
-                    .as_ref()
-                    .or_else(|| self.config.base_domains.get(pod.base));
-                let host = domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
-                Ok(Target::Pod {
-                    addr: upstream,
-                    pod_id,
-                    host,
-                })
             }
-            Decision::Unavailable { status, reason, .. } => {
-                ctx.authz = "allow_unavailable";
+            Decision::Unavailable { status, reason, .. } => (
+                "allow_unavailable",
                 Err(Answer::PodUnavailable {
                     status: status.as_str().to_owned(),
                     reason: reason.as_str(),
-                })
-            }
-            Decision::Deny(reason) => {
-                ctx.authz = reason.as_str();
-                Err(Answer::Forbidden)
-            }
+                }),
+            ),
+            Decision::Deny(reason) => (reason.as_str(), Err(Answer::Forbidden)),
+        };
+        judged.authz = authz;
+        judged.verdict = verdict;
+        judged
+    }
+
+    /// Records a judgement in the request's context, metrics and log; the target or the answer.
+    fn apply(&self, ctx: &mut RequestCtx, judged: Judged) -> Result<Target, Answer> {
+        ctx.authz = judged.authz;
+        ctx.user = judged.user;
+        if let Some(lookup) = judged.lookup {
+            self.metrics
+                .authz_lookup(lookup == pinacle_authz::CacheLookup::Hit);
         }
+        if let Some((what, e)) = &judged.directory_error {
+            tracing::warn!(parent: &ctx.span, request_id = %ctx.request_id, error = %e, "{what} failed");
+        }
+        let allowed = judged.verdict?;
+        ctx.forward_cookie = allowed.forward_cookie;
+        Ok(allowed.target)
     }
 }
 
-/// The directory could not answer: fail closed (503), and say why in the log.
-fn directory_failed(ctx: &mut RequestCtx, what: &str, e: &DirectoryError) -> Answer {
-    tracing::warn!(parent: &ctx.span, request_id = %ctx.request_id, error = %e, "{what} failed");
-    ctx.authz = "directory_error";
-    Answer::AuthorizationUnavailable
+/// A pod request's judgement, not yet recorded.
+struct Judged {
+    verdict: Result<Allowed, Answer>,
+    authz: &'static str,
+    user: Option<UserId>,
+    lookup: Option<pinacle_authz::CacheLookup>,
+    directory_error: Option<(&'static str, DirectoryError)>,
+}
+
+struct Allowed {
+    target: Target,
+    forward_cookie: Option<String>,
+}
+
+impl Judged {
+    /// The directory could not answer: fail closed (503), and say why in the log.
+    fn directory_failed(mut self, what: &'static str, e: DirectoryError) -> Self {
+        self.authz = "directory_error";
+        self.verdict = Err(Answer::AuthorizationUnavailable);
+        self.directory_error = Some((what, e));
+        self
+    }
 }
 
 /// Maps a proxying error to our answer; `None` when the client is gone.
@@ -503,24 +619,8 @@ impl ProxyHttp for Ingress {
     ) -> pingora::Result<bool> {
         ctx.started = Instant::now();
         connections::head_read(session);
-        ctx.trusted_client = client_ip(session).is_some_and(|ip| {
-            self.config
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(ip))
-        });
         let req = session.req_header();
-        ctx.request_id = match req
-            .headers
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(id) if ctx.trusted_client && acceptable_request_id(id) => id.to_owned(),
-            _ => self.ids.next_id(),
-        };
-        ctx.span = tracing::info_span!("request", request_id = %ctx.request_id);
-        ctx.host = request_host(req);
-        ctx.intent = intent::classify(&req.method, &req.headers);
+        self.identify(ctx, &RequestView::of(session), request_host(req));
         let too_large = request_head_bytes(req) > self.config.max_request_header_bytes;
         let timeouts = &self.config.timeouts;
         session.set_read_timeout(Some(if ctx.intent.upgrade {
@@ -570,7 +670,10 @@ impl ProxyHttp for Ingress {
         }
 
         ctx.route = RouteKind::Pod;
-        match self.decide_pod(session, ctx, &pod).await {
+        let judged = self
+            .judge_pod(&RequestView::of(session), ctx.intent, &pod)
+            .await;
+        match self.apply(ctx, judged) {
             Ok(target) => {
                 ctx.target = Some(target);
                 self.proxy_or_tunnel(session, ctx).await
@@ -604,7 +707,7 @@ impl ProxyHttp for Ingress {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         ctx.upstream_started = Some(Instant::now());
-        for edit in self.forwarding(session, ctx) {
+        for edit in self.forwarding(&RequestView::of(session), ctx) {
             match edit {
                 HeaderEdit::Set(name, value) => {
                     upstream_request.insert_header(name, value)?;
@@ -749,6 +852,148 @@ impl ProxyHttp for Ingress {
     }
 }
 
+#[async_trait]
+impl PlainRequests for Ingress {
+    /// Serves a bodiless `GET`/`HEAD` to a pod the user may use (see [`crate::plain`]) with
+    /// the same decisions, header edits, metrics and access log as the Pingora path; declines
+    /// everything else, and every request the ingress would answer itself, untouched.
+    async fn serve(&self, conn: &mut HeaderDeadline, stopping: bool) -> Served {
+        let config = &self.config;
+        if config.tls.as_ref().is_some_and(|t| t.redirect_http) && !conn.is_tls() {
+            return Served::Declined;
+        }
+        let Some(request) = PlainRequest::parse(conn.pending(), config.max_request_header_bytes)
+        else {
+            return Served::Declined;
+        };
+        let Route::Pod(pod) = host::route(&request.host, &config.base_domains) else {
+            return Served::Declined;
+        };
+        if request.uri.path() == CALLBACK_PATH {
+            return Served::Declined;
+        }
+        let client = conn.client_addr();
+        let view = RequestView {
+            method: &request.method,
+            uri: &request.uri,
+            headers: &request.headers,
+            client_ip: client.map(|a| a.ip()),
+            tls: conn.is_tls(),
+        };
+        let mut ctx = RequestCtx::new();
+        let (counted, in_flight) = InFlight::enter(&self.in_flight);
+        if in_flight >= config.max_concurrent_requests {
+            return Served::Declined;
+        }
+        let intent = intent::classify(view.method, view.headers);
+        let judged = self.judge_pod(&view, intent, &pod).await;
+        if judged.verdict.is_err() {
+            return Served::Declined;
+        }
+        // Served here from now on.
+        self.identify(&mut ctx, &view, request.host.clone());
+        ctx.in_flight = Some(counted);
+        ctx.route = RouteKind::Pod;
+        ctx.pod = Some(pod);
+        let Ok(target) = self.apply(&mut ctx, judged) else {
+            return Served::Declined;
+        };
+        ctx.target = Some(target);
+        let mut head = Vec::with_capacity(conn.pending().len() + 256);
+        if !plain::upstream_head(conn.pending(), &self.forwarding(&view, &ctx), &mut head) {
+            return Served::Declined;
+        }
+        conn.take_pending_head();
+        let Some(target) = &ctx.target else {
+            return Served::Close;
+        };
+        let exchange = Exchange {
+            addr: target.addr(),
+            head: &head,
+            head_request: request.method == http::Method::HEAD,
+            strip: &config.strip_response_headers,
+            request_id: &ctx.request_id,
+            close_client: stopping,
+            connect_timeout: config.timeouts.upstream_connect,
+            read_timeout: config.timeouts.upstream_read,
+            write_timeout: config.timeouts.client_read,
+        };
+        ctx.upstream_started = Some(Instant::now());
+        let mut done = plain::exchange(conn, &self.pool, &exchange).await;
+        ctx.upstream_duration = done.upstream;
+        ctx.status = done.status;
+        if let Some(failure) = done.failure {
+            ctx.connect_failed =
+                matches!(failure, Failure::Refused | Failure::TimedOut) && done.status == 0;
+            if failure.answerable() {
+                let answer = match failure {
+                    Failure::TimedOut => Answer::UpstreamTimeout,
+                    _ => Answer::UpstreamRefused,
+                };
+                done.status = self
+                    .answer_plain(conn, &mut ctx, &answer, &request.method)
+                    .await;
+            }
+        }
+        conn.request_done();
+        ctx.in_flight = None;
+        self.metrics.plain_request();
+        record(
+            &self.metrics,
+            &ctx,
+            Facts::Plain {
+                client,
+                method: &request.method,
+                uri: &request.uri,
+            },
+            &Ending {
+                status: done.status,
+                bytes_in: 0,
+                bytes_out: done.body_bytes,
+                upgraded: false,
+                idle_timeout: false,
+                error: done.failure.map_or("", Failure::as_str),
+            },
+        );
+        if done.keep_client {
+            Served::KeepAlive
+        } else {
+            Served::Close
+        }
+    }
+}
+
+impl Ingress {
+    /// Writes one of our answers on the plain path (the connection then closes); its status,
+    /// or 0 when the client is gone.
+    async fn answer_plain(
+        &self,
+        conn: &mut HeaderDeadline,
+        ctx: &mut RequestCtx,
+        answer: &Answer,
+        method: &http::Method,
+    ) -> u16 {
+        use tokio::io::AsyncWriteExt;
+
+        let reply = answer.reply(ctx.intent.navigation);
+        ctx.answer = Some(answer.name());
+        let mut bytes = reply.http1_bytes(answer.name(), &ctx.request_id);
+        if *method == http::Method::HEAD {
+            bytes.truncate(bytes.len().saturating_sub(reply.body.len()));
+        }
+        let written = tokio::time::timeout(self.config.timeouts.client_read, async {
+            conn.write_all(&bytes).await?;
+            conn.flush().await
+        })
+        .await;
+        if matches!(written, Ok(Ok(()))) {
+            reply.status
+        } else {
+            0
+        }
+    }
+}
+
 /// The keep-alive a handed-over connection is given so that Pingora returns it (no request
 /// follows on it: the tunnel ends the connection).
 const TAKEOVER_KEEPALIVE_SECS: u64 = 60;
@@ -759,6 +1004,12 @@ const TAKEOVER_KEEPALIVE_SECS: u64 = 60;
 enum Facts<'a> {
     Live(&'a Session),
     Kept(&'a RequestFacts),
+    /// A request served by the plain path.
+    Plain {
+        client: Option<std::net::SocketAddr>,
+        method: &'a http::Method,
+        uri: &'a http::Uri,
+    },
 }
 
 impl Facts<'_> {
@@ -769,6 +1020,7 @@ impl Facts<'_> {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             Self::Kept(kept) => kept.client.clone(),
+            Self::Plain { client, .. } => client.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
 
@@ -776,6 +1028,7 @@ impl Facts<'_> {
         match self {
             Self::Live(session) => session.req_header().method.as_str(),
             Self::Kept(kept) => kept.method.as_str(),
+            Self::Plain { method, .. } => method.as_str(),
         }
     }
 
@@ -786,6 +1039,7 @@ impl Facts<'_> {
                 telemetry::loggable_target(uri.path(), uri.query())
             }
             Self::Kept(kept) => kept.path.clone(),
+            Self::Plain { uri, .. } => telemetry::loggable_target(uri.path(), uri.query()),
         }
     }
 }

@@ -220,8 +220,9 @@ pub fn build(
         clock,
         prepared.metrics.clone(),
     );
+    let plain = ingress.plain_requests();
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
-    let gate = Gate::new(proxy, limits, prepared.metrics.clone());
+    let gate = Gate::new(proxy, limits, prepared.metrics.clone()).with_plain_requests(plain);
     let mut service = Service::new("pinacle-ingress".to_owned(), gate);
     service.add_listener(ListenerConfig::tcp(listen).l4_buffer(plain_buffers()));
     if let (Some(tls), Some(certs)) = (tls, &prepared.certs) {

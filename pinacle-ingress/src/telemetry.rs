@@ -36,6 +36,7 @@ pub struct Metrics {
     connections_open: IntGauge,
     connections_refused: IntCounter,
     header_timeouts: IntCounter,
+    plain_requests: IntCounter,
     /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
     /// under a lock on every request otherwise.
     route_series: Arc<[OnceLock<RouteSeries>; RouteKind::ALL.len()]>,
@@ -176,11 +177,18 @@ impl Metrics {
             "Connections closed because a request head took longer than request_header_timeout.",
         )?;
         registry.register(Box::new(header_timeouts.clone()))?;
+        let plain_requests = IntCounter::new(
+            "pinacle_ingress_plain_requests_total",
+            "Requests served by the plain HTTP/1 path (bodiless GET/HEAD to pods) without \
+             Pingora's proxy loop; also counted in pinacle_ingress_requests_total.",
+        )?;
+        registry.register(Box::new(plain_requests.clone()))?;
         Ok(Self {
             registry,
             connections_open,
             connections_refused,
             header_timeouts,
+            plain_requests,
             route_series: Arc::new(Default::default()),
             requests,
             request_duration,
@@ -273,6 +281,11 @@ impl Metrics {
     /// A request head that did not arrive within `request_header_timeout`.
     pub fn header_timeout(&self) {
         self.header_timeouts.inc();
+    }
+
+    /// Records a request served by the plain path (`crate::plain`).
+    pub fn plain_request(&self) {
+        self.plain_requests.inc();
     }
 
     /// The Prometheus text exposition.

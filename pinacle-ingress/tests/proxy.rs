@@ -264,6 +264,8 @@ async fn owner_and_member_get_through_with_the_rewritten_host_and_no_credentials
         assert_eq!(r.header("cross-origin-opener-policy"), None);
         assert_eq!(r.header("x-pinacle-ingress"), None);
     }
+    // Both were served by the plain path (`pinacle_ingress::plain`), not Pingora's loop.
+    wait_for_metric(&w.ingress, "pinacle_ingress_plain_requests_total", 2.0).await;
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -952,6 +954,20 @@ async fn upstream_refused_is_502_and_silence_is_504(pool: PgPool) {
     assert_eq!(r.status, 504);
     assert_ours(&r, "upstream-timeout");
     assert!(r.text().contains("Gateway timeout"));
+    // Both answered on the plain path; a HEAD gets the head alone.
+    wait_for_metric(&w.ingress, "pinacle_ingress_plain_requests_total", 2.0).await;
+    let mut conn = TcpStream::connect(w.addr).await.unwrap();
+    let head = format!(
+        "HEAD / HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\n\r\n",
+        pod_host(3000, "gone")
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_to_close(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n"),
+        "a HEAD answer has no body: {answer}"
+    );
 }
 
 #[tokio::test]
@@ -1277,4 +1293,146 @@ async fn request_ids_and_forwarded_for_are_kept_only_from_trusted_proxies(pool: 
     let seen = &r.json()["headers"];
     assert_eq!(seen["x-request-id"], id);
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+}
+
+/// An upstream that answers by path, as raw HTTP/1.1, on keep-alive connections (each
+/// request's body, if any, read by its `content-length`): `/chunked` (chunked with a trailer),
+/// `/hints` (a 103 before the 200), `/empty` (204), `/head` (`content-length: 10`, no body, for
+/// `HEAD`), `/close` (no length: the body runs until it closes), `/bye` (closes right after a
+/// complete answer), anything else `200 ok`. Returns its address and its accepted connections.
+async fn scripted_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut buf).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while got.len() < end + 4 + length {
+                        match stream.read(&mut buf).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    got.drain(..end + 4 + length);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let answer: &[u8] = match path.as_str() {
+                        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+                        "/hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                        "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+                        "/close" | "/bye" => b"",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    match path.as_str() {
+                        "/close" => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close")
+                                .await;
+                            return;
+                        }
+                        "/bye" => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+                                .await;
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn plain_requests_relay_every_framing_on_kept_connections(pool: PgPool) {
+    use std::sync::atomic::Ordering;
+
+    let w = world(pool).await;
+    let (scripted, accepted) = scripted_upstream().await;
+    let ports = ports_json(scripted.port());
+    Seed(&w.pool)
+        .pod(&PodSeed {
+            id: "p_script",
+            slug: "script",
+            owner_id: "ada",
+            team_id: "t1",
+            server_id: Some("s1"),
+            status: "running",
+            ports: Some(&ports),
+            age_secs: 60.0,
+        })
+        .await
+        .unwrap();
+    let host = pod_host(3000, "script");
+    let cookie = session_cookie("ada");
+    let headers = [("host", host.as_str()), ("cookie", cookie.as_str())];
+    let plain = "pinacle_ingress_plain_requests_total";
+    let before = metric_or_zero(&w.ingress, plain);
+
+    // One client connection, one upstream connection, every framing.
+    let mut conn = Connection::open(w.addr).await;
+    let r = conn.request("GET", "/chunked", &headers).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    assert_eq!(r.header("x-request-id").map(str::len), Some(24));
+    let r = conn.request("GET", "/hints", &headers).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let r = conn.request("GET", "/empty", &headers).await;
+    assert_eq!(r.status, 204);
+    let r = conn.request("HEAD", "/head", &headers).await;
+    assert_eq!((r.status, r.header("content-length")), (200, Some("10")));
+    assert_eq!(r.text(), "");
+    let r = conn.request("GET", "/", &headers).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Counted when recorded, just after the answer went out.
+    wait_for_metric(&w.ingress, plain, before + 5.0).await;
+
+    // A body that runs until the upstream closes: relayed whole, then the client's connection
+    // closes too, and the upstream connection is not kept.
+    let r = conn.request("GET", "/close", &headers).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "until-close"));
+    assert_eq!(r.header("connection"), Some("close"));
+    // An upstream that closes right after its answer: the next request gets a new connection.
+    let mut conn = Connection::open(w.addr).await;
+    let r = conn.request("GET", "/bye", &headers).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "bye"));
+    let r = conn.request("GET", "/", &headers).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    wait_for_metric(&w.ingress, plain, before + 8.0).await;
+
+    // A request with a body is Pingora's: still proxied, not counted as plain.
+    let resp = conn
+        .send("POST", "/", &headers, Bytes::from_static(b"x"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(client::collect(resp).await.text(), "ok");
+    // Recorded (all nine requests), the POST not among the plain ones.
+    let all = "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"2xx\"}";
+    wait_for_metric(&w.ingress, all, 9.0).await;
+    assert_eq!(metric_or_zero(&w.ingress, plain), before + 8.0);
 }

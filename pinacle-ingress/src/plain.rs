@@ -1,0 +1,1004 @@
+//! Plain HTTP/1.1 requests served by the connection gate itself, without Pingora's proxy loop.
+//!
+//! Why: measured on one core (`benches/load/run.sh`, README "Under load"), Pingora's HTTP/1
+//! proxy path costs about 25 µs of user CPU per request before any work of ours, against 5 µs for
+//! a plain Tokio forwarder (`benches/src/bin/tokio-floor.rs`) and 8 µs for nginx; the kernel's
+//! share is the same for all three. So the commonest request, a bodiless `GET`/`HEAD` to a pod
+//! the user may use, is served here; everything else (bodies, upgrades, HTTP/1.0, odd framing,
+//! every answer of ours) still goes through Pingora, which sees the request untouched.
+//!
+//! The pure parts: [`PlainRequest::parse`] (which requests qualify), [`upstream_head`] (the
+//! request as forwarded, with the same header edits as the Pingora path), [`ResponseHead`]
+//! (framing of the upstream's answer) with [`client_head`], and [`ChunkedEnd`] (where a chunked
+//! body ends, so both connections stay reusable). [`UpstreamPool`] keeps idle upstream
+//! connections; [`exchange`] runs one request over them, every wait bounded.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::PoisonError;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::responses::REQUEST_ID_HEADER;
+use crate::upstream::HeaderEdit;
+
+/// Most header fields in a request or response head served here (more: Pingora's path).
+const MAX_HEADERS: usize = 96;
+/// Longest upstream response head.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Longest chunk-size or trailer line of a chunked body.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Body bytes read from the upstream at a time.
+const BODY_READ: usize = 64 * 1024;
+/// Body bytes copied behind the response head to send both at once.
+const COALESCE: usize = 16 * 1024;
+/// Idle connections kept per upstream address.
+const IDLE_PER_UPSTREAM: usize = 64;
+
+/// Request fields whose presence sends a request to Pingora's path: a body, an upgrade, an
+/// expectation, or hop-by-hop fields this path does not interpret.
+const NOT_PLAIN: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "keep-alive",
+];
+
+/// A bodiless HTTP/1.1 `GET` or `HEAD` whose head arrived whole.
+#[derive(Debug)]
+pub struct PlainRequest {
+    /// `GET` or `HEAD`.
+    pub method: Method,
+    /// The origin-form target.
+    pub uri: Uri,
+    /// The header fields.
+    pub headers: HeaderMap,
+    /// The `Host` field.
+    pub host: String,
+}
+
+impl PlainRequest {
+    /// The request in `bytes` if it qualifies: HTTP/1.1, `GET` or `HEAD`, an origin-form target,
+    /// one `Host`, no field of [`NOT_PLAIN`], `Connection` absent or `keep-alive`, and nothing
+    /// behind the head (no pipelining). `None` sends it to Pingora's path.
+    pub fn parse(bytes: &[u8], max_head_bytes: usize) -> Option<Self> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut fields);
+        let httparse::Status::Complete(len) = req.parse(bytes).ok()? else {
+            return None;
+        };
+        if len != bytes.len() || len > max_head_bytes || req.version != Some(1) {
+            return None;
+        }
+        let method = match req.method? {
+            "GET" => Method::GET,
+            "HEAD" => Method::HEAD,
+            _ => return None,
+        };
+        let path = req.path?;
+        if !path.starts_with('/') {
+            return None;
+        }
+        let uri = Uri::try_from(path).ok()?;
+        let mut headers = HeaderMap::with_capacity(req.headers.len());
+        let mut host = None;
+        for field in req.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+            if NOT_PLAIN.contains(&name.as_str()) {
+                return None;
+            }
+            if name == http::header::CONNECTION && !field.value.eq_ignore_ascii_case(b"keep-alive")
+            {
+                return None;
+            }
+            let value = HeaderValue::from_bytes(field.value).ok()?;
+            if name == http::header::HOST {
+                if host.is_some() {
+                    return None;
+                }
+                host = Some(value.to_str().ok()?.to_owned());
+            }
+            headers.append(name, value);
+        }
+        Some(Self {
+            method,
+            uri,
+            headers,
+            host: host?,
+        })
+    }
+}
+
+/// The request head as sent upstream: the client's request line and fields in their order and
+/// case, minus every field an edit names, then the edits' values (the same [`HeaderEdit`]s the
+/// Pingora path applies). `raw` is a head [`PlainRequest::parse`] accepted.
+pub fn upstream_head(raw: &[u8], edits: &[HeaderEdit], out: &mut Vec<u8>) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    if !matches!(req.parse(raw), Ok(httparse::Status::Complete(_))) {
+        return false;
+    }
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return false;
+    };
+    out.clear();
+    for part in [method.as_bytes(), b" ", path.as_bytes(), b" HTTP/1.1\r\n"] {
+        out.extend_from_slice(part);
+    }
+    let edited = |name: &str| {
+        edits.iter().any(|e| match e {
+            HeaderEdit::Set(n, _) | HeaderEdit::Remove(n) => n.as_str().eq_ignore_ascii_case(name),
+        })
+    };
+    for field in req.headers.iter().filter(|f| !edited(f.name)) {
+        put_field(out, field.name.as_bytes(), field.value);
+    }
+    for edit in edits {
+        if let HeaderEdit::Set(name, value) = edit {
+            put_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    true
+}
+
+fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    for part in [name, b": ", value, b"\r\n"] {
+        out.extend_from_slice(part);
+    }
+}
+
+/// How an upstream response's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (`HEAD`, `204`, `304`).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, relayed as it comes.
+    Chunked,
+    /// Until the upstream closes (the client's connection then closes too).
+    UntilClose,
+}
+
+/// What the upstream answered, as far as relaying it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Length of the head in the buffer it was parsed from.
+    pub len: usize,
+    /// The status code.
+    pub status: u16,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// Whether the upstream connection may be used again after the body.
+    pub reusable: bool,
+}
+
+/// Why an upstream response cannot be relayed (answered `502`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadResponse {
+    /// Not HTTP, or more fields than [`MAX_HEADERS`].
+    #[error("unparsable response head")]
+    Unparsable,
+    /// `101` to a request that asked no upgrade.
+    #[error("unrequested protocol switch")]
+    UnrequestedSwitch,
+    /// `Content-Length` values that disagree or do not parse.
+    #[error("invalid content-length")]
+    ContentLength,
+}
+
+impl ResponseHead {
+    /// Parses the head at the start of `buf`; `Ok(None)` while it is incomplete.
+    ///
+    /// # Errors
+    /// [`BadResponse`] for a response that cannot be relayed safely.
+    pub fn parse(buf: &[u8], head_request: bool) -> Result<Option<Self>, BadResponse> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        let len = match res.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(BadResponse::Unparsable),
+        };
+        let status = res.code.ok_or(BadResponse::Unparsable)?;
+        if status == 101 {
+            return Err(BadResponse::UnrequestedSwitch);
+        }
+        let mut length: Option<u64> = None;
+        let mut chunked = None;
+        let mut close = res.version != Some(1);
+        for field in res.headers.iter() {
+            if field.name.eq_ignore_ascii_case("content-length") {
+                let value = std::str::from_utf8(field.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or(BadResponse::ContentLength)?;
+                if length.is_some_and(|l| l != value) {
+                    return Err(BadResponse::ContentLength);
+                }
+                length = Some(value);
+            } else if field.name.eq_ignore_ascii_case("transfer-encoding") {
+                // The last coding decides (RFC 9112 6.3): chunked, or read until close.
+                let last = field
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if field.name.eq_ignore_ascii_case("connection") {
+                close |= field
+                    .value
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            }
+        }
+        let framing = if head_request || matches!(status, 100..=199 | 204 | 304) {
+            Framing::Empty
+        } else {
+            match (chunked, length) {
+                (Some(true), _) => Framing::Chunked,
+                (Some(false), _) => Framing::UntilClose,
+                (None, Some(n)) => Framing::Length(n),
+                (None, None) => Framing::UntilClose,
+            }
+        };
+        Ok(Some(Self {
+            len,
+            status,
+            framing,
+            reusable: !close && framing != Framing::UntilClose,
+        }))
+    }
+}
+
+/// Response fields this hop owns: replaced or dropped on the way to the client.
+const RESPONSE_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    REQUEST_ID_HEADER,
+];
+
+/// The response head for the client: the upstream's status and fields minus `strip` (lowercase
+/// names) and this hop's own, a `Content-Length` beside `chunked` dropped, then our request id,
+/// and `connection: close` when the client's connection closes after this response.
+pub fn client_head(
+    raw: &[u8],
+    head: &ResponseHead,
+    strip: &[String],
+    request_id: &str,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut fields);
+    if !matches!(res.parse(raw), Ok(httparse::Status::Complete(_))) {
+        return false;
+    }
+    out.clear();
+    let mut code = itoa::Buffer::new();
+    for part in [
+        b"HTTP/1.1 ".as_slice(),
+        code.format(head.status).as_bytes(),
+        b" ",
+        res.reason.unwrap_or("").as_bytes(),
+        b"\r\n",
+    ] {
+        out.extend_from_slice(part);
+    }
+    let drop_length = head.framing == Framing::Chunked;
+    for field in res.headers.iter() {
+        let name = field.name;
+        let dropped = RESPONSE_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+            || strip.iter().any(|s| s.eq_ignore_ascii_case(name))
+            || (drop_length && name.eq_ignore_ascii_case("content-length"));
+        if !dropped {
+            put_field(out, name.as_bytes(), field.value);
+        }
+    }
+    if head.status >= 200 {
+        put_field(out, REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
+        if close {
+            put_field(out, b"connection", b"close");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    true
+}
+
+/// Where a chunked body ends, fed the bytes as they arrive (the bytes themselves are relayed
+/// unchanged): chunk-size lines, data and its CRLF, the last chunk, trailer fields, the final
+/// empty line.
+#[derive(Debug, Default)]
+pub struct ChunkedEnd {
+    state: ChunkState,
+    line: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data: bytes left.
+    Data(u64),
+    /// The CRLF after a chunk's data: bytes of it left.
+    DataEnd(u8),
+    /// Reading trailer lines after the last chunk.
+    Trailers,
+    /// The body is complete.
+    Done,
+}
+
+/// A chunked body that cannot be relayed (the client's connection is closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed chunked body")]
+pub struct BadChunk;
+
+impl ChunkedEnd {
+    /// Takes the next bytes of the body. `Ok(Some(n))`: the body ends after the first `n` of
+    /// them (anything behind is not part of it); `Ok(None)`: more is needed.
+    ///
+    /// # Errors
+    /// [`BadChunk`] for a malformed size line, a missing CRLF or an over-long line.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, BadChunk> {
+        let mut at = 0;
+        while at < bytes.len() {
+            let rest = bytes.get(at..).unwrap_or_default();
+            match self.state {
+                ChunkState::Done => return Ok(Some(at)),
+                ChunkState::Data(left) => {
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(rest.len());
+                    at += take;
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd(2)
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                }
+                ChunkState::DataEnd(left) => {
+                    let expected: &[u8] = if left == 2 { b"\r\n" } else { b"\n" };
+                    let n = usize::from(left).min(rest.len());
+                    if rest.get(..n) != expected.get(..n) {
+                        return Err(BadChunk);
+                    }
+                    at += n;
+                    let left = left - n as u8;
+                    self.state = if left == 0 {
+                        ChunkState::Size
+                    } else {
+                        ChunkState::DataEnd(left)
+                    };
+                }
+                ChunkState::Size | ChunkState::Trailers => {
+                    let Some(newline) = rest.iter().position(|b| *b == b'\n') else {
+                        self.push_line(rest)?;
+                        return Ok(None);
+                    };
+                    self.push_line(rest.get(..=newline).unwrap_or_default())?;
+                    at += newline + 1;
+                    self.end_line()?;
+                }
+            }
+        }
+        Ok((self.state == ChunkState::Done).then_some(at))
+    }
+
+    fn push_line(&mut self, part: &[u8]) -> Result<(), BadChunk> {
+        if self.line.len() + part.len() > MAX_CHUNK_LINE {
+            return Err(BadChunk);
+        }
+        self.line.extend_from_slice(part);
+        Ok(())
+    }
+
+    /// A whole line (with its LF) is in `self.line`.
+    fn end_line(&mut self) -> Result<(), BadChunk> {
+        let line = std::mem::take(&mut self.line);
+        self.state = match self.state {
+            ChunkState::Size => match httparse::parse_chunk_size(&line) {
+                Ok(httparse::Status::Complete((_, 0))) => ChunkState::Trailers,
+                Ok(httparse::Status::Complete((_, size))) => ChunkState::Data(size),
+                _ => return Err(BadChunk),
+            },
+            ChunkState::Trailers if line == b"\r\n" => ChunkState::Done,
+            ChunkState::Trailers if line.ends_with(b"\r\n") => ChunkState::Trailers,
+            _ => return Err(BadChunk),
+        };
+        self.line = line;
+        self.line.clear();
+        Ok(())
+    }
+}
+
+/// Idle keep-alive connections to upstreams, by address, newest first out. Connections idle
+/// longer than `idle_timeout` (below the pods' nginx keep-alive, so never one it is closing)
+/// or found closed are dropped; the whole pool is swept at most once a second.
+#[derive(Debug)]
+pub struct UpstreamPool {
+    idle: Mutex<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    idle_timeout: Duration,
+    started: Instant,
+    /// Milliseconds after `started` of the last sweep.
+    swept_ms: AtomicU64,
+}
+
+impl UpstreamPool {
+    /// An empty pool.
+    pub fn new(idle_timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            idle_timeout,
+            started: Instant::now(),
+            swept_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// An idle connection to `addr` that is still open, if any.
+    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        self.sweep();
+        loop {
+            let (stream, since) = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&addr)?
+                .pop()?;
+            if since.elapsed() < self.idle_timeout && still_open(&stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    /// Keeps `stream` for the next request to `addr`.
+    pub fn give_back(&self, addr: SocketAddr, stream: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(addr).or_default();
+        if list.len() >= IDLE_PER_UPSTREAM {
+            list.remove(0);
+        }
+        list.push((stream, Instant::now()));
+    }
+
+    /// How many idle connections are kept (tests, metrics).
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    fn sweep(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.swept_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .swept_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|_, list| {
+            list.retain(|(_, since)| since.elapsed() < self.idle_timeout);
+            !list.is_empty()
+        });
+    }
+}
+
+/// Whether an idle connection is still open, without a system call unless the runtime saw it
+/// become readable (an idle HTTP connection that is readable was closed or sent junk).
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => matches!(
+            stream.try_read(&mut [0u8; 1]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        ),
+    }
+}
+
+/// One request's trip upstream and back.
+#[derive(Debug)]
+pub struct Exchange<'a> {
+    /// The upstream.
+    pub addr: SocketAddr,
+    /// The request head to send ([`upstream_head`]).
+    pub head: &'a [u8],
+    /// Whether the request is `HEAD` (no response body whatever the fields say).
+    pub head_request: bool,
+    /// Lowercase response field names to drop.
+    pub strip: &'a [String],
+    /// The request id, sent back in `x-request-id`.
+    pub request_id: &'a str,
+    /// Whether the client's connection closes after this response (the server is stopping).
+    pub close_client: bool,
+    /// Connect to the upstream.
+    pub connect_timeout: Duration,
+    /// Each wait for the upstream.
+    pub read_timeout: Duration,
+    /// Each write to the client.
+    pub write_timeout: Duration,
+}
+
+/// How an exchange ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchanged {
+    /// The status sent to the client (0: none).
+    pub status: u16,
+    /// Response bytes after the head sent to the client.
+    pub body_bytes: u64,
+    /// Time from sending the request to the response head.
+    pub upstream: Option<Duration>,
+    /// Whether the client's connection may take another request.
+    pub keep_client: bool,
+    /// What went wrong, if anything.
+    pub failure: Option<Failure>,
+}
+
+/// What went wrong in an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstream refused or reset the connection before answering.
+    Refused,
+    /// The upstream did not connect or answer in time.
+    TimedOut,
+    /// The upstream's answer cannot be relayed.
+    BadResponse,
+    /// The upstream failed after its head was relayed: the client's connection is closed.
+    BrokenBody,
+    /// The client went away.
+    ClientGone,
+}
+
+impl Failure {
+    /// A short name for the access log's `error` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "upstream_refused",
+            Self::TimedOut => "upstream_timeout",
+            Self::BadResponse => "upstream_bad_response",
+            Self::BrokenBody => "upstream_body_broken",
+            Self::ClientGone => "client_gone",
+        }
+    }
+
+    /// Whether nothing was sent to the client yet, so the ingress answers instead.
+    pub fn answerable(self) -> bool {
+        matches!(self, Self::Refused | Self::TimedOut | Self::BadResponse)
+    }
+}
+
+enum Attempt {
+    /// The request could not be sent or no byte came back on a reused connection.
+    Stale,
+    Done(Exchanged),
+}
+
+/// Sends the request and relays the response to `client`. A pooled connection that turns out
+/// closed before any byte of the answer is replaced by a new one once (`GET`/`HEAD` are safe
+/// to repeat).
+pub async fn exchange<C>(client: &mut C, pool: &UpstreamPool, ex: &Exchange<'_>) -> Exchanged
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    if let Some(pooled) = pool.take(ex.addr)
+        && let Attempt::Done(done) = attempt(client, pool, ex, pooled, true).await
+    {
+        return done;
+    }
+    let fresh = match tokio::time::timeout(ex.connect_timeout, TcpStream::connect(ex.addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(_)) => return failed(Failure::Refused),
+        Err(_) => return failed(Failure::TimedOut),
+    };
+    let _ = fresh.set_nodelay(true);
+    match attempt(client, pool, ex, fresh, false).await {
+        Attempt::Done(done) => done,
+        Attempt::Stale => failed(Failure::Refused),
+    }
+}
+
+fn failed(failure: Failure) -> Exchanged {
+    Exchanged {
+        status: 0,
+        body_bytes: 0,
+        upstream: None,
+        keep_client: false,
+        failure: Some(failure),
+    }
+}
+
+async fn attempt<C>(
+    client: &mut C,
+    pool: &UpstreamPool,
+    ex: &Exchange<'_>,
+    mut upstream: TcpStream,
+    reused: bool,
+) -> Attempt
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let sent_at = Instant::now();
+    match tokio::time::timeout(ex.read_timeout, upstream.write_all(ex.head)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) if reused => return Attempt::Stale,
+        Ok(Err(_)) => return Attempt::Done(failed(Failure::Refused)),
+        Err(_) => return Attempt::Done(failed(Failure::TimedOut)),
+    }
+    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut upstream_time = None;
+    let mut status = 0;
+    // Informational answers (103) are passed on; the final head follows.
+    let head = loop {
+        let parsed = match ResponseHead::parse(&buf, ex.head_request) {
+            Ok(parsed) => parsed,
+            Err(_) => return Attempt::Done(failed(Failure::BadResponse)),
+        };
+        let Some(head) = parsed else {
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Attempt::Done(failed(Failure::BadResponse));
+            }
+            buf.reserve(8 * 1024);
+            match tokio::time::timeout(ex.read_timeout, upstream.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => continue,
+                Ok(_) if reused && buf.is_empty() && status == 0 => return Attempt::Stale,
+                Ok(_) if status == 0 => return Attempt::Done(failed(Failure::Refused)),
+                Ok(_) => return Attempt::Done(broken(status, 0)),
+                Err(_) if status == 0 => return Attempt::Done(failed(Failure::TimedOut)),
+                Err(_) => return Attempt::Done(broken(status, 0)),
+            }
+        };
+        upstream_time.get_or_insert_with(|| sent_at.elapsed());
+        let raw = buf.get(..head.len).unwrap_or_default();
+        // A body delimited by the upstream's close ends the client's connection too.
+        let close = ex.close_client || head.framing == Framing::UntilClose;
+        if !client_head(raw, &head, ex.strip, ex.request_id, close, &mut out) {
+            return Attempt::Done(failed(Failure::BadResponse));
+        }
+        status = head.status;
+        if head.status >= 200 {
+            // Written with the body's first bytes (one system call for a small response).
+            break head;
+        }
+        if !write_client(client, &out, ex.write_timeout).await {
+            return Attempt::Done(gone(status, 0));
+        }
+        buf.drain(..head.len);
+    };
+    let mut sent: u64 = 0;
+    let body_start = head.len;
+    let until_close = head.framing == Framing::UntilClose;
+    let relayed = relay_body(
+        client,
+        &mut upstream,
+        ex,
+        &head,
+        (&mut buf, body_start),
+        &mut out,
+        &mut sent,
+    )
+    .await;
+    let done = match relayed {
+        Ok(clean) => {
+            let keep_client = !ex.close_client && !until_close;
+            if clean && head.reusable {
+                pool.give_back(ex.addr, upstream);
+            }
+            Exchanged {
+                status,
+                body_bytes: sent,
+                upstream: upstream_time,
+                keep_client,
+                failure: None,
+            }
+        }
+        Err(failure) => Exchanged {
+            status,
+            body_bytes: sent,
+            upstream: upstream_time,
+            keep_client: false,
+            failure: Some(failure),
+        },
+    };
+    Attempt::Done(done)
+}
+
+fn broken(status: u16, body_bytes: u64) -> Exchanged {
+    Exchanged {
+        status,
+        body_bytes,
+        upstream: None,
+        keep_client: false,
+        failure: Some(Failure::BrokenBody),
+    }
+}
+
+fn gone(status: u16, body_bytes: u64) -> Exchanged {
+    Exchanged {
+        status,
+        body_bytes,
+        upstream: None,
+        keep_client: false,
+        failure: Some(Failure::ClientGone),
+    }
+}
+
+async fn write_client<C>(client: &mut C, bytes: &[u8], timeout: Duration) -> bool
+where
+    C: AsyncWrite + Unpin + ?Sized,
+{
+    matches!(
+        tokio::time::timeout(timeout, async {
+            client.write_all(bytes).await?;
+            client.flush().await
+        })
+        .await,
+        Ok(Ok(()))
+    )
+}
+
+/// Relays the body that starts at `buf[start..]` and continues on `upstream`, after the
+/// response head in `head_bytes` (sent with the first body bytes when they are few). `Ok(true)`:
+/// the body ended exactly where its framing says (the upstream connection is reusable when its
+/// head allows); `Ok(false)`: it ended, but bytes followed it.
+async fn relay_body<C>(
+    client: &mut C,
+    upstream: &mut TcpStream,
+    ex: &Exchange<'_>,
+    head: &ResponseHead,
+    (buf, start): (&mut Vec<u8>, usize),
+    head_bytes: &mut Vec<u8>,
+    sent: &mut u64,
+) -> Result<bool, Failure>
+where
+    C: AsyncWrite + Unpin + ?Sized,
+{
+    let mut chunked = ChunkedEnd::default();
+    let mut left = match head.framing {
+        Framing::Empty => 0,
+        Framing::Length(n) => n,
+        Framing::Chunked | Framing::UntilClose => u64::MAX,
+    };
+    let mut offset = start;
+    loop {
+        let available = buf.get(offset..).unwrap_or_default();
+        let (take, ended) = match head.framing {
+            Framing::Empty | Framing::Length(_) => {
+                let take = usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .min(available.len());
+                left -= take as u64;
+                (take, left == 0)
+            }
+            Framing::Chunked => match chunked.feed(available) {
+                Ok(Some(end)) => (end, true),
+                Ok(None) => (available.len(), false),
+                Err(BadChunk) => return Err(Failure::BrokenBody),
+            },
+            Framing::UntilClose => (available.len(), false),
+        };
+        let piece = available.get(..take).unwrap_or_default();
+        if !head_bytes.is_empty() && piece.len() <= COALESCE {
+            head_bytes.extend_from_slice(piece);
+            if !write_client(client, head_bytes, ex.write_timeout).await {
+                return Err(Failure::ClientGone);
+            }
+            head_bytes.clear();
+        } else {
+            if !head_bytes.is_empty() {
+                if !write_client(client, head_bytes, ex.write_timeout).await {
+                    return Err(Failure::ClientGone);
+                }
+                head_bytes.clear();
+            }
+            if !piece.is_empty() && !write_client(client, piece, ex.write_timeout).await {
+                return Err(Failure::ClientGone);
+            }
+        }
+        *sent += piece.len() as u64;
+        if ended {
+            return Ok(offset + take == buf.len());
+        }
+        buf.clear();
+        offset = 0;
+        buf.reserve(BODY_READ);
+        match tokio::time::timeout(ex.read_timeout, upstream.read_buf(buf)).await {
+            Ok(Ok(0)) if head.framing == Framing::UntilClose => return Ok(false),
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Err(Failure::BrokenBody),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(head: &str) -> Option<PlainRequest> {
+        PlainRequest::parse(head.as_bytes(), 16 * 1024)
+    }
+
+    #[test]
+    fn only_whole_bodiless_http11_gets_and_heads_qualify() {
+        let ok = parse("GET /a?b=1 HTTP/1.1\r\nHost: x.test\r\nCookie: c=1\r\n\r\n").unwrap();
+        assert_eq!(ok.method, Method::GET);
+        assert_eq!(ok.uri.path(), "/a");
+        assert_eq!(ok.host, "x.test");
+        assert!(parse("HEAD / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive\r\n\r\n").is_some());
+        for refused in [
+            "GET / HTTP/1.1\r\nHost: x\r\n",                       // incomplete
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n", // pipelined
+            "GET / HTTP/1.0\r\nHost: x\r\n\r\n",                   // HTTP/1.0
+            "POST / HTTP/1.1\r\nHost: x\r\n\r\n",                  // method
+            "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",           // absolute form
+            "GET / HTTP/1.1\r\n\r\n",                              // no Host
+            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",        // two Hosts
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", // body framing
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+        ] {
+            assert!(parse(refused).is_none(), "{refused:?}");
+        }
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+            "a".repeat(100)
+        );
+        assert!(PlainRequest::parse(big.as_bytes(), 64).is_none());
+    }
+
+    #[test]
+    fn the_upstream_head_keeps_order_and_case_and_applies_every_edit() {
+        let raw = b"GET /p?q HTTP/1.1\r\nHost: a.test\r\nX-Keep: 1\r\nCookie: s=1; t=2\r\nX-Forwarded-For: 6.6.6.6\r\nAccept: */*\r\n\r\n";
+        let edits = vec![
+            HeaderEdit::Set(http::header::HOST, "pod.internal".into()),
+            HeaderEdit::Remove(http::header::COOKIE),
+            HeaderEdit::Set(HeaderName::from_static("x-forwarded-for"), "1.2.3.4".into()),
+        ];
+        let mut out = Vec::new();
+        assert!(upstream_head(raw, &edits, &mut out));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /p?q HTTP/1.1\r\nX-Keep: 1\r\nAccept: */*\r\nhost: pod.internal\r\n\
+             x-forwarded-for: 1.2.3.4\r\n\r\n"
+        );
+    }
+
+    fn head(raw: &str, head_request: bool) -> Result<Option<ResponseHead>, BadResponse> {
+        ResponseHead::parse(raw.as_bytes(), head_request)
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let framing = |raw: &str| head(raw, false).unwrap().unwrap().framing;
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n"
+            ),
+            Framing::Chunked
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Framing::UntilClose
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), Framing::UntilClose);
+        assert_eq!(
+            framing("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
+            Framing::Empty
+        );
+        let head_reply = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
+        assert_eq!(head_reply.unwrap().unwrap().framing, Framing::Empty);
+        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Le", false), Ok(None));
+        assert_eq!(
+            head(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                false
+            ),
+            Err(BadResponse::ContentLength)
+        );
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false),
+            Err(BadResponse::ContentLength)
+        );
+        assert_eq!(
+            head("HTTP/1.1 101 Switching\r\n\r\n", false),
+            Err(BadResponse::UnrequestedSwitch)
+        );
+        assert_eq!(
+            head("SSH-2.0-x\r\n\r\n", false),
+            Err(BadResponse::Unparsable)
+        );
+        let reusable = |raw: &str| head(raw, false).unwrap().unwrap().reusable;
+        assert!(reusable("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!reusable(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!reusable("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!reusable("HTTP/1.1 200 OK\r\n\r\n"));
+    }
+
+    #[test]
+    fn the_client_head_drops_hop_and_stripped_fields_and_adds_the_request_id() {
+        let raw = "HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nX-Frame-Options: DENY\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nX-Request-Id: theirs\r\n\r\n";
+        let parsed = head(raw, false).unwrap().unwrap();
+        let mut out = Vec::new();
+        let strip = vec!["x-frame-options".to_owned()];
+        assert!(client_head(
+            raw.as_bytes(),
+            &parsed,
+            &strip,
+            "rid",
+            true,
+            &mut out
+        ));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nServer: x\r\nTransfer-Encoding: chunked\r\nx-request-id: rid\r\n\
+             connection: close\r\n\r\n"
+        );
+    }
+
+    /// Feeds `body` split at every pair of points; the end must be found at `end` every time.
+    fn ends_at(body: &[u8], end: usize) {
+        for a in 0..=body.len() {
+            for b in a..=body.len() {
+                let mut tracker = ChunkedEnd::default();
+                let mut found = None;
+                let mut base = 0;
+                for part in [&body[..a], &body[a..b], &body[b..]] {
+                    if found.is_none()
+                        && let Some(n) = tracker.feed(part).unwrap()
+                    {
+                        found = Some(base + n);
+                    }
+                    base += part.len();
+                }
+                assert_eq!(found, Some(end), "split at {a}, {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_ends_after_its_last_chunk_and_trailers_however_it_is_split() {
+        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\n";
+        ends_at(body, body.len());
+        let with_trailer = b"3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n";
+        ends_at(with_trailer, with_trailer.len());
+        let mut followed = with_trailer.to_vec();
+        followed.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        ends_at(&followed, with_trailer.len());
+        for bad in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"0\r\nno-crlf\n"] {
+            assert_eq!(ChunkedEnd::default().feed(bad), Err(BadChunk), "{bad:?}");
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert_eq!(ChunkedEnd::default().feed(&long), Err(BadChunk));
+    }
+}
