@@ -14,6 +14,7 @@
 //! connections; [`exchange`] runs one request over them, every wait bounded.
 
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::PoisonError;
@@ -28,8 +29,10 @@ use tokio::net::TcpStream;
 use crate::responses::REQUEST_ID_HEADER;
 use crate::upstream::HeaderEdit;
 
-/// Most header fields in a request or response head served here (more: Pingora's path).
+/// Most header fields in a request head served here (more: Pingora's path).
 const MAX_HEADERS: usize = 96;
+/// Most header fields in an upstream response head relayed (Pingora's own limit).
+const MAX_RESPONSE_HEADERS: usize = 256;
 /// Longest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Longest chunk-size or trailer line of a chunked body.
@@ -72,9 +75,11 @@ impl PlainRequest {
     /// one `Host`, no field of [`NOT_PLAIN`], `Connection` absent or `keep-alive`, and nothing
     /// behind the head (no pipelining). `None` sends it to Pingora's path.
     pub fn parse(bytes: &[u8], max_head_bytes: usize) -> Option<Self> {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut fields);
-        let httparse::Status::Complete(len) = req.parse(bytes).ok()? else {
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let httparse::Status::Complete(len) =
+            req.parse_with_uninit_headers(bytes, &mut fields).ok()?
+        else {
             return None;
         };
         if len != bytes.len() || len > max_head_bytes || req.version != Some(1) {
@@ -123,9 +128,12 @@ impl PlainRequest {
 /// case, minus every field an edit names, then the edits' values (the same [`HeaderEdit`]s the
 /// Pingora path applies). `raw` is a head [`PlainRequest::parse`] accepted.
 pub fn upstream_head(raw: &[u8], edits: &[HeaderEdit], out: &mut Vec<u8>) -> bool {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    if !matches!(req.parse(raw), Ok(httparse::Status::Complete(_))) {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    if !matches!(
+        req.parse_with_uninit_headers(raw, &mut fields),
+        Ok(httparse::Status::Complete(_))
+    ) {
         return false;
     }
     let (Some(method), Some(path)) = (req.method, req.path) else {
@@ -198,15 +206,36 @@ pub enum BadResponse {
     ContentLength,
 }
 
+/// What the client's response head gets besides the upstream's fields.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientEdits<'a> {
+    /// Lowercase field names dropped (pod responses).
+    pub strip: &'a [String],
+    /// Sent as `x-request-id`.
+    pub request_id: &'a str,
+    /// Whether the client's connection closes after this response whatever its framing.
+    pub close: bool,
+}
+
 impl ResponseHead {
-    /// Parses the head at the start of `buf`; `Ok(None)` while it is incomplete.
+    /// Parses the head at the start of `buf` and writes the client's version of it to `out`
+    /// (see [`client_head`]); `Ok(None)` while the head is incomplete.
     ///
     /// # Errors
     /// [`BadResponse`] for a response that cannot be relayed safely.
-    pub fn parse(buf: &[u8], head_request: bool) -> Result<Option<Self>, BadResponse> {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        let len = match res.parse(buf) {
+    pub fn parse(
+        buf: &[u8],
+        head_request: bool,
+        edits: &ClientEdits<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Self>, BadResponse> {
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(BadResponse::Unparsable),
@@ -253,12 +282,14 @@ impl ResponseHead {
                 (None, None) => Framing::UntilClose,
             }
         };
-        Ok(Some(Self {
+        let head = Self {
             len,
             status,
             framing,
             reusable: !close && framing != Framing::UntilClose,
-        }))
+        };
+        client_head(&head, res.reason.unwrap_or(""), res.headers, edits, out);
+        Ok(Some(head))
     }
 }
 
@@ -270,51 +301,49 @@ const RESPONSE_HOP: &[&str] = &[
     REQUEST_ID_HEADER,
 ];
 
-/// The response head for the client: the upstream's status and fields minus `strip` (lowercase
-/// names) and this hop's own, a `Content-Length` beside `chunked` dropped, then our request id,
-/// and `connection: close` when the client's connection closes after this response.
-pub fn client_head(
-    raw: &[u8],
+/// The response head for the client: the upstream's status and fields minus `edits.strip` and
+/// this hop's own, a `Content-Length` beside `chunked` dropped, then our request id, and
+/// `connection: close` when the client's connection closes after this response (`edits.close`,
+/// or a body that ends with the upstream's close). Informational heads get no additions.
+fn client_head(
     head: &ResponseHead,
-    strip: &[String],
-    request_id: &str,
-    close: bool,
+    reason: &str,
+    fields: &[httparse::Header<'_>],
+    edits: &ClientEdits<'_>,
     out: &mut Vec<u8>,
-) -> bool {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut fields);
-    if !matches!(res.parse(raw), Ok(httparse::Status::Complete(_))) {
-        return false;
-    }
+) {
     out.clear();
     let mut code = itoa::Buffer::new();
     for part in [
         b"HTTP/1.1 ".as_slice(),
         code.format(head.status).as_bytes(),
         b" ",
-        res.reason.unwrap_or("").as_bytes(),
+        reason.as_bytes(),
         b"\r\n",
     ] {
         out.extend_from_slice(part);
     }
     let drop_length = head.framing == Framing::Chunked;
-    for field in res.headers.iter() {
+    for field in fields {
         let name = field.name;
         let dropped = RESPONSE_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-            || strip.iter().any(|s| s.eq_ignore_ascii_case(name))
+            || edits.strip.iter().any(|s| s.eq_ignore_ascii_case(name))
             || (drop_length && name.eq_ignore_ascii_case("content-length"));
         if !dropped {
             put_field(out, name.as_bytes(), field.value);
         }
     }
     if head.status >= 200 {
-        put_field(out, REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
-        if close {
+        put_field(
+            out,
+            REQUEST_ID_HEADER.as_bytes(),
+            edits.request_id.as_bytes(),
+        );
+        if edits.close || head.framing == Framing::UntilClose {
             put_field(out, b"connection", b"close");
         }
     }
     out.extend_from_slice(b"\r\n");
-    true
 }
 
 /// Where a chunked body ends, fed the bytes as they arrive (the bytes themselves are relayed
@@ -644,12 +673,18 @@ where
         Err(_) => return Attempt::Done(failed(Failure::TimedOut)),
     }
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    // The client's head, and the first body bytes when few (see `relay_body`).
+    let mut out: Vec<u8> = Vec::with_capacity(COALESCE / 4);
     let mut upstream_time = None;
     let mut status = 0;
+    let edits = ClientEdits {
+        strip: ex.strip,
+        request_id: ex.request_id,
+        close: ex.close_client,
+    };
     // Informational answers (103) are passed on; the final head follows.
     let head = loop {
-        let parsed = match ResponseHead::parse(&buf, ex.head_request) {
+        let parsed = match ResponseHead::parse(&buf, ex.head_request, &edits, &mut out) {
             Ok(parsed) => parsed,
             Err(_) => return Attempt::Done(failed(Failure::BadResponse)),
         };
@@ -668,12 +703,6 @@ where
             }
         };
         upstream_time.get_or_insert_with(|| sent_at.elapsed());
-        let raw = buf.get(..head.len).unwrap_or_default();
-        // A body delimited by the upstream's close ends the client's connection too.
-        let close = ex.close_client || head.framing == Framing::UntilClose;
-        if !client_head(raw, &head, ex.strip, ex.request_id, close, &mut out) {
-            return Attempt::Done(failed(Failure::BadResponse));
-        }
         status = head.status;
         if head.status >= 200 {
             // Written with the body's first bytes (one system call for a small response).
@@ -885,7 +914,12 @@ mod tests {
     }
 
     fn head(raw: &str, head_request: bool) -> Result<Option<ResponseHead>, BadResponse> {
-        ResponseHead::parse(raw.as_bytes(), head_request)
+        let edits = ClientEdits {
+            strip: &[],
+            request_id: "rid",
+            close: false,
+        };
+        ResponseHead::parse(raw.as_bytes(), head_request, &edits, &mut Vec::new())
     }
 
     #[test]
@@ -948,21 +982,30 @@ mod tests {
     #[test]
     fn the_client_head_drops_hop_and_stripped_fields_and_adds_the_request_id() {
         let raw = "HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nX-Frame-Options: DENY\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nX-Request-Id: theirs\r\n\r\n";
-        let parsed = head(raw, false).unwrap().unwrap();
-        let mut out = Vec::new();
         let strip = vec!["x-frame-options".to_owned()];
-        assert!(client_head(
-            raw.as_bytes(),
-            &parsed,
-            &strip,
-            "rid",
-            true,
-            &mut out
-        ));
+        let client = |close: bool, raw: &str| {
+            let edits = ClientEdits {
+                strip: &strip,
+                request_id: "rid",
+                close,
+            };
+            let mut out = Vec::new();
+            ResponseHead::parse(raw.as_bytes(), false, &edits, &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            client(true, raw),
             "HTTP/1.1 200 OK\r\nServer: x\r\nTransfer-Encoding: chunked\r\nx-request-id: rid\r\n\
              connection: close\r\n\r\n"
+        );
+        // A body that ends with the upstream's close ends the client's connection too.
+        assert_eq!(
+            client(false, "HTTP/1.1 200 Fine\r\nA: b\r\n\r\n"),
+            "HTTP/1.1 200 Fine\r\nA: b\r\nx-request-id: rid\r\nconnection: close\r\n\r\n"
+        );
+        assert_eq!(
+            client(false, "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
+            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
         );
     }
 

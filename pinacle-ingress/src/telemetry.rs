@@ -40,6 +40,8 @@ pub struct Metrics {
     /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
     /// under a lock on every request otherwise.
     route_series: Arc<[OnceLock<RouteSeries>; RouteKind::ALL.len()]>,
+    /// The authorization cache's hit and miss series, resolved on first use (as above).
+    authz_series: Arc<[OnceLock<IntCounter>; 2]>,
 }
 
 /// What kind of request this turned out to be (logs and metrics).
@@ -190,6 +192,7 @@ impl Metrics {
             header_timeouts,
             plain_requests,
             route_series: Arc::new(Default::default()),
+            authz_series: Arc::new(Default::default()),
             requests,
             request_duration,
             upstream_duration,
@@ -246,9 +249,11 @@ impl Metrics {
 
     /// Records an authorization cache lookup.
     pub fn authz_lookup(&self, hit: bool) {
-        self.authz_cache
-            .with_label_values(&[if hit { "hit" } else { "miss" }])
-            .inc();
+        let (index, label) = if hit { (0, "hit") } else { (1, "miss") };
+        if let Some(cell) = self.authz_series.get(index) {
+            cell.get_or_init(|| self.authz_cache.with_label_values(&[label]))
+                .inc();
+        }
     }
 
     /// Records a directory query.

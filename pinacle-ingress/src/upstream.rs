@@ -45,12 +45,15 @@ impl Target {
 
 /// `localhost-<port>-pod-<slug>.<domain>`: what the pod's nginx routes on.
 pub fn pod_upstream_host(pod: &PodHost, domain: &BaseDomain) -> String {
-    format!(
-        "localhost-{}-pod-{}.{}",
-        pod.port,
-        pod.slug.as_str(),
-        domain.as_str()
-    )
+    // Pieces, not `format!` (a request's worth of formatting machinery for one short string).
+    let (slug, domain) = (pod.slug.as_str(), domain.as_str());
+    let mut port = itoa::Buffer::new();
+    let port = port.format(pod.port);
+    let mut host = String::with_capacity(20 + port.len() + slug.len() + domain.len());
+    for part in ["localhost-", port, "-pod-", slug, ".", domain] {
+        host.push_str(part);
+    }
+    host
 }
 
 /// The connection pool group for a pod.
@@ -103,8 +106,18 @@ pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
     }
     let xff = HeaderName::from_static("x-forwarded-for");
     edits.push(match (f.trusted_forwarded_for, f.client_ip) {
-        (Some(chain), Some(ip)) => HeaderEdit::Set(xff, format!("{chain}, {ip}")),
-        (None, Some(ip)) => HeaderEdit::Set(xff, ip.to_string()),
+        (Some(chain), Some(ip)) => {
+            let mut value = String::with_capacity(chain.len() + 2 + 39);
+            value.push_str(chain);
+            value.push_str(", ");
+            push_ip(&mut value, ip);
+            HeaderEdit::Set(xff, value)
+        }
+        (None, Some(ip)) => {
+            let mut value = String::with_capacity(39);
+            push_ip(&mut value, ip);
+            HeaderEdit::Set(xff, value)
+        }
         (Some(chain), None) => HeaderEdit::Set(xff, chain.to_owned()),
         (None, None) => HeaderEdit::Remove(xff),
     });
@@ -122,6 +135,26 @@ pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
         f.request_id.to_owned(),
     ));
     edits
+}
+
+/// Appends `ip` as text; IPv4 (nearly every client) without `fmt`, which costs ~1.5k
+/// instructions a request.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// The peer for a target. Upgraded requests (WebSockets) get the long idle timeout for reads
@@ -236,6 +269,36 @@ mod tests {
             |e| matches!(e, HeaderEdit::Set(n, _) | HeaderEdit::Remove(n)
             if n == header::HOST || n == header::COOKIE)
         ));
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_std_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "203.0.113.1",
+            "255.255.255.255",
+            "10.20.3.4",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let mut text = String::new();
+            push_ip(&mut text, ip.parse().unwrap());
+            assert_eq!(text, ip);
+        }
+        let target = pod("p");
+        let edits = forwarding_edits(&Forwarding {
+            target: &target,
+            cookie: None,
+            client_ip: Some("192.0.2.44".parse().unwrap()),
+            trusted_forwarded_for: Some("198.51.100.7"),
+            tls: false,
+            original_host: "h",
+            request_id: "r",
+        });
+        assert!(edits.contains(&HeaderEdit::Set(
+            HeaderName::from_static("x-forwarded-for"),
+            "198.51.100.7, 192.0.2.44".into()
+        )));
     }
 
     #[test]
