@@ -580,14 +580,16 @@ pub struct Exchanged {
     pub keep_client: bool,
     /// What went wrong, if anything.
     pub failure: Option<Failure>,
+    /// Whether the failure was connecting (no connection to the upstream was made).
+    pub connect_failed: bool,
 }
 
 /// What went wrong in an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The upstream refused or reset the connection before answering.
+    /// The upstream refused the connection, or closed or reset it before answering.
     Refused,
-    /// The upstream did not connect or answer in time.
+    /// The upstream did not accept the connection or answer in time.
     TimedOut,
     /// The upstream's answer cannot be relayed.
     BadResponse,
@@ -635,8 +637,8 @@ where
     }
     let fresh = match tokio::time::timeout(ex.connect_timeout, TcpStream::connect(ex.addr)).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(_)) => return failed(Failure::Refused),
-        Err(_) => return failed(Failure::TimedOut),
+        Ok(Err(_)) => return connect_failed(Failure::Refused),
+        Err(_) => return connect_failed(Failure::TimedOut),
     };
     let _ = fresh.set_nodelay(true);
     match attempt(client, pool, ex, fresh, false).await {
@@ -652,6 +654,14 @@ fn failed(failure: Failure) -> Exchanged {
         upstream: None,
         keep_client: false,
         failure: Some(failure),
+        connect_failed: false,
+    }
+}
+
+fn connect_failed(failure: Failure) -> Exchanged {
+    Exchanged {
+        connect_failed: true,
+        ..failed(failure)
     }
 }
 
@@ -738,14 +748,14 @@ where
                 upstream: upstream_time,
                 keep_client,
                 failure: None,
+                connect_failed: false,
             }
         }
         Err(failure) => Exchanged {
             status,
             body_bytes: sent,
             upstream: upstream_time,
-            keep_client: false,
-            failure: Some(failure),
+            ..failed(failure)
         },
     };
     Attempt::Done(done)
@@ -755,9 +765,7 @@ fn broken(status: u16, body_bytes: u64) -> Exchanged {
     Exchanged {
         status,
         body_bytes,
-        upstream: None,
-        keep_client: false,
-        failure: Some(Failure::BrokenBody),
+        ..failed(Failure::BrokenBody)
     }
 }
 
@@ -765,9 +773,7 @@ fn gone(status: u16, body_bytes: u64) -> Exchanged {
     Exchanged {
         status,
         body_bytes,
-        upstream: None,
-        keep_client: false,
-        failure: Some(Failure::ClientGone),
+        ..failed(Failure::ClientGone)
     }
 }
 

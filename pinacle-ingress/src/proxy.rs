@@ -922,18 +922,15 @@ impl PlainRequests for Ingress {
         let mut done = plain::exchange(conn, &self.pool, &exchange).await;
         ctx.upstream_duration = done.upstream;
         ctx.status = done.status;
-        if let Some(failure) = done.failure {
-            ctx.connect_failed =
-                matches!(failure, Failure::Refused | Failure::TimedOut) && done.status == 0;
-            if failure.answerable() {
-                let answer = match failure {
-                    Failure::TimedOut => Answer::UpstreamTimeout,
-                    _ => Answer::UpstreamRefused,
-                };
-                done.status = self
-                    .answer_plain(conn, &mut ctx, &answer, &request.method)
-                    .await;
-            }
+        ctx.connect_failed = done.connect_failed;
+        if let Some(failure) = done.failure.filter(|f| f.answerable()) {
+            let answer = match failure {
+                Failure::TimedOut => Answer::UpstreamTimeout,
+                _ => Answer::UpstreamRefused,
+            };
+            done.status = self
+                .answer_plain(conn, &mut ctx, &answer, &request.method)
+                .await;
         }
         conn.request_done();
         ctx.in_flight = None;

@@ -165,19 +165,7 @@ async fn world(pool: PgPool) -> World {
         ("p_mute", "mute", "running", mute.addr.port()),
         ("p_instant", "instant", "running", instant.addr.port()),
     ] {
-        let ports = ports_json(port);
-        seed.pod(&PodSeed {
-            id,
-            slug,
-            owner_id: "ada",
-            team_id: "t1",
-            server_id: Some("s1"),
-            status,
-            ports: Some(&ports),
-            age_secs: 60.0,
-        })
-        .await
-        .unwrap();
+        seed_pod(&pool, id, slug, status, port).await;
     }
     seed.archive_pod("p_attic").await.unwrap();
 
@@ -204,6 +192,24 @@ async fn world(pool: PgPool) -> World {
         _nginx: nginx,
         _mute: mute,
     }
+}
+
+/// A pod of `ada`'s team `t1` on server `s1` whose nginx-proxy port is `port`.
+async fn seed_pod(pool: &PgPool, id: &str, slug: &str, status: &str, port: u16) {
+    let ports = ports_json(port);
+    Seed(pool)
+        .pod(&PodSeed {
+            id,
+            slug,
+            owner_id: "ada",
+            team_id: "t1",
+            server_id: Some("s1"),
+            status,
+            ports: Some(&ports),
+            age_secs: 60.0,
+        })
+        .await
+        .unwrap();
 }
 
 impl World {
@@ -954,8 +960,16 @@ async fn upstream_refused_is_502_and_silence_is_504(pool: PgPool) {
     assert_eq!(r.status, 504);
     assert_ours(&r, "upstream-timeout");
     assert!(r.text().contains("Gateway timeout"));
-    // Both answered on the plain path; a HEAD gets the head alone.
+    // Both answered on the plain path; only the refused one failed to connect (the silent
+    // one accepted). A HEAD gets the head alone.
     wait_for_metric(&w.ingress, "pinacle_ingress_plain_requests_total", 2.0).await;
+    assert_eq!(
+        metric_or_zero(
+            &w.ingress,
+            "pinacle_ingress_upstream_connect_failures_total{route=\"pod\"}"
+        ),
+        1.0
+    );
     let mut conn = TcpStream::connect(w.addr).await.unwrap();
     let head = format!(
         "HEAD / HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\n\r\n",
@@ -1373,20 +1387,7 @@ async fn plain_requests_relay_every_framing_on_kept_connections(pool: PgPool) {
 
     let w = world(pool).await;
     let (scripted, accepted) = scripted_upstream().await;
-    let ports = ports_json(scripted.port());
-    Seed(&w.pool)
-        .pod(&PodSeed {
-            id: "p_script",
-            slug: "script",
-            owner_id: "ada",
-            team_id: "t1",
-            server_id: Some("s1"),
-            status: "running",
-            ports: Some(&ports),
-            age_secs: 60.0,
-        })
-        .await
-        .unwrap();
+    seed_pod(&w.pool, "p_script", "script", "running", scripted.port()).await;
     let host = pod_host(3000, "script");
     let cookie = session_cookie("ada");
     let headers = [("host", host.as_str()), ("cookie", cookie.as_str())];
