@@ -4,8 +4,8 @@
 # the proxy under test and one for the load generator and the upstreams. Writes
 # benches/RESULTS.md.
 #
-#   benches/load/run.sh                 # ~9 minutes
-#   DURATION=5 IDLE_WS=500 benches/load/run.sh
+#   benches/load/run.sh                 # ~12 minutes (3 interleaved rounds of 4 s per row)
+#   ROUNDS=1 DURATION=5 IDLE_WS=500 benches/load/run.sh
 #
 # Installs what it needs (wrk, nginx, haproxy, python3, Node.js) with apt-get when missing,
 # builds the release binaries, and stops every process it started (by PID) when it ends. Every
