@@ -7,10 +7,11 @@
 //! the user may use, is served here; everything else (bodies, upgrades, HTTP/1.0, odd framing,
 //! every answer of ours) still goes through Pingora, which sees the request untouched.
 //!
-//! The pure parts: [`PlainRequest::parse`] (which requests qualify), [`upstream_head`] (the
-//! request as forwarded, with the same header edits as the Pingora path), [`ResponseHead`]
-//! (framing of the upstream's answer) with [`client_head`], and [`ChunkedEnd`] (where a chunked
-//! body ends, so both connections stay reusable). [`UpstreamPool`] keeps idle upstream
+//! The pure parts: [`PlainRequest::parse`] (which requests qualify),
+//! [`PlainRequest::upstream_head`] (the request as forwarded, with the same header edits as the
+//! Pingora path), [`ResponseHead::parse`] (framing of the upstream's answer, and the head the
+//! client gets), and [`ChunkedEnd`] (where a chunked body ends, so both connections stay
+//! reusable). [`UpstreamPool`] keeps idle upstream
 //! connections; [`exchange`] runs one request over them, every wait bounded.
 
 use std::collections::HashMap;
@@ -68,6 +69,24 @@ pub struct PlainRequest {
     pub headers: HeaderMap,
     /// The `Host` field.
     pub host: String,
+    /// The request line and each field as byte ranges of the head, so that the head sent
+    /// upstream is built without parsing it again.
+    raw: RawHead,
+}
+
+/// Where the parts of a request head are, as offsets into it.
+#[derive(Debug, Default)]
+struct RawHead {
+    /// `method SP target`.
+    line: std::ops::Range<usize>,
+    /// Each field: its name and its value.
+    fields: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
+
+/// The range `part` occupies in `whole` (`part` is a slice of it).
+fn range_in(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+    start..start + part.len()
 }
 
 impl PlainRequest {
@@ -97,7 +116,16 @@ impl PlainRequest {
         let uri = Uri::try_from(path).ok()?;
         let mut headers = HeaderMap::with_capacity(req.headers.len());
         let mut host = None;
+        let method_at = range_in(bytes, req.method?.as_bytes());
+        let mut raw = RawHead {
+            line: method_at.start..range_in(bytes, path.as_bytes()).end,
+            fields: Vec::with_capacity(req.headers.len()),
+        };
         for field in req.headers.iter() {
+            raw.fields.push((
+                range_in(bytes, field.name.as_bytes()),
+                range_in(bytes, field.value),
+            ));
             let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
             if NOT_PLAIN.contains(&name.as_str()) {
                 return None;
@@ -120,44 +148,38 @@ impl PlainRequest {
             uri,
             headers,
             host: host?,
+            raw,
         })
     }
-}
 
-/// The request head as sent upstream: the client's request line and fields in their order and
-/// case, minus every field an edit names, then the edits' values (the same [`HeaderEdit`]s the
-/// Pingora path applies). `raw` is a head [`PlainRequest::parse`] accepted.
-pub fn upstream_head(raw: &[u8], edits: &[HeaderEdit], out: &mut Vec<u8>) -> bool {
-    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    if !matches!(
-        req.parse_with_uninit_headers(raw, &mut fields),
-        Ok(httparse::Status::Complete(_))
-    ) {
-        return false;
-    }
-    let (Some(method), Some(path)) = (req.method, req.path) else {
-        return false;
-    };
-    out.clear();
-    for part in [method.as_bytes(), b" ", path.as_bytes(), b" HTTP/1.1\r\n"] {
-        out.extend_from_slice(part);
-    }
-    let edited = |name: &str| {
-        edits.iter().any(|e| match e {
-            HeaderEdit::Set(n, _) | HeaderEdit::Remove(n) => n.as_str().eq_ignore_ascii_case(name),
-        })
-    };
-    for field in req.headers.iter().filter(|f| !edited(f.name)) {
-        put_field(out, field.name.as_bytes(), field.value);
-    }
-    for edit in edits {
-        if let HeaderEdit::Set(name, value) = edit {
-            put_field(out, name.as_str().as_bytes(), value.as_bytes());
+    /// The request head as sent upstream: the client's request line and fields in their
+    /// order and case, minus every field an edit names, then the edits' values (the same
+    /// [`HeaderEdit`]s the Pingora path applies). `bytes` is the head this was parsed from.
+    pub fn upstream_head(&self, bytes: &[u8], edits: &[HeaderEdit], out: &mut Vec<u8>) {
+        let part = |range: &std::ops::Range<usize>| bytes.get(range.clone()).unwrap_or_default();
+        out.clear();
+        out.extend_from_slice(part(&self.raw.line));
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let edited = |name: &[u8]| {
+            edits.iter().any(|e| match e {
+                HeaderEdit::Set(n, _) | HeaderEdit::Remove(n) => {
+                    n.as_str().as_bytes().eq_ignore_ascii_case(name)
+                }
+            })
+        };
+        for (name, value) in &self.raw.fields {
+            let name = part(name);
+            if !edited(name) {
+                put_field(out, name, part(value));
+            }
         }
+        for edit in edits {
+            if let HeaderEdit::Set(name, value) = edit {
+                put_field(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"\r\n");
-    true
 }
 
 fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -452,12 +474,17 @@ impl ChunkedEnd {
     }
 }
 
-/// Idle keep-alive connections to upstreams, by address, newest first out. Connections idle
+/// Which pooled connections a request may use: the upstream's address and a group within it
+/// (`upstream::group_key` of the pod, as Pingora's pool keys its peers), so that pods that
+/// ever share an address never share a connection.
+pub type PoolKey = (SocketAddr, u64);
+
+/// Idle keep-alive connections to upstreams, by [`PoolKey`], newest first out. Connections idle
 /// longer than `idle_timeout` (below the pods' nginx keep-alive, so never one it is closing)
 /// or found closed are dropped; the whole pool is swept at most once a second.
 #[derive(Debug)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<(TcpStream, Instant)>>>,
     idle_timeout: Duration,
     started: Instant,
     /// Milliseconds after `started` of the last sweep.
@@ -475,15 +502,15 @@ impl UpstreamPool {
         }
     }
 
-    /// An idle connection to `addr` that is still open, if any.
-    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// An idle connection for `key` that is still open, if any.
+    pub fn take(&self, key: PoolKey) -> Option<TcpStream> {
         self.sweep();
         loop {
             let (stream, since) = self
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get_mut(&addr)?
+                .get_mut(&key)?
                 .pop()?;
             if since.elapsed() < self.idle_timeout && still_open(&stream) {
                 return Some(stream);
@@ -491,10 +518,10 @@ impl UpstreamPool {
         }
     }
 
-    /// Keeps `stream` for the next request to `addr`.
-    pub fn give_back(&self, addr: SocketAddr, stream: TcpStream) {
+    /// Keeps `stream` for the next request with `key`.
+    pub fn give_back(&self, key: PoolKey, stream: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() >= IDLE_PER_UPSTREAM {
             list.remove(0);
         }
@@ -549,7 +576,9 @@ fn still_open(stream: &TcpStream) -> bool {
 pub struct Exchange<'a> {
     /// The upstream.
     pub addr: SocketAddr,
-    /// The request head to send ([`upstream_head`]).
+    /// Its group in the pool (see [`PoolKey`]).
+    pub group: u64,
+    /// The request head to send ([`PlainRequest::upstream_head`]).
     pub head: &'a [u8],
     /// Whether the request is `HEAD` (no response body whatever the fields say).
     pub head_request: bool,
@@ -630,7 +659,7 @@ pub async fn exchange<C>(client: &mut C, pool: &UpstreamPool, ex: &Exchange<'_>)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    if let Some(pooled) = pool.take(ex.addr)
+    if let Some(pooled) = pool.take((ex.addr, ex.group))
         && let Attempt::Done(done) = attempt(client, pool, ex, pooled, true).await
     {
         return done;
@@ -740,7 +769,7 @@ where
         Ok(clean) => {
             let keep_client = !ex.close_client && !until_close;
             if clean && head.reusable {
-                pool.give_back(ex.addr, upstream);
+                pool.give_back((ex.addr, ex.group), upstream);
             }
             Exchanged {
                 status,
@@ -911,7 +940,9 @@ mod tests {
             HeaderEdit::Set(HeaderName::from_static("x-forwarded-for"), "1.2.3.4".into()),
         ];
         let mut out = Vec::new();
-        assert!(upstream_head(raw, &edits, &mut out));
+        PlainRequest::parse(raw, 16 * 1024)
+            .unwrap()
+            .upstream_head(raw, &edits, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /p?q HTTP/1.1\r\nX-Keep: 1\r\nAccept: */*\r\nhost: pod.internal\r\n\
@@ -1013,6 +1044,27 @@ mod tests {
             client(false, "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
             "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn pooled_connections_serve_only_their_own_group_and_closed_ones_are_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = UpstreamPool::new(Duration::from_secs(60));
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        pool.give_back((addr, 1), client);
+        assert!(
+            pool.take((addr, 2)).is_none(),
+            "another pod at the same address"
+        );
+        let again = pool.take((addr, 1)).expect("its own group");
+        pool.give_back((addr, 1), again);
+        // The upstream closes the idle connection: it is not handed out again.
+        drop(server_side);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(pool.take((addr, 1)).is_none());
+        assert_eq!(pool.idle_count(), 0);
     }
 
     /// Feeds `body` split at every pair of points; the end must be found at `end` every time.

@@ -269,7 +269,7 @@ fn is_tls(session: &Session) -> bool {
 
 impl Ingress {
     /// The request's client trust, id, span, host and intent (first thing, on either path).
-    fn identify(&self, ctx: &mut RequestCtx, view: &RequestView<'_>, host: String) {
+    fn identify(&self, ctx: &mut RequestCtx, view: &RequestView<'_>, host: String, intent: Intent) {
         ctx.trusted_client = view.client_ip.is_some_and(|ip| {
             self.config
                 .trusted_proxies
@@ -286,7 +286,7 @@ impl Ingress {
         };
         ctx.span = tracing::info_span!("request", request_id = %ctx.request_id);
         ctx.host = host;
-        ctx.intent = intent::classify(view.method, view.headers);
+        ctx.intent = intent;
     }
 
     /// Writes an answer of ours and records it.
@@ -620,7 +620,8 @@ impl ProxyHttp for Ingress {
         ctx.started = Instant::now();
         connections::head_read(session);
         let req = session.req_header();
-        self.identify(ctx, &RequestView::of(session), request_host(req));
+        let intent = intent::classify(&req.method, &req.headers);
+        self.identify(ctx, &RequestView::of(session), request_host(req), intent);
         let too_large = request_head_bytes(req) > self.config.max_request_header_bytes;
         let timeouts = &self.config.timeouts;
         session.set_read_timeout(Some(if ctx.intent.upgrade {
@@ -891,24 +892,25 @@ impl PlainRequests for Ingress {
             return Served::Declined;
         }
         // Served here from now on.
-        self.identify(&mut ctx, &view, request.host.clone());
+        self.identify(&mut ctx, &view, request.host.clone(), intent);
         ctx.in_flight = Some(counted);
         ctx.route = RouteKind::Pod;
         ctx.pod = Some(pod);
         let Ok(target) = self.apply(&mut ctx, judged) else {
+            // Not reached: the verdict was checked above.
             return Served::Declined;
+        };
+        let (addr, group) = match &target {
+            Target::Pod { addr, pod_id, .. } => (*addr, upstream::group_key(pod_id)),
+            Target::Dashboard { addr } => (*addr, 0),
         };
         ctx.target = Some(target);
         let mut head = Vec::with_capacity(conn.pending().len() + 256);
-        if !plain::upstream_head(conn.pending(), &self.forwarding(&view, &ctx), &mut head) {
-            return Served::Declined;
-        }
+        request.upstream_head(conn.pending(), &self.forwarding(&view, &ctx), &mut head);
         conn.take_pending_head();
-        let Some(target) = &ctx.target else {
-            return Served::Close;
-        };
         let exchange = Exchange {
-            addr: target.addr(),
+            addr,
+            group,
             head: &head,
             head_request: request.method == http::Method::HEAD,
             strip: &config.strip_response_headers,
