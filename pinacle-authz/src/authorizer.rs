@@ -11,7 +11,7 @@ use moka::future::Cache;
 use crate::claims::Claims;
 use crate::credentials::CredentialKind;
 use crate::credentials::{
-    InvalidReason, Outcome, Presented, Principal, SessionToken, Verification,
+    InvalidReason, Outcome, Presented, Principal, SessionCandidate, SessionToken, Verification,
 };
 use crate::directory::{DirectoryError, PodDirectory, SessionRecord};
 use crate::ids::{PodSlug, UserId};
@@ -201,15 +201,24 @@ impl Authorizer {
                 }
             }
             Verification::Decided(outcome) => Ok(outcome),
-            Verification::DatabaseSession { presented, token } => {
-                let record = self
-                    .sessions
-                    .try_get_with(token.clone(), async {
-                        self.directory.session(&token).await
-                    })
-                    .await
-                    .map_err(|e: Arc<DirectoryError>| (*e).clone())?;
-                Ok(session_outcome(presented, record, now))
+            Verification::DatabaseSessions(candidates) => {
+                // The first valid token authenticates; otherwise the first token's outcome.
+                let mut first = None;
+                for SessionCandidate { presented, token } in candidates {
+                    let record = self
+                        .sessions
+                        .try_get_with(token.clone(), async {
+                            self.directory.session(&token).await
+                        })
+                        .await
+                        .map_err(|e: Arc<DirectoryError>| (*e).clone())?;
+                    let outcome = session_outcome(presented, record, now);
+                    if matches!(outcome, Outcome::Valid(_)) {
+                        return Ok(outcome);
+                    }
+                    first.get_or_insert(outcome);
+                }
+                Ok(first.unwrap_or(Outcome::Missing))
             }
         }
     }

@@ -1,134 +1,185 @@
-//! The `Cookie` request header: scanning pairs, reassembling chunked session cookies, and removing
-//! credential cookies before a request is forwarded. Pure string work, no allocation when possible.
+//! The `Cookie` request header as bytes: its segments, the names credential cookies and their
+//! chunks go by, and the header left after removing chosen segments. Pure, no allocation but
+//! the output.
+//!
+//! Bytes, not `str`: user agents send back whatever servers set (RFC 6265 §5.4), and apps set
+//! non-ASCII values (`name=José`), so one odd pair must neither hide the others nor be altered.
 
 use std::borrow::Cow;
 
-/// One `name=value` pair of a `Cookie` header, with the raw text it came from.
+/// One `;`-separated segment of a `Cookie` header, trimmed of spaces and tabs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment<'a> {
+    /// The segment exactly as it stood (without the separating `;` and surrounding blanks).
+    pub raw: &'a [u8],
+    /// Its `name=value` pair, when it has an `=` and a non-empty name.
+    pub pair: Option<CookiePair<'a>>,
+}
+
+/// One `name=value` pair of a `Cookie` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CookiePair<'a> {
-    /// The cookie name, trimmed.
-    pub name: &'a str,
+    /// The cookie name, trimmed of spaces and tabs.
+    pub name: &'a [u8],
     /// The value, trimmed, with one pair of surrounding double quotes removed.
-    pub value: &'a str,
-    /// The pair exactly as it stood in the header (without the separating `;` and leading spaces).
-    pub raw: &'a str,
+    pub value: &'a [u8],
 }
 
-/// Iterates the pairs of a `Cookie` header. Segments without `=` are skipped, as browsers and
-/// Node's `cookie` package do.
-pub fn pairs(header: &str) -> impl Iterator<Item = CookiePair<'_>> {
-    header.split(';').filter_map(|segment| {
-        let raw = segment.trim_matches(|c| c == ' ' || c == '\t');
-        let (name, value) = raw.split_once('=')?;
-        let name = name.trim();
-        if name.is_empty() {
-            return None;
-        }
-        let value = value.trim();
-        let value = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value);
-        Some(CookiePair { name, value, raw })
-    })
+fn is_blank(b: &u8) -> bool {
+    *b == b' ' || *b == b'\t'
 }
 
-/// The chunk index of `name` when it is `<base>.<digits>`.
-pub fn chunk_index(name: &str, base: &str) -> Option<u32> {
-    let suffix = name.strip_prefix(base)?.strip_prefix('.')?;
-    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !is_blank(b))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_blank(b))
+        .map_or(start, |i| i + 1);
+    bytes.get(start..end).unwrap_or_default()
+}
+
+/// The non-empty segments of a `Cookie` header, in order. A segment's position in this
+/// iteration is its index for [`without_segments`].
+pub fn segments(header: &[u8]) -> impl Iterator<Item = Segment<'_>> {
+    header
+        .split(|b| *b == b';')
+        .map(trim)
+        .filter(|raw| !raw.is_empty())
+        .map(|raw| {
+            let pair = raw.iter().position(|b| *b == b'=').and_then(|eq| {
+                let name = trim(raw.get(..eq).unwrap_or_default());
+                let value = trim(raw.get(eq + 1..).unwrap_or_default());
+                let value = value
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(value);
+                (!name.is_empty()).then_some(CookiePair { name, value })
+            });
+            Segment { raw, pair }
+        })
+}
+
+/// The `name=value` pairs of a `Cookie` header (segments without `=` are skipped, as browsers
+/// and Node's `cookie` package do).
+pub fn pairs(header: &[u8]) -> impl Iterator<Item = CookiePair<'_>> {
+    segments(header).filter_map(|s| s.pair)
+}
+
+/// How a cookie name relates to a credential cookie's base name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameMatch {
+    /// The base name itself.
+    Whole,
+    /// `<base>.<digits>`: a chunk, with its index when it fits a `u32` (a chunk whose index does
+    /// not fit can never be placed, so it is never attributed).
+    Chunk(Option<u32>),
+}
+
+/// Whether `name` is `base` or one of its chunks (`<base>.<digits>`, numbered as next-auth and
+/// @auth/core number them: by the digits after the last dot).
+pub fn match_name(name: &[u8], base: &str) -> Option<NameMatch> {
+    let rest = name.strip_prefix(base.as_bytes())?;
+    if rest.is_empty() {
+        return Some(NameMatch::Whole);
+    }
+    let digits = rest.strip_prefix(b".")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    suffix.parse().ok()
+    let index = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok());
+    Some(NameMatch::Chunk(index))
 }
 
-/// Whether `name` is `base` itself or one of its chunks.
-pub fn is_cookie_or_chunk(name: &str, base: &str) -> bool {
-    name == base || chunk_index(name, base).is_some()
-}
-
-/// The value of cookie `base`, reassembled from `<base>.0`, `<base>.1`, ... (ordered by the
-/// number after the last dot, as next-auth and @auth/core do) when chunks are present.
-/// The first occurrence of a name wins (browsers send the most specific path first).
-pub fn reassemble<'a>(header: &'a str, base: &str) -> Option<Cow<'a, str>> {
-    let mut whole: Option<&'a str> = None;
-    let mut chunks: Vec<(u32, &'a str)> = Vec::new();
-    for pair in pairs(header) {
-        if pair.name == base {
-            whole.get_or_insert(pair.value);
-        } else if let Some(index) = chunk_index(pair.name, base)
-            && !chunks.iter().any(|(i, _)| *i == index)
-        {
-            chunks.push((index, pair.value));
-        }
+/// The header without the segments whose indices (in [`segments`] order) are in `remove`
+/// (sorted, ascending); every other segment kept byte for byte, joined by `"; "`. The header
+/// itself when nothing is removed; `None` when nothing is left (drop the field).
+pub fn without_segments<'h>(header: &'h [u8], remove: &[usize]) -> Option<Cow<'h, [u8]>> {
+    if remove.is_empty() {
+        return segments(header)
+            .next()
+            .is_some()
+            .then_some(Cow::Borrowed(header));
     }
-    if chunks.is_empty() {
-        return whole.map(Cow::Borrowed);
-    }
-    chunks.sort_unstable_by_key(|(index, _)| *index);
-    let mut value = String::with_capacity(chunks.iter().map(|(_, v)| v.len()).sum());
-    for (_, chunk) in chunks {
-        value.push_str(chunk);
-    }
-    Some(Cow::Owned(value))
-}
-
-/// The header without the cookies for which `remove(name)` is true; every other pair is kept
-/// byte-for-byte, joined by `"; "`. `None` when no pair is left (drop the header).
-pub fn strip(header: &str, mut remove: impl FnMut(&str) -> bool) -> Option<String> {
-    let mut out = String::with_capacity(header.len());
-    for segment in header.split(';') {
-        let raw = segment.trim_matches(|c| c == ' ' || c == '\t');
-        if raw.is_empty() {
-            continue;
-        }
-        let name = raw.split_once('=').map_or(raw, |(n, _)| n).trim();
-        if remove(name) {
+    let mut out = Vec::with_capacity(header.len());
+    let mut skip = remove.iter().peekable();
+    for (index, segment) in segments(header).enumerate() {
+        while skip.next_if(|r| **r < index).is_some() {}
+        if skip.next_if_eq(&&index).is_some() {
             continue;
         }
         if !out.is_empty() {
-            out.push_str("; ");
+            out.extend_from_slice(b"; ");
         }
-        out.push_str(raw);
+        out.extend_from_slice(segment.raw);
     }
-    (!out.is_empty()).then_some(out)
+    (!out.is_empty()).then_some(Cow::Owned(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn names_and_values(header: &[u8]) -> Vec<(&[u8], &[u8])> {
+        pairs(header).map(|p| (p.name, p.value)).collect()
+    }
+
     #[test]
     fn pairs_trim_and_unquote() {
-        let got: Vec<_> = pairs(r#"a=1;  b="two" ;junk; =x; c="#)
-            .map(|p| (p.name, p.value))
-            .collect();
-        assert_eq!(got, vec![("a", "1"), ("b", "two"), ("c", "")]);
+        let got = names_and_values(br#"a=1;  b="two" ;junk; =x; c=;	d = 4 "#);
+        let want: Vec<(&[u8], &[u8])> =
+            vec![(b"a", b"1"), (b"b", b"two"), (b"c", b""), (b"d", b"4")];
+        assert_eq!(got, want);
     }
 
     #[test]
-    fn chunks_are_ordered_by_number_not_position() {
-        let h = "t.10=K; t.2=C; x=1; t.0=A; t.1=B";
-        assert_eq!(reassemble(h, "t").as_deref(), Some("ABCK"));
-        assert_eq!(reassemble("t=whole", "t").as_deref(), Some("whole"));
-        assert_eq!(reassemble("tt=whole; t.x=1", "t"), None);
+    fn a_non_ascii_pair_hides_nothing() {
+        let header = "name=José; pinacle-proxy-token=t; é=ü".as_bytes();
+        let got = names_and_values(header);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], (&b"name"[..], "José".as_bytes()));
+        assert_eq!(got[1], (&b"pinacle-proxy-token"[..], &b"t"[..]));
+        // Raw bytes that are not UTF-8 at all are still one pair each.
+        let raw = b"a=\xff\xfe; b=2";
+        assert_eq!(names_and_values(raw)[1], (&b"b"[..], &b"2"[..]));
     }
 
     #[test]
-    fn chunk_index_needs_digits_only() {
-        assert_eq!(chunk_index("a.b.3", "a.b"), Some(3));
-        assert_eq!(chunk_index("a.b.", "a.b"), None);
-        assert_eq!(chunk_index("a.b.-1", "a.b"), None);
-        assert_eq!(chunk_index("a.bc.1", "a.b"), None);
+    fn names_match_the_base_and_its_numbered_chunks() {
+        assert_eq!(match_name(b"a.b", "a.b"), Some(NameMatch::Whole));
+        assert_eq!(match_name(b"a.b.3", "a.b"), Some(NameMatch::Chunk(Some(3))));
+        assert_eq!(
+            match_name(b"a.b.007", "a.b"),
+            Some(NameMatch::Chunk(Some(7)))
+        );
+        assert_eq!(
+            match_name(b"a.b.99999999999999", "a.b"),
+            Some(NameMatch::Chunk(None))
+        );
+        assert_eq!(match_name(b"a.b.", "a.b"), None);
+        assert_eq!(match_name(b"a.b.-1", "a.b"), None);
+        assert_eq!(match_name(b"a.bc.1", "a.b"), None);
+        assert_eq!(match_name(b"a.bc", "a.b"), None);
+        assert_eq!(match_name(b"A.B", "a.b"), None);
     }
 
     #[test]
-    fn strip_keeps_others_byte_for_byte() {
-        let h = "theme=dark;s.0=AAA; s.1=BBB;  app=\"q=1\"; pinacle-proxy-token=t";
-        let out = strip(h, |n| {
-            is_cookie_or_chunk(n, "s") || n == "pinacle-proxy-token"
-        });
-        assert_eq!(out.as_deref(), Some("theme=dark; app=\"q=1\""));
-        assert_eq!(strip("s=1", |n| n == "s"), None);
+    fn removal_keeps_the_rest_byte_for_byte() {
+        let h = "theme=dark;s.0=AAA; s.1=BBB;  app=\"q=1\"; junk ;pinacle-proxy-token=t; n=José"
+            .as_bytes();
+        let kept = without_segments(h, &[1, 2, 5]).unwrap();
+        assert_eq!(&*kept, "theme=dark; app=\"q=1\"; junk; n=José".as_bytes());
+        assert_eq!(without_segments(b"s=1", &[0]), None);
+        assert!(matches!(
+            without_segments(b"a=1;b=2", &[]),
+            Some(Cow::Borrowed(b"a=1;b=2"))
+        ));
+        assert_eq!(without_segments(b" ; ", &[]), None);
+        // Indices past the end are ignored.
+        assert_eq!(&*without_segments(b"a=1; b=2", &[1, 9]).unwrap(), b"a=1");
     }
 }

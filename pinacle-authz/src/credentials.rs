@@ -3,6 +3,7 @@
 //! Database session tokens and impersonation targets are resolved later by the
 //! [`Authenticator`](crate::Authenticator), which owns the directory.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::claims::{ClaimCheck, Claims};
-use crate::cookies;
+use crate::cookies::{self, NameMatch};
 use crate::ids::UserId;
 use crate::jwe::{self, JweError, V4Key, V5Key};
 use crate::proxy_token::{ProxyScope, ProxyTokenClaims, ProxyTokenKeys, TokenCheck};
@@ -218,41 +219,46 @@ impl fmt::Debug for SessionToken {
     }
 }
 
+/// A database session token found in a session cookie, to be looked up in the directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionCandidate {
+    /// The cookie it came in.
+    pub presented: Presented,
+    /// The token.
+    pub token: SessionToken,
+}
+
 /// The pure verdict on a `Cookie` header.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verification {
     /// Decided without the directory (though a valid impersonation still needs the target checked).
     Decided(Outcome),
-    /// A session cookie holds an opaque token: look it up in the directory.
-    DatabaseSession {
-        /// The cookie it came in.
-        presented: Presented,
-        /// The token.
-        token: SessionToken,
-    },
+    /// No cookie verified on its own, but session cookies hold opaque tokens: look them up in the
+    /// directory, in order; the first valid one authenticates. Never empty.
+    DatabaseSessions(Vec<SessionCandidate>),
 }
 
-/// The verdict plus which credential cookies in the header are the dashboard's (to strip).
+/// The verdict plus which segments of the header are credentials (to strip).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inspection {
     /// The best credential found.
     pub verification: Verification,
-    /// Base names of cookies that belong to the dashboard or to us: never forward them.
-    pub credential_cookies: Vec<Arc<str>>,
+    /// Indices (in [`cookies::segments`] order, ascending) of the segments that must never be
+    /// forwarded: every proxy token, every cookie that is the dashboard's, every chunk that cannot
+    /// be attributed to one cookie.
+    stripped: Vec<usize>,
 }
 
 impl Inspection {
-    /// The `Cookie` header to forward upstream: every credential cookie (and its chunks) removed,
-    /// everything else byte-for-byte. `None` when nothing is left.
-    pub fn forwardable_cookie_header(&self, header: &str) -> Option<String> {
-        if self.credential_cookies.is_empty() {
-            return Some(header.to_owned());
-        }
-        cookies::strip(header, |name| {
-            self.credential_cookies
-                .iter()
-                .any(|base| cookies::is_cookie_or_chunk(name, base))
-        })
+    /// The `Cookie` header to forward upstream: the header inspected without its credential
+    /// segments, everything else byte for byte. `None` when nothing is left (drop the field).
+    pub fn forwardable_cookie_header<'h>(&self, header: &'h [u8]) -> Option<Cow<'h, [u8]>> {
+        cookies::without_segments(header, &self.stripped)
+    }
+
+    /// How many segments are stripped.
+    pub fn stripped_count(&self) -> usize {
+        self.stripped.len()
     }
 }
 
@@ -315,6 +321,150 @@ struct CookieSpec {
     keys: Keys,
     /// Claims of cookies that decrypted, by cookie value.
     decrypted: Option<moka::sync::Cache<Arc<str>, Arc<Claims>>>,
+}
+
+impl CookieSpec {
+    fn kind(&self) -> CredentialKind {
+        match self.keys {
+            Keys::V4(_) => CredentialKind::NextauthV4,
+            Keys::V5(_) => CredentialKind::AuthjsV5,
+        }
+    }
+}
+
+/// How many cookies of one credential name are tried (and how many ways to put its chunks
+/// together); any beyond are stripped untried. Bounds the work one request can cause (a
+/// decryption is a few microseconds).
+pub const MAX_CANDIDATES: usize = 16;
+
+/// A credential-named cookie in the header.
+struct Found<'h> {
+    /// Its segment index.
+    index: usize,
+    what: What,
+    value: &'h [u8],
+}
+
+#[derive(Clone, Copy)]
+enum What {
+    Proxy(NameMatch),
+    /// The index of the session cookie spec, and how the name matched it.
+    Session(usize, NameMatch),
+}
+
+/// The running choice among candidates: the first valid one, else database tokens, else the
+/// first rejection.
+#[derive(Default)]
+struct Choice {
+    valid: Option<Verification>,
+    database: Vec<SessionCandidate>,
+    rejection: Option<Verification>,
+}
+
+impl Choice {
+    fn consider(&mut self, v: Verification) {
+        match v {
+            Verification::Decided(Outcome::Valid(_)) => {
+                self.valid.get_or_insert(v);
+            }
+            Verification::DatabaseSessions(candidates) => {
+                for c in candidates {
+                    if self.database.len() < MAX_CANDIDATES && !self.database.contains(&c) {
+                        self.database.push(c);
+                    }
+                }
+            }
+            other => {
+                self.rejection.get_or_insert(other);
+            }
+        }
+    }
+
+    fn verdict(self) -> Verification {
+        if let Some(valid) = self.valid {
+            return valid;
+        }
+        if !self.database.is_empty() {
+            return Verification::DatabaseSessions(self.database);
+        }
+        self.rejection
+            .unwrap_or(Verification::Decided(Outcome::Missing))
+    }
+}
+
+/// The value of chunks that go together one way only: numbered `.0` to `.n`, each once.
+/// Sorts `chunks` by number.
+fn attributed(chunks: &mut [(Option<u32>, usize, &[u8])]) -> Option<Vec<u8>> {
+    chunks.sort_by_key(|(number, index, _)| (*number, *index));
+    let in_order = chunks
+        .iter()
+        .enumerate()
+        .all(|(i, (number, _, _))| *number == u32::try_from(i).ok());
+    in_order.then(|| {
+        chunks
+            .iter()
+            .flat_map(|(_, _, v)| v.iter().copied())
+            .collect()
+    })
+}
+
+/// Up to [`MAX_CANDIDATES`] values of chunks numbered from `.0` on: for `.0` to `.k` (longest
+/// first, every `k` up to the first missing number, since junk may follow a real set), every
+/// combination of one chunk per number. `chunks` is sorted by number.
+fn arrangements(chunks: &[(Option<u32>, usize, &[u8])]) -> Vec<Vec<u8>> {
+    // The choices for each number 0, 1, ... up to the first missing one.
+    let mut choices: Vec<Vec<&[u8]>> = Vec::new();
+    for (number, _, value) in chunks {
+        // Numbers too large to place sort first (as `None`); they belong to no arrangement.
+        let Some(number) = number.and_then(|n| usize::try_from(n).ok()) else {
+            continue;
+        };
+        if number == choices.len() {
+            choices.push(vec![value]);
+        } else if number + 1 == choices.len() {
+            if let Some(last) = choices.last_mut() {
+                last.push(value);
+            }
+        } else {
+            break;
+        }
+    }
+    let mut values = Vec::new();
+    for len in (1..=choices.len()).rev() {
+        combine(choices.get(..len).unwrap_or_default(), &mut values);
+    }
+    values
+}
+
+/// Appends every combination of one part per position (odometer order) to `values`, while
+/// fewer than [`MAX_CANDIDATES`].
+fn combine(choices: &[Vec<&[u8]>], values: &mut Vec<Vec<u8>>) {
+    let mut picks = vec![0usize; choices.len()];
+    while values.len() < MAX_CANDIDATES {
+        let value: Vec<u8> = picks
+            .iter()
+            .zip(choices)
+            .flat_map(|(pick, options)| options.get(*pick).copied().unwrap_or_default())
+            .copied()
+            .collect();
+        values.push(value);
+        // The next combination; done when every position wrapped.
+        let mut position = choices.len();
+        loop {
+            let Some(p) = position.checked_sub(1) else {
+                return;
+            };
+            position = p;
+            let (Some(pick), Some(options)) = (picks.get_mut(p), choices.get(p)) else {
+                return;
+            };
+            *pick += 1;
+            if *pick < options.len() {
+                break;
+            }
+            *pick = 0;
+        }
+    }
 }
 
 /// Verifies credential cookies. Keys are derived once, at construction.
@@ -392,59 +542,176 @@ impl CredentialVerifier {
         })
     }
 
-    /// Inspects a raw `Cookie` header at `now` (unix seconds).
+    /// Inspects a raw `Cookie` header (bytes as received; several fields joined by `"; "`) at
+    /// `now` (unix seconds).
     ///
-    /// The proxy token is preferred, then session cookies in configured order; the first valid
-    /// (or database) credential wins, else the first rejection, else [`Outcome::Missing`].
-    pub fn inspect(&self, cookie_header: &str, now: i64) -> Inspection {
-        let mut best: Option<Verification> = None;
-        let mut first_rejection: Option<Verification> = None;
-        let mut credential_cookies = Vec::new();
-
-        let mut consider = |v: Verification| {
-            let usable = matches!(
-                v,
-                Verification::Decided(Outcome::Valid(_)) | Verification::DatabaseSession { .. }
-            );
-            if usable {
-                best.get_or_insert(v);
-            } else {
-                first_rejection.get_or_insert(v);
+    /// Every cookie under a credential name is a candidate, wherever it stands: each proxy token,
+    /// each whole session cookie, and each way the session chunks can be put together, so that a
+    /// junk cookie of the same name (which a pod can plant) neither shadows nor locks out the
+    /// real one. The first valid credential wins (proxy tokens, then session cookies in
+    /// configured order); else database session tokens, to be looked up; else the first
+    /// rejection; else [`Outcome::Missing`].
+    ///
+    /// Stripped ([`Inspection::forwardable_cookie_header`]): every proxy token; every session
+    /// cookie that is the dashboard's (it decrypts under a configured secret, or is a database
+    /// session token); every chunk unless the chunks form exactly one foreign, well-formed token
+    /// (`.0` to `.n`, each once). Candidates beyond [`MAX_CANDIDATES`] of one name are stripped
+    /// untried.
+    pub fn inspect(&self, cookie_header: impl AsRef<[u8]>, now: i64) -> Inspection {
+        let header = cookie_header.as_ref();
+        let mut found: Vec<Found<'_>> = Vec::new();
+        for (index, segment) in cookies::segments(header).enumerate() {
+            let Some(pair) = segment.pair else { continue };
+            if let Some(m) = cookies::match_name(pair.name, &self.proxy_cookie) {
+                found.push(Found {
+                    index,
+                    what: What::Proxy(m),
+                    value: pair.value,
+                });
             }
-        };
-
-        if let Some(token) = cookies::pairs(cookie_header)
-            .find(|p| p.name == &*self.proxy_cookie)
-            .map(|p| p.value)
-        {
-            credential_cookies.push(self.proxy_cookie.clone());
-            consider(Verification::Decided(self.verify_proxy_token(token, now)));
+            for (spec, cookie) in self.cookies.iter().enumerate() {
+                if let Some(m) = cookies::match_name(pair.name, &cookie.name) {
+                    found.push(Found {
+                        index,
+                        what: What::Session(spec, m),
+                        value: pair.value,
+                    });
+                }
+            }
         }
-        for spec in &self.cookies {
-            let Some(value) = cookies::reassemble(cookie_header, &spec.name) else {
+        if found.is_empty() {
+            return Inspection {
+                verification: Verification::Decided(Outcome::Missing),
+                stripped: Vec::new(),
+            };
+        }
+        let mut choice = Choice::default();
+        let mut stripped = Vec::new();
+        self.inspect_proxy_tokens(&found, now, &mut choice, &mut stripped);
+        for (spec, cookie) in self.cookies.iter().enumerate() {
+            self.inspect_session_cookies(cookie, spec, &found, now, &mut choice, &mut stripped);
+        }
+        stripped.sort_unstable();
+        stripped.dedup();
+        Inspection {
+            verification: choice.verdict(),
+            stripped,
+        }
+    }
+
+    /// Every `pinacle-proxy-token` (and any chunk-like name of it) is stripped; each whole one is
+    /// tried.
+    fn inspect_proxy_tokens(
+        &self,
+        found: &[Found<'_>],
+        now: i64,
+        choice: &mut Choice,
+        stripped: &mut Vec<usize>,
+    ) {
+        let mut tried = 0;
+        for f in found {
+            let What::Proxy(m) = f.what else { continue };
+            stripped.push(f.index);
+            if m != NameMatch::Whole || tried == MAX_CANDIDATES {
+                continue;
+            }
+            tried += 1;
+            let outcome = match std::str::from_utf8(f.value) {
+                Ok(token) => self.verify_proxy_token(token, now),
+                Err(_) => Outcome::Invalid {
+                    presented: self.proxy_presented(),
+                    reason: InvalidReason::Malformed,
+                },
+            };
+            choice.consider(Verification::Decided(outcome));
+        }
+    }
+
+    /// The whole cookies and the chunks of one session cookie name.
+    fn inspect_session_cookies(
+        &self,
+        cookie: &CookieSpec,
+        spec: usize,
+        found: &[Found<'_>],
+        now: i64,
+        choice: &mut Choice,
+        stripped: &mut Vec<usize>,
+    ) {
+        let mut chunks: Vec<(Option<u32>, usize, &[u8])> = Vec::new();
+        let mut tried = 0;
+        for f in found {
+            let What::Session(s, m) = f.what else {
                 continue;
             };
-            let (verification, ours) = self.verify_session(spec, &value, now);
-            if ours {
-                credential_cookies.push(spec.name.clone());
+            if s != spec {
+                continue;
             }
-            consider(verification);
+            match m {
+                NameMatch::Chunk(number) => chunks.push((number, f.index, f.value)),
+                NameMatch::Whole if tried == MAX_CANDIDATES => stripped.push(f.index),
+                NameMatch::Whole => {
+                    tried += 1;
+                    let (verification, ours) = self.verify_session_bytes(cookie, f.value, now);
+                    if ours {
+                        stripped.push(f.index);
+                    }
+                    choice.consider(verification);
+                }
+            }
         }
-        Inspection {
-            verification: best
-                .or(first_rejection)
-                .unwrap_or(Verification::Decided(Outcome::Missing)),
-            credential_cookies,
+        if chunks.is_empty() {
+            return;
+        }
+        let whole = attributed(&mut chunks);
+        if let Some(value) = &whole {
+            let (verification, ours) = self.verify_session_bytes(cookie, value, now);
+            // Forwarded only as a whole, well-formed token under a key we do not have (a pod
+            // app's own): a library chunks only values too long for one cookie, and a part of a
+            // dashboard token (a chunk missing, or junk behind it) never passes the length checks.
+            let foreign_token = !ours
+                && chunks.len() >= 2
+                && matches!(
+                    verification,
+                    Verification::Decided(Outcome::Invalid {
+                        reason: InvalidReason::WrongSecret | InvalidReason::TamperedOrWrongSecret,
+                        ..
+                    })
+                );
+            let usable = matches!(
+                verification,
+                Verification::Decided(Outcome::Valid(_)) | Verification::DatabaseSessions(_)
+            );
+            choice.consider(verification);
+            if foreign_token {
+                return;
+            }
+            if usable {
+                stripped.extend(chunks.iter().map(|(_, index, _)| *index));
+                return;
+            }
+        }
+        // Chunks that do not make one usable token: none is forwarded, and every other way to
+        // put them together is tried (a real set may have junk behind it or beside it).
+        stripped.extend(chunks.iter().map(|(_, index, _)| *index));
+        for value in arrangements(&chunks) {
+            if whole.as_ref() != Some(&value) {
+                let (verification, _) = self.verify_session_bytes(cookie, &value, now);
+                choice.consider(verification);
+            }
+        }
+    }
+
+    fn proxy_presented(&self) -> Presented {
+        Presented {
+            kind: CredentialKind::ProxyToken,
+            cookie: self.proxy_cookie.clone(),
         }
     }
 
     /// Verifies a proxy token presented outside a cookie (the `token` parameter of the
     /// `/pinacle-proxy-callback`), at `now`.
     pub fn verify_proxy_token(&self, token: &str, now: i64) -> Outcome {
-        let presented = Presented {
-            kind: CredentialKind::ProxyToken,
-            cookie: self.proxy_cookie.clone(),
-        };
+        let presented = self.proxy_presented();
         let invalid = |reason| Outcome::Invalid {
             presented: presented.clone(),
             reason,
@@ -474,15 +741,35 @@ impl CredentialVerifier {
         }
     }
 
+    /// [`Self::verify_session`] of a value as received: one that is not UTF-8 is no token of
+    /// the dashboard's.
+    fn verify_session_bytes(
+        &self,
+        spec: &CookieSpec,
+        value: &[u8],
+        now: i64,
+    ) -> (Verification, bool) {
+        match std::str::from_utf8(value) {
+            Ok(value) => self.verify_session(spec, value, now),
+            Err(_) => {
+                let presented = Presented {
+                    kind: spec.kind(),
+                    cookie: spec.name.clone(),
+                };
+                let reason = InvalidReason::Malformed;
+                (
+                    Verification::Decided(Outcome::Invalid { presented, reason }),
+                    false,
+                )
+            }
+        }
+    }
+
     /// Returns the verdict and whether the cookie is the dashboard's (decrypts with our keys, or
     /// is a database session token).
     fn verify_session(&self, spec: &CookieSpec, value: &str, now: i64) -> (Verification, bool) {
-        let kind = match spec.keys {
-            Keys::V4(_) => CredentialKind::NextauthV4,
-            Keys::V5(_) => CredentialKind::AuthjsV5,
-        };
         let presented = Presented {
-            kind,
+            kind: spec.kind(),
             cookie: spec.name.clone(),
         };
         let invalid =
@@ -494,7 +781,8 @@ impl CredentialVerifier {
                     cookie: spec.name.clone(),
                 };
                 let token = SessionToken(Arc::from(value));
-                return (Verification::DatabaseSession { presented, token }, true);
+                let candidate = SessionCandidate { presented, token };
+                return (Verification::DatabaseSessions(vec![candidate]), true);
             }
             return (invalid(presented, InvalidReason::Malformed), false);
         }

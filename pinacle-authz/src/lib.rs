@@ -38,9 +38,9 @@ pub use authorizer::{Authorizer, AuthorizerConfig, CacheLookup};
 pub use claims::{CLOCK_TOLERANCE_SECS, Claims};
 pub use credentials::{
     CredentialConfig, CredentialConfigError, CredentialKind, CredentialVerifier,
-    DECRYPTED_SESSION_TTL, DEFAULT_DECRYPTED_SESSIONS, Inspection, InvalidReason, MintError,
-    Outcome, PROXY_TOKEN_COOKIE, Presented, Principal, SessionCookie, SessionFormat, SessionToken,
-    Verification,
+    DECRYPTED_SESSION_TTL, DEFAULT_DECRYPTED_SESSIONS, Inspection, InvalidReason, MAX_CANDIDATES,
+    MintError, Outcome, PROXY_TOKEN_COOKIE, Presented, Principal, SessionCandidate, SessionCookie,
+    SessionFormat, SessionToken, Verification,
 };
 pub use directory::{
     DirectoryError, FileDirectory, FileDirectoryError, PodDirectory, PostgresDirectory,

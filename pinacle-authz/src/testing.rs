@@ -268,3 +268,180 @@ pub fn session_cookie_value(secret: &str, user: &str, now: i64, ttl_secs: i64) -
         .mint_session_v4(&crate::Claims(map))
         .expect("minting needs only randomness")
 }
+
+/// Generated `Cookie` headers mixing a user's real credentials with what a hostile pod can plant
+/// (same-named junk, stray chunks, a foreign app's own session cookie), for property tests of
+/// credential stripping at every layer.
+pub mod hostile_cookies {
+    use proptest::prelude::*;
+
+    /// The credentials a case is built from.
+    #[derive(Debug, Clone)]
+    pub struct Material {
+        /// The session cookie name (e.g. `next-auth.session-token`).
+        pub name: String,
+        /// A valid dashboard session cookie value.
+        pub dashboard: String,
+        /// A session cookie value made by a pod app with its own secret.
+        pub foreign: String,
+        /// A valid proxy token.
+        pub proxy_token: String,
+    }
+
+    /// One cookie in a generated header.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Crumb {
+        /// The dashboard's cookie, whole (optionally in double quotes).
+        Dashboard {
+            /// Whether the value is quoted.
+            quoted: bool,
+        },
+        /// Chunk `.0` or `.1` of the dashboard's cookie (split at the case's split point).
+        DashboardChunk(u8),
+        /// A junk value under the session cookie name.
+        Junk,
+        /// A junk chunk with this index.
+        JunkChunk(u8),
+        /// A pod app's own session cookie under the same name (another secret).
+        Foreign,
+        /// The valid proxy token.
+        ProxyToken,
+        /// A junk proxy token.
+        JunkProxyToken,
+        /// An unrelated cookie (`theme=dark`, a non-ASCII one, a nameless segment).
+        Other(u8),
+    }
+
+    /// A generated header: cookies in order, blanks around separators, how many `Cookie`
+    /// fields it is sent in.
+    #[derive(Debug, Clone)]
+    pub struct Case {
+        /// The cookies, in order.
+        pub crumbs: Vec<Crumb>,
+        /// Where the dashboard's value is split into chunks (a fraction in 1/256).
+        pub split: u8,
+        /// The separator flavour between cookies (`"; "`, `";"`, `" ;  "`, `";\t"`).
+        pub separator: u8,
+        /// Into how many `Cookie` fields the cookies are spread (1 to 3).
+        pub fields: u8,
+    }
+
+    const OTHERS: [&str; 4] = ["theme=dark", "name=José", "app=\"q=1\"", "flag"];
+
+    fn crumb() -> impl Strategy<Value = Crumb> {
+        prop_oneof![
+            any::<bool>().prop_map(|quoted| Crumb::Dashboard { quoted }),
+            (0u8..2).prop_map(Crumb::DashboardChunk),
+            Just(Crumb::Junk),
+            (0u8..4).prop_map(Crumb::JunkChunk),
+            Just(Crumb::Foreign),
+            Just(Crumb::ProxyToken),
+            Just(Crumb::JunkProxyToken),
+            (0u8..4).prop_map(Crumb::Other),
+        ]
+    }
+
+    /// Any case: up to 8 cookies.
+    pub fn case() -> impl Strategy<Value = Case> {
+        (
+            proptest::collection::vec(crumb(), 0..8),
+            any::<u8>(),
+            0u8..4,
+            1u8..4,
+        )
+            .prop_map(|(crumbs, split, separator, fields)| Case {
+                crumbs,
+                split,
+                separator,
+                fields,
+            })
+    }
+
+    impl Case {
+        fn split_at(&self, value: &str) -> usize {
+            (value.len() * usize::from(self.split.max(1)) / 256).clamp(1, value.len() - 1)
+        }
+
+        fn text(&self, crumb: &Crumb, m: &Material) -> String {
+            let name = &m.name;
+            let cut = self.split_at(&m.dashboard);
+            let (head, tail) = m.dashboard.split_at(cut);
+            match crumb {
+                Crumb::Dashboard { quoted: true } => format!("{name}=\"{}\"", m.dashboard),
+                Crumb::Dashboard { quoted: false } => format!("{name}={}", m.dashboard),
+                Crumb::DashboardChunk(0) => format!("{name}.0={head}"),
+                Crumb::DashboardChunk(_) => format!("{name}.1={tail}"),
+                Crumb::Junk => format!("{name}=junk"),
+                Crumb::JunkChunk(i) => format!("{name}.{i}=junk{i}"),
+                Crumb::Foreign => format!("{name}={}", m.foreign),
+                Crumb::ProxyToken => format!("pinacle-proxy-token={}", m.proxy_token),
+                Crumb::JunkProxyToken => "pinacle-proxy-token=junk".to_owned(),
+                Crumb::Other(i) => OTHERS[usize::from(*i) % OTHERS.len()].to_owned(),
+            }
+        }
+
+        /// The `Cookie` field values to send (at least one, possibly empty).
+        pub fn fields(&self, m: &Material) -> Vec<String> {
+            let separator = ["; ", ";", " ;  ", ";\t"][usize::from(self.separator) % 4];
+            let per_field = self.crumbs.len().div_ceil(usize::from(self.fields)).max(1);
+            let mut fields: Vec<String> = self
+                .crumbs
+                .chunks(per_field)
+                .map(|crumbs| {
+                    crumbs
+                        .iter()
+                        .map(|c| self.text(c, m))
+                        .collect::<Vec<_>>()
+                        .join(separator)
+                })
+                .collect();
+            if fields.is_empty() {
+                fields.push(String::new());
+            }
+            fields
+        }
+
+        /// The fields joined as one header, as an HTTP/2 or HTTP/1 proxy joins them.
+        pub fn joined(&self, m: &Material) -> String {
+            self.fields(m).join("; ")
+        }
+
+        /// Whether a credential that must authenticate is present: the dashboard's whole cookie,
+        /// both of its chunks, or the valid proxy token.
+        pub fn authenticates(&self) -> bool {
+            let has = |c: &Crumb| self.crumbs.contains(c);
+            has(&Crumb::Dashboard { quoted: true })
+                || has(&Crumb::Dashboard { quoted: false })
+                || has(&Crumb::ProxyToken)
+                || (has(&Crumb::DashboardChunk(0)) && has(&Crumb::DashboardChunk(1)))
+        }
+
+        /// Byte strings that must never reach a pod: the dashboard's value, the proxy token, and
+        /// the first and last 24 bytes of each of the dashboard's chunks past the JWE header
+        /// (which every v4 token shares, the pod app's own included).
+        pub fn secrets(&self, m: &Material) -> Vec<String> {
+            let value = &m.dashboard;
+            let cut = self.split_at(value);
+            let header_end = value.find("..").map_or(0, |i| i + 2);
+            let mut secrets = vec![value.clone(), m.proxy_token.clone()];
+            for (start, end) in [(0, cut), (cut, value.len())] {
+                let part = &value[start.max(header_end)..end.max(header_end)];
+                if part.len() >= 24 {
+                    secrets.push(part[..24].to_owned());
+                    secrets.push(part[part.len() - 24..].to_owned());
+                }
+            }
+            secrets
+        }
+
+        /// The cookies that must reach the pod unchanged, in order: unrelated ones and the pod
+        /// app's own session cookie.
+        pub fn kept(&self, m: &Material) -> Vec<String> {
+            self.crumbs
+                .iter()
+                .filter(|c| matches!(c, Crumb::Other(_) | Crumb::Foreign))
+                .map(|c| self.text(c, m))
+                .collect()
+        }
+    }
+}

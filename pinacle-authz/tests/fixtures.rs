@@ -73,8 +73,8 @@ fn check_session_case(case: &Value, verifier: &CredentialVerifier) {
             assert_eq!(&*p.presented.cookie, cookie_name, "{name}");
             assert_eq!(p.expires_at, claims["exp"].as_i64(), "{name}");
             assert_eq!(
-                inspection.credential_cookies.len(),
-                1,
+                inspection.forwardable_cookie_header(str_of(case, "cookie_header").as_bytes()),
+                None,
                 "{name}: must be stripped"
             );
         }
@@ -224,9 +224,9 @@ fn every_proxy_token_case_matches_jsonwebtoken() {
         let inspection = v.inspect(str_of(case, "cookie_header"), case["now"].as_i64().unwrap());
         assert_eq!(
             inspection
-                .forwardable_cookie_header(str_of(case, "cookie_header"))
+                .forwardable_cookie_header(str_of(case, "cookie_header").as_bytes())
                 .as_deref(),
-            Some("theme=dark"),
+            Some(&b"theme=dark"[..]),
             "{name}: the proxy token is never forwarded"
         );
         let outcome = decided(inspection.verification);
@@ -268,8 +268,10 @@ fn foreign_cookies_with_dashboard_names_are_forwarded_but_ours_are_not() {
     let header = format!("{}; x=1", str_of(foreign, "cookie_header"));
     let inspection = v.inspect(&header, 0);
     assert_eq!(
-        inspection.forwardable_cookie_header(&header).as_deref(),
-        Some(header.as_str())
+        inspection
+            .forwardable_cookie_header(header.as_bytes())
+            .as_deref(),
+        Some(header.as_bytes())
     );
     // The dashboard's chunked cookie loses every chunk.
     let chunked = by_name("v4_valid_chunked");
@@ -277,8 +279,10 @@ fn foreign_cookies_with_dashboard_names_are_forwarded_but_ours_are_not() {
     let header = format!("a=1; {}; b=2", str_of(chunked, "cookie_header"));
     let inspection = v.inspect(&header, chunked["now"].as_i64().unwrap());
     assert_eq!(
-        inspection.forwardable_cookie_header(&header).as_deref(),
-        Some("a=1; b=2")
+        inspection
+            .forwardable_cookie_header(header.as_bytes())
+            .as_deref(),
+        Some(&b"a=1; b=2"[..])
     );
 }
 

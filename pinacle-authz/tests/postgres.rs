@@ -318,7 +318,7 @@ async fn database_sessions_from_the_fixture(pool: PgPool) {
         let now = row["now"].as_i64().unwrap();
         let inspection = verifier.inspect(row["cookie_header"].as_str().unwrap(), now);
         assert_eq!(
-            inspection.credential_cookies.len(),
+            inspection.stripped_count(),
             1,
             "database session cookies are stripped"
         );
@@ -337,6 +337,38 @@ async fn database_sessions_from_the_fixture(pool: PgPool) {
             ),
             other => panic!("unknown expectation {other}"),
         }
+    }
+    // A junk token of the same name, before or after, neither shadows nor leaks the real one.
+    let valid = rows.iter().find(|r| r["expect"] == "valid").unwrap();
+    let (header, now) = (
+        valid["cookie_header"].as_str().unwrap(),
+        valid["now"].as_i64().unwrap(),
+    );
+    let (name, _) = header.split_once('=').unwrap();
+    let short = format!("{name}=short");
+    for (shadowed, forwarded) in [
+        (
+            format!("{name}=00000000-0000-4000-8000-000000000000; {header}"),
+            None,
+        ),
+        (
+            format!("{header}; {name}=00000000-0000-4000-8000-000000000000; {short}"),
+            Some(short.as_bytes()),
+        ),
+    ] {
+        let inspection = verifier.inspect(&shadowed, now);
+        assert_eq!(
+            inspection
+                .forwardable_cookie_header(shadowed.as_bytes())
+                .as_deref(),
+            forwarded,
+            "{shadowed}"
+        );
+        let outcome = authz.resolve(inspection.verification, now).await.unwrap();
+        assert!(
+            matches!(outcome, Outcome::Valid(_)),
+            "{shadowed}: {outcome:?}"
+        );
     }
     let unknown = verifier.inspect(
         "authjs.session-token=00000000-0000-4000-8000-000000000000",

@@ -148,7 +148,7 @@ fn session_inspect(cookie_header: &str, now: Option<i64>) -> anyhow::Result<Exit
     let now = now.unwrap_or_else(unix_now);
     let verification = verifier.inspect(cookie_header, now).verification;
     let needs_directory = match &verification {
-        Verification::DatabaseSession { .. } => true,
+        Verification::DatabaseSessions(_) => true,
         Verification::Decided(Outcome::Valid(p)) => p.impersonated_by.is_some(),
         Verification::Decided(_) => false,
     };

@@ -160,13 +160,7 @@ impl PlainRequest {
         out.clear();
         out.extend_from_slice(part(&self.raw.line));
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let edited = |name: &[u8]| {
-            edits.iter().any(|e| match e {
-                HeaderEdit::Set(n, _) | HeaderEdit::Remove(n) => {
-                    n.as_str().as_bytes().eq_ignore_ascii_case(name)
-                }
-            })
-        };
+        let edited = |name: &[u8]| edits.iter().any(|e| e.edits(name));
         for (name, value) in &self.raw.fields {
             let name = part(name);
             if !edited(name) {
@@ -175,7 +169,7 @@ impl PlainRequest {
         }
         for edit in edits {
             if let HeaderEdit::Set(name, value) = edit {
-                put_field(out, name.as_str().as_bytes(), value.as_bytes());
+                put_field(out, name.as_str().as_bytes(), value);
             }
         }
         out.extend_from_slice(b"\r\n");
@@ -935,9 +929,12 @@ mod tests {
     fn the_upstream_head_keeps_order_and_case_and_applies_every_edit() {
         let raw = b"GET /p?q HTTP/1.1\r\nHost: a.test\r\nX-Keep: 1\r\nCookie: s=1; t=2\r\nX-Forwarded-For: 6.6.6.6\r\nAccept: */*\r\n\r\n";
         let edits = vec![
-            HeaderEdit::Set(http::header::HOST, "pod.internal".into()),
+            HeaderEdit::Set(http::header::HOST, b"pod.internal".to_vec()),
             HeaderEdit::Remove(http::header::COOKIE),
-            HeaderEdit::Set(HeaderName::from_static("x-forwarded-for"), "1.2.3.4".into()),
+            HeaderEdit::Set(
+                HeaderName::from_static("x-forwarded-for"),
+                b"1.2.3.4".to_vec(),
+            ),
         ];
         let mut out = Vec::new();
         PlainRequest::parse(raw, 16 * 1024)

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header;
+use http::{HeaderName, header};
 use pinacle_authz::{
     Authorizer, CredentialVerifier, Decision, DirectoryError, Outcome, Principal, UserId,
     Verification,
@@ -119,7 +119,7 @@ pub struct RequestCtx {
     user: Option<UserId>,
     authz: &'static str,
     target: Option<Target>,
-    forward_cookie: Option<String>,
+    forward_cookie: Option<Vec<u8>>,
     answer: Option<&'static str>,
     status: u16,
     tunnel: Option<TunnelReport>,
@@ -221,18 +221,22 @@ fn request_host(req: &RequestHeader) -> String {
         .unwrap_or_default()
 }
 
-/// Every `Cookie` header joined as one (HTTP/2 clients send one field per cookie).
-fn cookie_header(headers: &http::HeaderMap) -> String {
-    let mut joined = String::new();
-    for value in headers.get_all(header::COOKIE) {
-        if let Ok(v) = value.to_str() {
-            if !joined.is_empty() {
-                joined.push_str("; ");
-            }
-            joined.push_str(v);
-        }
+/// Every `Cookie` field joined as one, as bytes (HTTP/2 clients send one field per cookie;
+/// values may hold any byte a server set).
+fn cookie_header(headers: &http::HeaderMap) -> std::borrow::Cow<'_, [u8]> {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    let Some(first) = fields.next() else {
+        return std::borrow::Cow::Borrowed(&[]);
+    };
+    let Some(second) = fields.next() else {
+        return std::borrow::Cow::Borrowed(first.as_bytes());
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in std::iter::once(second).chain(fields) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
     }
-    joined
+    std::borrow::Cow::Owned(joined)
 }
 
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
@@ -523,7 +527,9 @@ impl Ingress {
                                 pod_id,
                                 host,
                             },
-                            forward_cookie: inspection.forwardable_cookie_header(&cookies),
+                            forward_cookie: inspection
+                                .forwardable_cookie_header(&cookies)
+                                .map(std::borrow::Cow::into_owned),
                         }),
                     )
                 }
@@ -570,7 +576,7 @@ struct Judged {
 
 struct Allowed {
     target: Target,
-    forward_cookie: Option<String>,
+    forward_cookie: Option<Vec<u8>>,
 }
 
 impl Judged {
@@ -715,6 +721,17 @@ impl ProxyHttp for Ingress {
                 }
                 HeaderEdit::Remove(name) => {
                     upstream_request.remove_header(&name);
+                }
+                HeaderEdit::RemoveSpoofable => {
+                    let spoofed: Vec<HeaderName> = upstream_request
+                        .headers
+                        .keys()
+                        .filter(|n| upstream::is_spoofable(n.as_str().as_bytes()))
+                        .cloned()
+                        .collect();
+                    for name in spoofed {
+                        upstream_request.remove_header(&name);
+                    }
                 }
             }
         }

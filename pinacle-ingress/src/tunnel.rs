@@ -119,19 +119,15 @@ fn upstream_request(
         .version(http::Version::HTTP_11);
     let headers = builder.headers_mut().ok_or(Answer::Internal)?;
     for (name, value) in &req.headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
+        let edited = edits.iter().any(|e| e.edits(name.as_str().as_bytes()));
+        if !edited && !HOP_BY_HOP.contains(&name.as_str()) {
             headers.append(name.clone(), value.clone());
         }
     }
     for edit in edits {
-        match edit {
-            HeaderEdit::Set(name, value) => {
-                let value = http::HeaderValue::from_str(value).map_err(|_| Answer::BadRequest)?;
-                headers.insert(name.clone(), value);
-            }
-            HeaderEdit::Remove(name) => {
-                headers.remove(name);
-            }
+        if let HeaderEdit::Set(name, value) = edit {
+            let value = http::HeaderValue::from_bytes(value).map_err(|_| Answer::BadRequest)?;
+            headers.insert(name.clone(), value);
         }
     }
     builder.body(Empty::new()).map_err(|_| Answer::BadRequest)

@@ -66,10 +66,48 @@ pub fn group_key(pod_id: &PodId) -> u64 {
 /// One change to the request headers sent upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderEdit {
-    /// Replace every value with this one.
-    Set(HeaderName, String),
+    /// Replace every value with this one (bytes: a forwarded `Cookie` may hold any byte a
+    /// browser sends, non-ASCII included).
+    Set(HeaderName, Vec<u8>),
     /// Remove the field.
     Remove(HeaderName),
+    /// Remove every field [`is_spoofable`] names: the client is not a trusted proxy.
+    RemoveSpoofable,
+}
+
+impl HeaderEdit {
+    /// Whether this edit replaces or removes the field `name` (any case).
+    pub fn edits(&self, name: &[u8]) -> bool {
+        match self {
+            Self::Set(n, _) | Self::Remove(n) => n.as_str().as_bytes().eq_ignore_ascii_case(name),
+            Self::RemoveSpoofable => is_spoofable(name),
+        }
+    }
+}
+
+/// Request fields by which a client could claim another address, scheme, host, path or
+/// identity to an upstream, or pose as the ingress (`X-Pinacle-*`). The ingress is the edge:
+/// it removes them unless the client is a trusted proxy. `X-Forwarded-For`, `-Proto` and `-Host`
+/// are not listed: they are always set by the ingress. Any case.
+pub fn is_spoofable(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 7] = [
+        b"forwarded",
+        b"x-real-ip",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-client-ip",
+        b"x-original-url",
+    ];
+    // Fast exit for the common fields: every listed name starts with `f` or `x`.
+    match name.first() {
+        Some(b'f' | b'F' | b'x' | b'X') => {}
+        _ => return false,
+    }
+    let ours = name
+        .get(..10)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"x-pinacle-"));
+    ours || NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// What the upstream is told about the request.
@@ -78,7 +116,7 @@ pub struct Forwarding<'a> {
     /// Where it goes.
     pub target: &'a Target,
     /// The `Cookie` header left after removing credentials (pods only).
-    pub cookie: Option<&'a str>,
+    pub cookie: Option<&'a [u8]>,
     /// The client's address.
     pub client_ip: Option<IpAddr>,
     /// The `X-Forwarded-For` received, when the client is a trusted proxy (appended to).
@@ -94,15 +132,19 @@ pub struct Forwarding<'a> {
 /// The header edits for a forwarded request: pods get their rewritten `Host` and the stripped
 /// `Cookie`; everyone gets `X-Forwarded-For/Proto/Host` (replacing whatever the client claimed:
 /// the ingress is the edge, unless the client is a trusted proxy whose chain is kept) and the
-/// request id.
+/// request id, and loses every other identity field ([`is_spoofable`]) unless it is a trusted
+/// proxy.
 pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
-    let mut edits = Vec::with_capacity(6);
+    let mut edits = Vec::with_capacity(7);
     if let Target::Pod { host, .. } = f.target {
-        edits.push(HeaderEdit::Set(header::HOST, host.clone()));
+        edits.push(HeaderEdit::Set(header::HOST, host.clone().into_bytes()));
         edits.push(match f.cookie {
-            Some(cookie) => HeaderEdit::Set(header::COOKIE, cookie.to_owned()),
+            Some(cookie) => HeaderEdit::Set(header::COOKIE, cookie.to_vec()),
             None => HeaderEdit::Remove(header::COOKIE),
         });
+    }
+    if f.trusted_forwarded_for.is_none() {
+        edits.push(HeaderEdit::RemoveSpoofable);
     }
     let xff = HeaderName::from_static("x-forwarded-for");
     edits.push(match (f.trusted_forwarded_for, f.client_ip) {
@@ -111,28 +153,28 @@ pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
             value.push_str(chain);
             value.push_str(", ");
             push_ip(&mut value, ip);
-            HeaderEdit::Set(xff, value)
+            HeaderEdit::Set(xff, value.into_bytes())
         }
         (None, Some(ip)) => {
             let mut value = String::with_capacity(39);
             push_ip(&mut value, ip);
-            HeaderEdit::Set(xff, value)
+            HeaderEdit::Set(xff, value.into_bytes())
         }
-        (Some(chain), None) => HeaderEdit::Set(xff, chain.to_owned()),
+        (Some(chain), None) => HeaderEdit::Set(xff, chain.as_bytes().to_vec()),
         (None, None) => HeaderEdit::Remove(xff),
     });
     let proto = if f.tls { "https" } else { "http" };
     edits.push(HeaderEdit::Set(
         HeaderName::from_static("x-forwarded-proto"),
-        proto.to_owned(),
+        proto.as_bytes().to_vec(),
     ));
     edits.push(HeaderEdit::Set(
         HeaderName::from_static("x-forwarded-host"),
-        f.original_host.to_owned(),
+        f.original_host.as_bytes().to_vec(),
     ));
     edits.push(HeaderEdit::Set(
         HeaderName::from_static("x-request-id"),
-        f.request_id.to_owned(),
+        f.request_id.as_bytes().to_vec(),
     ));
     edits
 }
@@ -243,22 +285,22 @@ mod tests {
             original_host: "localhost-1-pod-p.pinacle.dev",
             request_id: "r1",
         });
-        assert_eq!(edits[0], HeaderEdit::Set(header::HOST, "h".into()));
+        assert_eq!(edits[0], HeaderEdit::Set(header::HOST, b"h".to_vec()));
         assert_eq!(edits[1], HeaderEdit::Remove(header::COOKIE));
         assert!(edits.contains(&HeaderEdit::Set(
             HeaderName::from_static("x-forwarded-for"),
-            "203.0.113.1".into()
+            b"203.0.113.1".to_vec()
         )));
         assert!(edits.contains(&HeaderEdit::Set(
             HeaderName::from_static("x-forwarded-proto"),
-            "https".into()
+            b"https".to_vec()
         )));
         let dashboard = Target::Dashboard {
             addr: "127.0.0.1:3000".parse().unwrap(),
         };
         let edits = forwarding_edits(&Forwarding {
             target: &dashboard,
-            cookie: Some("ignored"),
+            cookie: Some(b"ignored"),
             client_ip: None,
             trusted_forwarded_for: Some("198.51.100.7"),
             tls: false,
@@ -269,6 +311,56 @@ mod tests {
             |e| matches!(e, HeaderEdit::Set(n, _) | HeaderEdit::Remove(n)
             if n == header::HOST || n == header::COOKIE)
         ));
+    }
+
+    #[test]
+    fn identity_fields_are_spoofable_in_any_case_and_common_ones_are_not() {
+        for name in [
+            "Forwarded",
+            "x-real-ip",
+            "X-Forwarded-Port",
+            "x-forwarded-prefix",
+            "X-FORWARDED-SERVER",
+            "x-client-ip",
+            "X-Original-URL",
+            "x-pinacle-ingress",
+            "X-Pinacle-User",
+        ] {
+            assert!(is_spoofable(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "host",
+            "cookie",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-pinacle",
+            "x-pinaclex-a",
+            "forwarded-x",
+            "accept",
+        ] {
+            assert!(!is_spoofable(name.as_bytes()), "{name}");
+        }
+        let untrusted = forwarding_edits(&Forwarding {
+            target: &pod("p"),
+            cookie: None,
+            client_ip: None,
+            trusted_forwarded_for: None,
+            tls: false,
+            original_host: "h",
+            request_id: "r",
+        });
+        assert!(untrusted.contains(&HeaderEdit::RemoveSpoofable));
+        let trusted = forwarding_edits(&Forwarding {
+            trusted_forwarded_for: Some("198.51.100.7"),
+            target: &pod("p"),
+            cookie: None,
+            client_ip: None,
+            tls: false,
+            original_host: "h",
+            request_id: "r",
+        });
+        assert!(!trusted.contains(&HeaderEdit::RemoveSpoofable));
     }
 
     #[test]
@@ -297,7 +389,7 @@ mod tests {
         });
         assert!(edits.contains(&HeaderEdit::Set(
             HeaderName::from_static("x-forwarded-for"),
-            "198.51.100.7, 192.0.2.44".into()
+            b"198.51.100.7, 192.0.2.44".to_vec()
         )));
     }
 

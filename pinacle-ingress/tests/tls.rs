@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,8 +16,6 @@ use pinacle_authz::{CredentialConfig, CredentialVerifier, FileDirectory, Secret}
 use pinacle_ingress::config;
 use pinacle_ingress::server::{self, Running};
 use pinacle_testkit::{client, reserve_port, upstream, wait_for_port};
-use rcgen::{BasicConstraints, Certificate, CertificateParams, IsCa, KeyPair};
-use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -27,55 +24,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SECRET: &str = "tls-test-secret";
 
-struct Ca {
-    cert: Certificate,
-    key: KeyPair,
-}
-
-fn ca() -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca { cert, key }
-}
-
-/// Writes a leaf for `names` signed by `ca` to `<dir>/<tag>.pem` and `<tag>.key`.
-fn leaf(ca: &Ca, names: &[&str], dir: &Path, tag: &str) -> CertificateDer<'static> {
-    let params =
-        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    std::fs::write(dir.join(format!("{tag}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{tag}.key")), key.serialize_pem()).unwrap();
-    cert.der().clone()
-}
-
-fn connector(ca: &Ca, alpn: &[&[u8]]) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert.der().clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    TlsConnector::from(Arc::new(config))
-}
-
-async fn tls_connect(
-    connector: &TlsConnector,
-    addr: SocketAddr,
-    name: &str,
-) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    connector
-        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
-        .await
-        .unwrap_or_else(|e| panic!("TLS handshake for {name}: {e}"))
-}
+use pinacle_testkit::tls::{Ca, connect as tls_connect};
 
 fn session_cookie(user: &str) -> String {
     let now = pinacle_ingress::cli::unix_now();
@@ -108,9 +57,9 @@ async fn world_with(tag: &str, extra: &str) -> World {
     );
     let dir = std::env::temp_dir().join(format!("pinacle-tls-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ca = ca();
-    leaf(&ca, &["*.pinacle.test", "pinacle.test"], &dir, "wildcard");
-    leaf(&ca, &["other.example"], &dir, "other");
+    let ca = Ca::new();
+    ca.leaf(&["*.pinacle.test", "pinacle.test"], &dir, "wildcard");
+    ca.leaf(&["other.example"], &dir, "other");
 
     let text = pinacle_authz::testing::owner_directory_toml(
         "ada",
@@ -200,7 +149,7 @@ async fn https_h1_h2_sni_wss_redirect_and_secure_callback_cookie() {
     let cookie = session_cookie("ada");
 
     // HTTP/1.1 over TLS.
-    let h1 = connector(&w.ca, &[b"http/1.1"]);
+    let h1 = w.ca.connector(&[b"http/1.1"]);
     let stream = tls_connect(&h1, w.tls, &host).await;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -220,7 +169,7 @@ async fn https_h1_h2_sni_wss_redirect_and_secure_callback_cookie() {
     assert!(echo["headers"].get("cookie").is_none());
 
     // HTTP/2 (ALPN h2), two requests on one connection.
-    let h2 = connector(&w.ca, &[b"h2", b"http/1.1"]);
+    let h2 = w.ca.connector(&[b"h2", b"http/1.1"]);
     let stream = tls_connect(&h2, w.tls, &host).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, status, version, body) = h2_get(stream, &host, "/h2?x=1", &cookie).await;
@@ -306,7 +255,7 @@ async fn reloaded_certificates_serve_new_handshakes_and_keep_open_connections() 
     let w = world("reload").await;
     let host = format!("localhost-{}-pod-app.pinacle.test", w.pod_port);
     let cookie = session_cookie("ada");
-    let h2 = connector(&w.ca, &[b"h2"]);
+    let h2 = w.ca.connector(&[b"h2"]);
 
     let stream = tls_connect(&h2, w.tls, &host).await;
     let before = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -314,16 +263,12 @@ async fn reloaded_certificates_serve_new_handshakes_and_keep_open_connections() 
     assert_eq!(status, 200);
 
     // Re-issue the wildcard certificate (new key, new serial) and reload.
-    let reissued = leaf(
-        &w.ca,
-        &["*.pinacle.test", "pinacle.test"],
-        &w.dir,
-        "wildcard",
-    );
+    let reissued =
+        w.ca.leaf(&["*.pinacle.test", "pinacle.test"], &w.dir, "wildcard");
     w.ingress.reload_certificates().unwrap();
 
     // A fresh client: a resumed TLS session would report the certificate of its first handshake.
-    let stream = tls_connect(&connector(&w.ca, &[b"h2"]), w.tls, &host).await;
+    let stream = tls_connect(&w.ca.connector(&[b"h2"]), w.tls, &host).await;
     let after = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
     assert_ne!(before, after);
     assert_eq!(after, reissued);
@@ -334,7 +279,7 @@ async fn reloaded_certificates_serve_new_handshakes_and_keep_open_connections() 
     // A broken file keeps the current certificates.
     std::fs::write(w.dir.join("wildcard.pem"), "not a certificate").unwrap();
     assert!(w.ingress.reload_certificates().is_err());
-    let stream = tls_connect(&connector(&w.ca, &[b"h2"]), w.tls, &host).await;
+    let stream = tls_connect(&w.ca.connector(&[b"h2"]), w.tls, &host).await;
     assert_eq!(stream.get_ref().1.peer_certificates().unwrap()[0], reissued);
     std::fs::remove_dir_all(&w.dir).unwrap();
 }
@@ -346,7 +291,7 @@ async fn slow_heads_over_tls_get_408_and_http2_connections_are_not_timed() {
     let w = world_with("slow", "request_header_timeout = \"300ms\"").await;
     let host = format!("localhost-{}-pod-app.pinacle.test", w.pod_port);
 
-    let mut stream = tls_connect(&connector(&w.ca, &[b"http/1.1"]), w.tls, &host).await;
+    let mut stream = tls_connect(&w.ca.connector(&[b"http/1.1"]), w.tls, &host).await;
     stream
         .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nCookie: ").as_bytes())
         .await
@@ -366,7 +311,7 @@ async fn slow_heads_over_tls_get_408_and_http2_connections_are_not_timed() {
 
     // HTTP/2 has its own flow control and framing: an idle h2 connection is not cut by the
     // head timeout.
-    let stream = tls_connect(&connector(&w.ca, &[b"h2"]), w.tls, &host).await;
+    let stream = tls_connect(&w.ca.connector(&[b"h2"]), w.tls, &host).await;
     let cookie = session_cookie("ada");
     let (mut sender, status, ..) = h2_get(stream, &host, "/first", &cookie).await;
     assert_eq!(status, 200);
@@ -380,8 +325,8 @@ async fn slow_heads_over_tls_get_408_and_http2_connections_are_not_timed() {
 async fn sighup_makes_serve_reread_its_certificates() {
     let dir = std::env::temp_dir().join(format!("pinacle-tls-hup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ca = ca();
-    let first = leaf(&ca, &["*.pinacle.test"], &dir, "wildcard");
+    let ca = Ca::new();
+    let first = ca.leaf(&["*.pinacle.test"], &dir, "wildcard");
     let (plain, tls) = (reserve_port(), reserve_port());
     let d = dir.display();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pinacle-ingress"));
@@ -409,9 +354,9 @@ async fn sighup_makes_serve_reread_its_certificates() {
         let stream = tls_connect(&connector, tls_addr, "x.pinacle.test").await;
         stream.get_ref().1.peer_certificates().unwrap()[0].clone()
     };
-    assert_eq!(served(connector(&ca, &[b"h2"])).await, first);
+    assert_eq!(served(ca.connector(&[b"h2"])).await, first);
 
-    let second = leaf(&ca, &["*.pinacle.test"], &dir, "wildcard");
+    let second = ca.leaf(&["*.pinacle.test"], &dir, "wildcard");
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
@@ -419,7 +364,7 @@ async fn sighup_makes_serve_reread_its_certificates() {
         .success();
     assert!(ok);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while served(connector(&ca, &[b"h2"])).await != second {
+    while served(ca.connector(&[b"h2"])).await != second {
         assert!(
             std::time::Instant::now() < deadline,
             "SIGHUP did not reload"

@@ -3,9 +3,11 @@
 //! can send any Host header.
 //!
 //! - [`upstream`]: HTTP echo (counts connections), server-sent events, WebSocket echo, and a
-//!   WebSocket server that answers 101 instantly.
+//!   WebSocket server that answers 101 instantly, and a raw server that records every request
+//!   head it receives and answers as scripted.
 //! - [`nginx`]: runs nginx with a given config, stopped (by its PID) on drop.
 //! - [`client`]: one request on a fresh or given connection, the whole response read.
+//! - [`tls`]: a certificate authority made in the test and a client connector trusting it.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test support fails loudly
@@ -13,6 +15,7 @@
 
 pub mod client;
 pub mod nginx;
+pub mod tls;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};

@@ -269,3 +269,144 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
     }
     Some(head)
 }
+
+/// What a [`recording`] server answers to one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// These bytes, then the connection is kept for the next request.
+    Bytes(Vec<u8>),
+    /// These bytes, then the connection is closed.
+    Close(Vec<u8>),
+    /// `101 Switching Protocols`, then every byte received is echoed until the peer closes.
+    Upgrade,
+}
+
+/// A [`recording`] server's script: the reply to a request, given its head (request line and
+/// fields, as received).
+pub type Script = Arc<dyn Fn(&[u8]) -> Reply + Send + Sync>;
+
+/// A raw HTTP/1.1 server that records every request head exactly as received (the bytes a pod
+/// gets) and answers as `script` says. Request bodies (by `content-length`, or chunked) are
+/// read and dropped.
+#[derive(Debug)]
+pub struct Recording {
+    /// The server.
+    pub upstream: Upstream,
+    heads: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Recording {
+    /// Every request head received so far, in order.
+    pub fn heads(&self) -> Vec<Vec<u8>> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    /// Forgets the heads received so far.
+    pub fn clear(&self) {
+        self.heads.lock().unwrap().clear();
+    }
+}
+
+/// A `200` with `body`, framed by `content-length`.
+pub fn ok(body: &str) -> Reply {
+    Reply::Bytes(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+/// Starts a [`Recording`] server; `Upgrade` requests get [`Reply::Upgrade`] by default only if the
+/// script says so.
+pub async fn recording(script: Script) -> Recording {
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = heads.clone();
+    let upstream = serve(move |mut stream| {
+        let (heads, script) = (kept.clone(), script.clone());
+        async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                    continue;
+                };
+                let head: Vec<u8> = got.drain(..end + 4).collect();
+                heads.lock().unwrap().push(head.clone());
+                if !read_body(&mut stream, &head, &mut got, &mut buf).await {
+                    return;
+                }
+                match script(&head) {
+                    Reply::Bytes(bytes) => {
+                        if stream.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Reply::Close(bytes) => {
+                        let _ = stream.write_all(&bytes).await;
+                        let _ = stream.shutdown().await;
+                        return;
+                    }
+                    Reply::Upgrade => {
+                        let answer = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if !got.is_empty() && stream.write_all(&got).await.is_err() {
+                            return;
+                        }
+                        while let Ok(n) = stream.read(&mut buf).await {
+                            if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    Recording { upstream, heads }
+}
+
+/// Reads (and drops) the body the head announces, taking what is already in `got` first;
+/// false when the peer goes away first.
+async fn read_body(
+    stream: &mut tokio::net::TcpStream,
+    head: &[u8],
+    got: &mut Vec<u8>,
+    buf: &mut [u8],
+) -> bool {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+    };
+    let chunked = field("transfer-encoding:").is_some_and(|v| v.contains("chunked"));
+    let length: usize = field("content-length:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    loop {
+        let done = if chunked {
+            got.windows(5)
+                .position(|w| w == b"0\r\n\r\n")
+                .map(|i| i + 5)
+        } else {
+            (got.len() >= length).then_some(length)
+        };
+        if let Some(end) = done {
+            got.drain(..end);
+            return true;
+        }
+        match stream.read(buf).await {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+}

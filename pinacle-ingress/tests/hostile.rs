@@ -1,0 +1,363 @@
+//! The ingress against hostile input, on every engine: the plain path (bodiless HTTP/1.1
+//! GET), Pingora's loop (a POST with a body, HTTP/1.0, HTTP/2 over TLS) and our WebSocket
+//! tunnel. The pod is a raw server that records the request heads it receives, so every
+//! assertion is on the bytes a pod gets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pinacle_authz::testing::hostile_cookies::{self, Case, Material};
+use pinacle_authz::{
+    CredentialConfig, CredentialVerifier, FileDirectory, ProxyTokenClaims, Secret,
+};
+use pinacle_ingress::config;
+use pinacle_ingress::server::{self, Running};
+use pinacle_testkit::tls::{self, Ca};
+use pinacle_testkit::upstream::{self, Recording, Reply};
+use pinacle_testkit::{reserve_port, wait_for_port};
+use proptest::strategy::{Strategy, ValueTree};
+use proptest::test_runner::TestRunner;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SECRET: &str = "hostile-test-secret";
+const HOST: &str = "localhost-3000-pod-demo.pinacle.test";
+
+fn unix_now() -> i64 {
+    pinacle_ingress::cli::unix_now()
+}
+
+/// Scripted answers by path: `/upgrade` switches protocols; anything else is `200 ok`.
+fn script(head: &[u8]) -> Reply {
+    let line = String::from_utf8_lossy(head.split(|b| *b == b'\r').next().unwrap_or_default())
+        .into_owned();
+    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+    match path.as_str() {
+        "/upgrade" => Reply::Upgrade,
+        _ => upstream::ok("ok"),
+    }
+}
+
+struct World {
+    ingress: Running,
+    plain: SocketAddr,
+    tls: SocketAddr,
+    ca: Ca,
+    pod: Recording,
+    _dashboard: upstream::Upstream,
+    _dir: std::path::PathBuf,
+}
+
+async fn world(tag: &str, extra: &str) -> World {
+    let pod = upstream::recording(Arc::new(script)).await;
+    let dashboard = upstream::http_echo("dashboard").await;
+    let dir = std::env::temp_dir().join(format!("pinacle-hostile-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Ca::new();
+    ca.leaf(&["*.pinacle.test", "pinacle.test"], &dir, "wildcard");
+    let text = pinacle_authz::testing::owner_directory_toml(
+        "ada",
+        &[("p_demo", "demo", pod.upstream.addr.port())],
+    );
+    let directory = FileDirectory::from_toml(&text, "hostile test").unwrap();
+    let plain: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let tls: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let d = dir.display();
+    let text = format!(
+        "listen = \"{plain}\"\ntls_listen = \"{tls}\"\ndashboard_upstream = \"{dash}\"\n\
+         admin_listen = \"off\"\nthreads = 2\nbase_domains = [\"pinacle.test\"]\n\
+         shutdown_grace_period = \"1s\"\nupstream_read_timeout = \"5s\"\n\
+         tls_cert_file = \"{d}/wildcard.pem\"\ntls_key_file = \"{d}/wildcard.key\"\n{extra}\n",
+        dash = dashboard.addr,
+    );
+    let env: HashMap<&str, &str> = HashMap::from([
+        ("NEXTAUTH_SECRET", SECRET),
+        ("NEXTAUTH_URL", "http://pinacle.test"),
+    ]);
+    let config = config::from_toml(&text, "hostile test", &|k| {
+        env.get(k).map(|v| (*v).to_owned())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ingress = server::spawn(config, Arc::new(directory), unix_now).unwrap();
+    wait_for_port(plain).await;
+    wait_for_port(tls).await;
+    World {
+        ingress,
+        plain,
+        tls,
+        ca,
+        pod,
+        _dashboard: dashboard,
+        _dir: dir,
+    }
+}
+
+fn material() -> Material {
+    let now = unix_now();
+    let verifier =
+        CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new(SECRET)]))
+            .unwrap();
+    let proxy_token = verifier
+        .mint_proxy_token(&ProxyTokenClaims {
+            user_id: "ada".into(),
+            pod_id: "p_demo".into(),
+            pod_slug: "demo".into(),
+            target_port: 3000,
+            iat: now,
+            exp: now + 900,
+        })
+        .unwrap();
+    Material {
+        name: "next-auth.session-token".to_owned(),
+        dashboard: pinacle_authz::testing::session_cookie_value(SECRET, "ada", now, 3600),
+        foreign: pinacle_authz::testing::session_cookie_value("pod-app-secret", "u", now, 3600),
+        proxy_token,
+    }
+}
+
+/// How a request is sent, and so which engine carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    /// A bodiless HTTP/1.1 GET: the plain path.
+    Plain,
+    /// A POST with a body: Pingora's HTTP/1 loop.
+    PingoraPost,
+    /// An HTTP/1.0 GET: Pingora's HTTP/1 loop.
+    PingoraHttp10,
+    /// A WebSocket upgrade: the tunnel.
+    Tunnel,
+    /// HTTP/2 over TLS: Pingora's HTTP/2 server.
+    Http2,
+}
+
+const ENGINES: [Engine; 5] = [
+    Engine::Plain,
+    Engine::PingoraPost,
+    Engine::PingoraHttp10,
+    Engine::Tunnel,
+    Engine::Http2,
+];
+
+/// Reads one response head (and a `content-length` body) from a raw stream; its status and head.
+async fn read_response(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u16, String) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response head: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head)
+}
+
+/// Sends one request with these `Cookie` fields (raw bytes) and extra fields on `engine`;
+/// returns the status.
+async fn send(w: &World, engine: Engine, cookies: &[Vec<u8>], extra: &[(&str, &str)]) -> u16 {
+    if engine == Engine::Http2 {
+        return send_h2(w, cookies, extra).await;
+    }
+    let (line, framing): (&str, &str) = match engine {
+        Engine::Plain => ("GET /plain HTTP/1.1", ""),
+        Engine::PingoraPost => ("POST /post HTTP/1.1", "content-length: 5\r\n"),
+        Engine::PingoraHttp10 => ("GET /old HTTP/1.0", ""),
+        Engine::Tunnel => (
+            "GET /upgrade HTTP/1.1",
+            "connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        ),
+        Engine::Http2 => unreachable!(),
+    };
+    let mut request = format!("{line}\r\nhost: {HOST}\r\naccept: */*\r\n{framing}").into_bytes();
+    for (name, value) in extra {
+        request.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    for cookie in cookies {
+        request.extend_from_slice(b"cookie: ");
+        request.extend_from_slice(cookie);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"\r\n");
+    if engine == Engine::PingoraPost {
+        request.extend_from_slice(b"hello");
+    }
+    let mut stream = TcpStream::connect(w.plain).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    read_response(&mut stream).await.0
+}
+
+async fn send_h2(w: &World, cookies: &[Vec<u8>], extra: &[(&str, &str)]) -> u16 {
+    let stream = tls::connect(&w.ca.connector(&[b"h2"]), w.tls, HOST).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://{HOST}/h2"));
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    for cookie in cookies {
+        request = request.header("cookie", http::HeaderValue::from_bytes(cookie).unwrap());
+    }
+    let request = request
+        .body(Full::new(Bytes::from_static(b"hello")))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    status
+}
+
+/// The last request head the pod received.
+fn last_head(w: &World) -> Vec<u8> {
+    w.pod.heads().pop().expect("the pod received a request")
+}
+
+/// The values of every `name` field of a raw head, joined by `"; "`.
+fn fields(head: &[u8], name: &str) -> Vec<Vec<u8>> {
+    head.split(|b| *b == b'\n')
+        .filter_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let colon = line.iter().position(|b| *b == b':')?;
+            let (n, v) = line.split_at(colon);
+            n.eq_ignore_ascii_case(name.as_bytes())
+                .then(|| v[1..].trim_ascii().to_vec())
+        })
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn plain_requests(w: &World) -> f64 {
+    let text = w.ingress.metrics().unwrap().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix("pinacle_ingress_plain_requests_total "))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+fn expected_ok(engine: Engine) -> u16 {
+    if engine == Engine::Tunnel { 101 } else { 200 }
+}
+
+#[tokio::test]
+async fn no_dashboard_credential_reaches_a_pod_on_any_engine_whatever_the_cookie_header_holds() {
+    let w = world("cookies", "").await;
+    let m = material();
+    let mut runner = TestRunner::deterministic();
+    let strategy = hostile_cookies::case();
+    let mut checked = 0;
+    for round in 0..40 {
+        let case: Case = strategy.new_tree(&mut runner).unwrap().current();
+        let cookies: Vec<Vec<u8>> = case
+            .fields(&m)
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
+        let engine = ENGINES[round % ENGINES.len()];
+        for engine in [engine, ENGINES[(round + 2) % ENGINES.len()]] {
+            w.pod.clear();
+            let status = send(&w, engine, &cookies, &[]).await;
+            if !case.authenticates() {
+                // Not signed in (or only junk): never forwarded with a credential, if at all.
+                if let Some(head) = w.pod.heads().pop() {
+                    for secret in case.secrets(&m) {
+                        assert!(!contains(&head, secret.as_bytes()), "{engine:?} {case:?}");
+                    }
+                }
+                continue;
+            }
+            assert_eq!(status, expected_ok(engine), "{engine:?}: {case:?}");
+            let head = last_head(&w);
+            for secret in case.secrets(&m) {
+                assert!(
+                    !contains(&head, secret.as_bytes()),
+                    "{engine:?} leaked {secret:.24}… for {case:?}:\n{}",
+                    String::from_utf8_lossy(&head)
+                );
+            }
+            let cookie = fields(&head, "cookie");
+            assert!(cookie.len() <= 1, "{engine:?}: one Cookie field at most");
+            let forwarded = cookie.into_iter().next().unwrap_or_default();
+            let kept = case.kept(&m);
+            let forwarded_kept: Vec<String> = pinacle_authz::cookies::segments(&forwarded)
+                .map(|s| String::from_utf8(s.raw.to_vec()).unwrap())
+                .filter(|s| kept.contains(s))
+                .collect();
+            assert_eq!(forwarded_kept, kept, "{engine:?}: {case:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} authenticated cases");
+}
+
+#[tokio::test]
+async fn the_reported_shadowing_is_stripped_on_every_engine() {
+    let w = world("shadow", "").await;
+    let m = material();
+    let (real, token) = (&m.dashboard, &m.proxy_token);
+    let cases: Vec<Vec<Vec<u8>>> = vec![
+        vec![format!(
+            "pinacle-proxy-token={token}; next-auth.session-token=junk; next-auth.session-token={real}"
+        )
+        .into_bytes()],
+        vec![format!("next-auth.session-token.9=junk; next-auth.session-token={real}").into_bytes()],
+        // Several fields, a non-ASCII cookie in the first.
+        vec![
+            "name=Jos\u{e9}; next-auth.session-token=junk".as_bytes().to_vec(),
+            format!("next-auth.session-token={real}").into_bytes(),
+        ],
+        vec![b"raw=\xff\xfe".to_vec(), format!("pinacle-proxy-token={token}").into_bytes()],
+    ];
+    for cookies in &cases {
+        for engine in ENGINES {
+            w.pod.clear();
+            let status = send(&w, engine, cookies, &[]).await;
+            assert_eq!(status, expected_ok(engine), "{engine:?} {cookies:?}");
+            let head = last_head(&w);
+            assert!(!contains(&head, real.as_bytes()), "{engine:?}");
+            assert!(!contains(&head, token.as_bytes()), "{engine:?}");
+        }
+    }
+    // The engines are the ones named: the plain path served every bodiless GET.
+    assert_eq!(
+        plain_requests(&w),
+        cases.len() as f64,
+        "the plain path served each plain GET"
+    );
+    // Unrecognised bytes reach the pod untouched.
+    for engine in ENGINES {
+        w.pod.clear();
+        let cookies = [
+            b"raw=\xff\xfe; theme=dark".to_vec(),
+            format!("pinacle-proxy-token={token}").into_bytes(),
+        ];
+        assert_eq!(send(&w, engine, &cookies, &[]).await, expected_ok(engine));
+        assert_eq!(
+            fields(&last_head(&w), "cookie"),
+            vec![b"raw=\xff\xfe; theme=dark".to_vec()],
+            "{engine:?}"
+        );
+    }
+}
