@@ -856,6 +856,20 @@ impl ProxyHttp for Ingress {
         );
     }
 
+    /// What Pingora's own error lines name the request by: its method, its target with
+    /// credential-like query values redacted as in the access log, its host and request id
+    /// (Pingora's default prints the raw target, `?token=` included).
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {}, Host: {}, request_id: {}",
+            req.method,
+            telemetry::loggable_target(req.uri.path(), req.uri.query()),
+            ctx.host,
+            ctx.request_id
+        )
+    }
+
     fn persist_connection_context(
         &self,
         _session: &Session,

@@ -370,3 +370,105 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Pingora's own error lines ("Fail to proxy: ...") name the request: with its query values
+/// redacted as in the access log, on the pod route and the dashboard's.
+#[tokio::test]
+async fn pingoras_error_lines_redact_query_credentials() {
+    use std::sync::Arc;
+    use upstream::Reply;
+
+    // Both upstreams close every connection without answering.
+    let hang_up = || upstream::recording(Arc::new(|_: &[u8]| Reply::Close(Vec::new())));
+    let (pod, dashboard) = (hang_up().await, hang_up().await);
+    let dir = std::env::temp_dir().join(format!("pinacle-redact-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let directory = directory_file(&dir, pod.upstream.addr.port());
+    let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let (listen_s, dashboard_s) = (listen.to_string(), dashboard.upstream.addr.to_string());
+    let log_path = dir.join("stderr.log");
+    let child = command(
+        &["serve"],
+        &[
+            ("NEXTAUTH_SECRET", SECRET),
+            ("NEXTAUTH_URL", "http://pinacle.test"),
+            ("PINACLE_INGRESS_LISTEN", &listen_s),
+            ("PINACLE_INGRESS_DASHBOARD_UPSTREAM", &dashboard_s),
+            (
+                "PINACLE_INGRESS_DIRECTORY_FILE",
+                directory.to_str().unwrap(),
+            ),
+            ("PINACLE_INGRESS_ADMIN_LISTEN", "off"),
+            ("PINACLE_INGRESS_THREADS", "1"),
+            ("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.test"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+    .spawn()
+    .unwrap();
+    let _process = Process(Some(child));
+    wait_for_port(listen).await;
+
+    let now = pinacle_ingress::cli::unix_now();
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, "user_ada", now, 600);
+    let cookie = format!("next-auth.session-token={value}");
+    let secrets = [
+        "tok3nValue9secret",
+        "acc3ssValue7secret",
+        "c0deValue5secret",
+    ];
+    let pod_host = "localhost-3000-pod-proj.pinacle.test";
+    for (host, target) in [
+        (
+            pod_host,
+            "/x?token=tok3nValue9secret&access_token=acc3ssValue7secret&page=2",
+        ),
+        (
+            "pinacle.test",
+            "/api/auth/callback/github?code=c0deValue5secret&state=1",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let request = format!(
+            "POST {target} HTTP/1.1\r\nhost: {host}\r\ncookie: {cookie}\r\ncontent-length: 2\r\n\r\nhi"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer),
+        )
+        .await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 502"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    // Both requests are logged by Pingora too (bounded wait for the lines to be written).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logs = loop {
+        let logs = std::fs::read_to_string(&log_path).unwrap();
+        if logs.matches("Fail to proxy").count() >= 2 {
+            break logs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Pingora error lines in:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for secret in secrets {
+        assert!(!logs.contains(secret), "{secret} in:\n{logs}");
+    }
+    assert!(
+        logs.contains("token=REDACTED&access_token=REDACTED&page=2"),
+        "{logs}"
+    );
+    assert!(logs.contains("code=REDACTED&state=1"), "{logs}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
