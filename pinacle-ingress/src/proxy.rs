@@ -355,6 +355,7 @@ impl Ingress {
             target,
             cookie: ctx.forward_cookie.as_deref(),
             client_ip: view.client_ip,
+            trusted_client: ctx.trusted_client,
             trusted_forwarded_for: if ctx.trusted_client {
                 view.headers
                     .get("x-forwarded-for")

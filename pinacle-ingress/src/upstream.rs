@@ -119,6 +119,8 @@ pub struct Forwarding<'a> {
     pub cookie: Option<&'a [u8]>,
     /// The client's address.
     pub client_ip: Option<IpAddr>,
+    /// Whether the client is a trusted proxy (its identity fields are kept).
+    pub trusted_client: bool,
     /// The `X-Forwarded-For` received, when the client is a trusted proxy (appended to).
     pub trusted_forwarded_for: Option<&'a str>,
     /// Whether the client connected over TLS.
@@ -143,7 +145,7 @@ pub fn forwarding_edits(f: &Forwarding<'_>) -> Vec<HeaderEdit> {
             None => HeaderEdit::Remove(header::COOKIE),
         });
     }
-    if f.trusted_forwarded_for.is_none() {
+    if !f.trusted_client {
         edits.push(HeaderEdit::RemoveSpoofable);
     }
     let xff = HeaderName::from_static("x-forwarded-for");
@@ -280,6 +282,7 @@ mod tests {
             target: &target,
             cookie: None,
             client_ip: Some("203.0.113.1".parse().unwrap()),
+            trusted_client: false,
             trusted_forwarded_for: None,
             tls: true,
             original_host: "localhost-1-pod-p.pinacle.dev",
@@ -302,6 +305,7 @@ mod tests {
             target: &dashboard,
             cookie: Some(b"ignored"),
             client_ip: None,
+            trusted_client: true,
             trusted_forwarded_for: Some("198.51.100.7"),
             tls: false,
             original_host: "pinacle.dev",
@@ -345,6 +349,7 @@ mod tests {
             target: &pod("p"),
             cookie: None,
             client_ip: None,
+            trusted_client: false,
             trusted_forwarded_for: None,
             tls: false,
             original_host: "h",
@@ -352,6 +357,7 @@ mod tests {
         });
         assert!(untrusted.contains(&HeaderEdit::RemoveSpoofable));
         let trusted = forwarding_edits(&Forwarding {
+            trusted_client: true,
             trusted_forwarded_for: Some("198.51.100.7"),
             target: &pod("p"),
             cookie: None,
@@ -382,6 +388,7 @@ mod tests {
             target: &target,
             cookie: None,
             client_ip: Some("192.0.2.44".parse().unwrap()),
+            trusted_client: true,
             trusted_forwarded_for: Some("198.51.100.7"),
             tls: false,
             original_host: "h",

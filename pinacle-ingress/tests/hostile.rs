@@ -50,13 +50,13 @@ struct World {
     tls: SocketAddr,
     ca: Ca,
     pod: Recording,
-    _dashboard: upstream::Upstream,
+    dashboard: Recording,
     _dir: std::path::PathBuf,
 }
 
 async fn world(tag: &str, extra: &str) -> World {
     let pod = upstream::recording(Arc::new(script)).await;
-    let dashboard = upstream::http_echo("dashboard").await;
+    let dashboard = upstream::recording(Arc::new(script)).await;
     let dir = std::env::temp_dir().join(format!("pinacle-hostile-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = Ca::new();
@@ -74,7 +74,7 @@ async fn world(tag: &str, extra: &str) -> World {
          admin_listen = \"off\"\nthreads = 2\nbase_domains = [\"pinacle.test\"]\n\
          shutdown_grace_period = \"1s\"\nupstream_read_timeout = \"5s\"\n\
          tls_cert_file = \"{d}/wildcard.pem\"\ntls_key_file = \"{d}/wildcard.key\"\n{extra}\n",
-        dash = dashboard.addr,
+        dash = dashboard.upstream.addr,
     );
     let env: HashMap<&str, &str> = HashMap::from([
         ("NEXTAUTH_SECRET", SECRET),
@@ -93,7 +93,7 @@ async fn world(tag: &str, extra: &str) -> World {
         tls,
         ca,
         pod,
-        _dashboard: dashboard,
+        dashboard,
         _dir: dir,
     }
 }
@@ -171,8 +171,19 @@ async fn read_response(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u16
 /// Sends one request with these `Cookie` fields (raw bytes) and extra fields on `engine`;
 /// returns the status.
 async fn send(w: &World, engine: Engine, cookies: &[Vec<u8>], extra: &[(&str, &str)]) -> u16 {
+    send_to(w, HOST, engine, cookies, extra).await
+}
+
+/// [`send`] to another host.
+async fn send_to(
+    w: &World,
+    host: &str,
+    engine: Engine,
+    cookies: &[Vec<u8>],
+    extra: &[(&str, &str)],
+) -> u16 {
     if engine == Engine::Http2 {
-        return send_h2(w, cookies, extra).await;
+        return send_h2(w, host, cookies, extra).await;
     }
     let (line, framing): (&str, &str) = match engine {
         Engine::Plain => ("GET /plain HTTP/1.1", ""),
@@ -185,7 +196,7 @@ async fn send(w: &World, engine: Engine, cookies: &[Vec<u8>], extra: &[(&str, &s
         ),
         Engine::Http2 => unreachable!(),
     };
-    let mut request = format!("{line}\r\nhost: {HOST}\r\naccept: */*\r\n{framing}").into_bytes();
+    let mut request = format!("{line}\r\nhost: {host}\r\naccept: */*\r\n{framing}").into_bytes();
     for (name, value) in extra {
         request.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
@@ -203,8 +214,8 @@ async fn send(w: &World, engine: Engine, cookies: &[Vec<u8>], extra: &[(&str, &s
     read_response(&mut stream).await.0
 }
 
-async fn send_h2(w: &World, cookies: &[Vec<u8>], extra: &[(&str, &str)]) -> u16 {
-    let stream = tls::connect(&w.ca.connector(&[b"h2"]), w.tls, HOST).await;
+async fn send_h2(w: &World, host: &str, cookies: &[Vec<u8>], extra: &[(&str, &str)]) -> u16 {
+    let stream = tls::connect(&w.ca.connector(&[b"h2"]), w.tls, host).await;
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -212,7 +223,7 @@ async fn send_h2(w: &World, cookies: &[Vec<u8>], extra: &[(&str, &str)]) -> u16 
     tokio::spawn(conn);
     let mut request = http::Request::builder()
         .method("POST")
-        .uri(format!("https://{HOST}/h2"));
+        .uri(format!("https://{host}/h2"));
     for (name, value) in extra {
         request = request.header(*name, *value);
     }
@@ -357,6 +368,71 @@ async fn the_reported_shadowing_is_stripped_on_every_engine() {
         assert_eq!(
             fields(&last_head(&w), "cookie"),
             vec![b"raw=\xff\xfe; theme=dark".to_vec()],
+            "{engine:?}"
+        );
+    }
+}
+
+const SPOOFED: [(&str, &str); 9] = [
+    ("forwarded", "for=203.0.113.9;proto=https"),
+    ("x-real-ip", "203.0.113.9"),
+    ("x-forwarded-port", "443"),
+    ("x-forwarded-prefix", "/admin"),
+    ("x-forwarded-server", "evil"),
+    ("x-client-ip", "203.0.113.9"),
+    ("x-original-url", "/admin"),
+    ("x-pinacle-user", "admin"),
+    ("X-Pinacle-Ingress", "forged"),
+];
+
+fn spoofed_in(head: &[u8]) -> Vec<&'static str> {
+    SPOOFED
+        .iter()
+        .filter(|(name, _)| !fields(head, name).is_empty())
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+#[tokio::test]
+async fn identity_fields_from_clients_reach_neither_pods_nor_the_dashboard_on_any_engine() {
+    let w = world("spoof", "").await;
+    let token = format!("pinacle-proxy-token={}", material().proxy_token).into_bytes();
+    for engine in ENGINES {
+        w.pod.clear();
+        let status = send(&w, engine, std::slice::from_ref(&token), &SPOOFED).await;
+        assert_eq!(status, expected_ok(engine), "{engine:?}");
+        let head = last_head(&w);
+        assert_eq!(spoofed_in(&head), Vec::<&str>::new(), "{engine:?}");
+        // The ingress's own X-Forwarded-* replace the client's.
+        assert_eq!(fields(&head, "x-forwarded-proto").len(), 1, "{engine:?}");
+
+        w.dashboard.clear();
+        let status = send_to(&w, "pinacle.test", engine, &[], &SPOOFED).await;
+        assert_eq!(status, expected_ok(engine), "{engine:?}");
+        let head = w
+            .dashboard
+            .heads()
+            .pop()
+            .expect("the dashboard got the request");
+        assert_eq!(
+            spoofed_in(&head),
+            Vec::<&str>::new(),
+            "{engine:?} to the dashboard"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_proxys_identity_fields_are_kept() {
+    let w = world("trusted", "trusted_proxies = [\"127.0.0.1/32\"]").await;
+    let token = format!("pinacle-proxy-token={}", material().proxy_token).into_bytes();
+    for engine in ENGINES {
+        w.pod.clear();
+        let status = send(&w, engine, std::slice::from_ref(&token), &SPOOFED).await;
+        assert_eq!(status, expected_ok(engine), "{engine:?}");
+        assert_eq!(
+            spoofed_in(&last_head(&w)).len(),
+            SPOOFED.len(),
             "{engine:?}"
         );
     }
