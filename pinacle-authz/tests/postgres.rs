@@ -402,7 +402,7 @@ async fn impersonation_needs_an_existing_target(pool: PgPool) {
             .mint_session_v4(&pinacle_authz::Claims(claims.as_object().unwrap().clone()))
             .unwrap();
         let inspection =
-            verifier.inspect(&format!("next-auth.session-token={cookie}"), 1_800_000_000);
+            verifier.inspect(format!("next-auth.session-token={cookie}"), 1_800_000_000);
         let outcome = authz
             .resolve(inspection.verification, 1_800_000_000)
             .await

@@ -15,6 +15,8 @@
 //! - [`responses`]: every response the ingress makes itself.
 //! - [`tunnel`]: WebSocket tunnels (works around a Pingora 0.9.1 upgrade race).
 //! - [`proxy`]: the `ProxyHttp` implementation that wires the above together.
+//! - [`framing`]: `Content-Length` values and hop-by-hop response fields, one rule for every
+//!   engine.
 //! - [`plain`]: bodiless `GET`/`HEAD` requests to pods served without Pingora's proxy loop.
 //! - [`connections`]: `max_connections` and `request_header_timeout` (around Pingora's app).
 //! - [`config`]: the TOML file, environment overrides, validation.
@@ -33,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod directory;
+pub mod framing;
 pub mod host;
 pub mod inspect;
 pub mod intent;

@@ -27,6 +27,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::framing;
 use crate::responses::REQUEST_ID_HEADER;
 use crate::upstream::HeaderEdit;
 
@@ -206,6 +207,8 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the upstream connection may be used again after the body.
     pub reusable: bool,
+    /// What its `Content-Length` fields say (relayed as one field of this value).
+    pub content_length: Option<u64>,
 }
 
 /// Why an upstream response cannot be relayed (answered `502`).
@@ -265,9 +268,9 @@ impl ResponseHead {
         let mut close = res.version != Some(1);
         for field in res.headers.iter() {
             if field.name.eq_ignore_ascii_case("content-length") {
-                let value = std::str::from_utf8(field.value)
+                let value = framing::content_length([field.value])
                     .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .flatten()
                     .ok_or(BadResponse::ContentLength)?;
                 if length.is_some_and(|l| l != value) {
                     return Err(BadResponse::ContentLength);
@@ -303,22 +306,16 @@ impl ResponseHead {
             status,
             framing,
             reusable: !close && framing != Framing::UntilClose,
+            content_length: length,
         };
         client_head(&head, res.reason.unwrap_or(""), res.headers, edits, out);
         Ok(Some(head))
     }
 }
 
-/// Response fields this hop owns: replaced or dropped on the way to the client.
-const RESPONSE_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    REQUEST_ID_HEADER,
-];
-
-/// The response head for the client: the upstream's status and fields minus `edits.strip` and
-/// this hop's own, a `Content-Length` beside `chunked` dropped, then our request id, and
+/// The response head for the client: the upstream's status and fields minus `edits.strip`,
+/// the hop's own ([`framing::is_response_hop`]) and its `x-request-id`; `Content-Length` as one
+/// field of the agreed value, or none beside `chunked`; then our request id, and
 /// `connection: close` when the client's connection closes after this response (`edits.close`,
 /// or a body that ends with the upstream's close). Informational heads get no additions.
 fn client_head(
@@ -339,12 +336,31 @@ fn client_head(
     ] {
         out.extend_from_slice(part);
     }
-    let drop_length = head.framing == Framing::Chunked;
+    let nominated = framing::nominated(
+        fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+            .map(|f| f.value),
+    );
+    let mut length = (head.framing != Framing::Chunked)
+        .then_some(head.content_length)
+        .flatten();
     for field in fields {
         let name = field.name;
-        let dropped = RESPONSE_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-            || edits.strip.iter().any(|s| s.eq_ignore_ascii_case(name))
-            || (drop_length && name.eq_ignore_ascii_case("content-length"));
+        if name.eq_ignore_ascii_case("content-length") {
+            // Once, as a plain number (`5, 5` is 5).
+            if let Some(n) = length.take() {
+                put_field(
+                    out,
+                    name.as_bytes(),
+                    itoa::Buffer::new().format(n).as_bytes(),
+                );
+            }
+            continue;
+        }
+        let dropped = framing::is_response_hop(name.as_bytes(), &nominated, false)
+            || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)
+            || edits.strip.iter().any(|s| s.eq_ignore_ascii_case(name));
         if !dropped {
             put_field(out, name.as_bytes(), field.value);
         }
@@ -850,7 +866,10 @@ where
             Framing::Chunked => match chunked.feed(available) {
                 Ok(Some(end)) => (end, true),
                 Ok(None) => (available.len(), false),
-                Err(BadChunk) => return Err(Failure::BrokenBody),
+                // Malformed: a 502 of ours while nothing has gone out, else the client's
+                // connection closes.
+                Err(BadChunk) if head_bytes.is_empty() => return Err(Failure::BrokenBody),
+                Err(BadChunk) => return Err(Failure::BadResponse),
             },
             Framing::UntilClose => (available.len(), false),
         };
@@ -992,9 +1011,19 @@ mod tests {
             ),
             Err(BadResponse::ContentLength)
         );
+        for bad in ["-1", "+5", "5, 6", "5,", "0x5"] {
+            assert_eq!(
+                head(
+                    &format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n"),
+                    false
+                ),
+                Err(BadResponse::ContentLength),
+                "{bad}"
+            );
+        }
         assert_eq!(
-            head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false),
-            Err(BadResponse::ContentLength)
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            Framing::Length(5)
         );
         assert_eq!(
             head("HTTP/1.1 101 Switching\r\n\r\n", false),
@@ -1040,6 +1069,16 @@ mod tests {
         assert_eq!(
             client(false, "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
             "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        );
+        // Fields the upstream's Connection nominates, and Keep-Alive, stay with that hop; a
+        // repeated length goes out once, as a number.
+        assert_eq!(
+            client(
+                false,
+                "HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: s\r\nKeep-Alive: timeout=5\r\n\
+                 Content-Length: 2, 2\r\nContent-Length: 2\r\nX-App: a\r\n\r\n"
+            ),
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: a\r\nx-request-id: rid\r\n\r\n"
         );
     }
 

@@ -590,6 +590,90 @@ impl Judged {
     }
 }
 
+/// Brings an HTTP/1 request head to the one form the rest reads: a `Content-Length` list of
+/// one value (`3, 3`) becomes that value; an absolute-form target becomes its origin form
+/// (Pingora keeps the authority off the URI and refuses one that differs from `Host`, so the
+/// authority routes the request).
+///
+/// # Errors
+/// 400 for an HTTP/1.1 request without `Host` (RFC 9112 §3.2), or a `Content-Length` that
+/// cannot be relied on.
+fn normalise_request(session: &mut Session) -> Result<(), Answer> {
+    let req = session.req_header_mut();
+    if req.version == http::Version::HTTP_2 {
+        return Ok(());
+    }
+    if req.version == http::Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
+        return Err(Answer::BadRequest);
+    }
+    if !matches!(req.raw_path().first(), None | Some(b'/' | b'*')) {
+        // Absolute form (its authority equals `Host`): upstreams get the origin form.
+        let origin = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let origin = http::Uri::try_from(origin).map_err(|_| Answer::BadRequest)?;
+        req.set_uri(origin);
+    }
+    let lengths = req.headers.get_all(header::CONTENT_LENGTH);
+    if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
+        let length = crate::framing::content_length(lengths.iter().map(|v| v.as_bytes()))
+            .map_err(|_| Answer::BadRequest)?;
+        if let Some(n) = length {
+            req.insert_header(header::CONTENT_LENGTH, n)
+                .map_err(|_| Answer::BadRequest)?;
+        }
+    }
+    Ok(())
+}
+
+/// An error the upstream caused (our answer: 502).
+fn upstream_error(why: &'static str) -> Box<Error> {
+    let mut e = Error::explain(ErrorType::InvalidHTTPHeader, why);
+    e.esource = ErrorSource::Upstream;
+    e
+}
+
+/// The upstream's response head as every engine relays it ([`crate::framing`]): the hop's own
+/// fields dropped, `Content-Length` as one plain number (none beside `Transfer-Encoding`).
+///
+/// # Errors
+/// An upstream error (502) for a `Content-Length` that cannot be relied on.
+fn normalise_response(response: &mut ResponseHeader) -> pingora::Result<()> {
+    let (hop, length, rewrite_length) = {
+        let headers = &response.headers;
+        let nominated = crate::framing::nominated(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(http::HeaderValue::as_bytes),
+        );
+        let hop: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| crate::framing::is_response_hop(n.as_str().as_bytes(), &nominated, false))
+            .cloned()
+            .collect();
+        let lengths = headers.get_all(header::CONTENT_LENGTH);
+        let length = crate::framing::content_length(lengths.iter().map(|v| v.as_bytes()))
+            .map_err(|_| upstream_error("invalid content-length"))?;
+        // Rewritten only when not already one plain number (the common case costs nothing).
+        let plain = lengths.iter().count() == 1
+            && lengths
+                .iter()
+                .all(|v| v.as_bytes().iter().all(u8::is_ascii_digit));
+        let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+        let rewrite = length.is_some() && (chunked || !plain);
+        (hop, length.filter(|_| !chunked), rewrite)
+    };
+    for name in hop {
+        response.remove_header(&name);
+    }
+    if rewrite_length {
+        response.remove_header(&header::CONTENT_LENGTH);
+        if let Some(n) = length {
+            response.insert_header(header::CONTENT_LENGTH, n)?;
+        }
+    }
+    Ok(())
+}
+
 /// Maps a proxying error to our answer; `None` when the client is gone.
 fn answer_for_error(e: &Error) -> Option<Answer> {
     use ErrorType::*;
@@ -626,9 +710,19 @@ impl ProxyHttp for Ingress {
     ) -> pingora::Result<bool> {
         ctx.started = Instant::now();
         connections::head_read(session);
+        let head = normalise_request(session);
         let req = session.req_header();
         let intent = intent::classify(&req.method, &req.headers);
+        if !intent.upgrade && req.headers.contains_key(header::UPGRADE) {
+            // `Upgrade` without `Connection: upgrade` asks for nothing (RFC 9110 §7.8): a
+            // plain request, never a tunnel run by Pingora's loop.
+            session.req_header_mut().remove_header(&header::UPGRADE);
+        }
+        let req = session.req_header();
         self.identify(ctx, &RequestView::of(session), request_host(req), intent);
+        if let Err(answer) = head {
+            return self.respond(session, ctx, answer).await;
+        }
         let too_large = request_head_bytes(req) > self.config.max_request_header_bytes;
         let timeouts = &self.config.timeouts;
         session.set_read_timeout(Some(if ctx.intent.upgrade {
@@ -742,13 +836,18 @@ impl ProxyHttp for Ingress {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if ctx.upstream_duration.is_none() {
             ctx.upstream_duration = ctx.upstream_started.map(|t| t.elapsed());
         }
-        Ok(())
+        // A switch nobody asked for (upgrades are tunnelled by us, never here): 502, as on the
+        // plain path, not a raw relay.
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(upstream_error("unrequested protocol switch"));
+        }
+        normalise_response(upstream_response)
     }
 
     fn fail_to_connect(

@@ -143,10 +143,18 @@ fn response_header(
         response.status().as_u16(),
         Some(response.headers().len() + 1),
     )?;
+    let nominated = crate::framing::nominated(
+        response
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .map(http::HeaderValue::as_bytes),
+    );
     for (name, value) in response.headers() {
         let name_str = name.as_str();
-        let hop = matches!(name_str, "connection" | "keep-alive" | "upgrade") && !upgraded;
-        if hop || strip.iter().any(|s| s == name_str) {
+        let hop = crate::framing::is_response_hop(name_str.as_bytes(), &nominated, upgraded)
+            || (name_str == "upgrade" && !upgraded);
+        if hop || name_str == REQUEST_ID_HEADER || strip.iter().any(|s| s == name_str) {
             continue;
         }
         header.append_header(name.clone(), value.clone())?;

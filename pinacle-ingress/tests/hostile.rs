@@ -38,9 +38,41 @@ fn script(head: &[u8]) -> Reply {
     let line = String::from_utf8_lossy(head.split(|b| *b == b'\r').next().unwrap_or_default())
         .into_owned();
     let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+    let raw = |text: &str| Reply::Bytes(text.as_bytes().to_vec());
     match path.as_str() {
         "/upgrade" => Reply::Upgrade,
-        _ => upstream::ok("ok"),
+        "/switch" => Reply::Close(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\nraw"
+                .to_vec(),
+        ),
+        "/cl-plus" => raw("HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello"),
+        "/cl-twice" => raw("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello"),
+        "/cl-conflict" => {
+            raw("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!")
+        }
+        "/te-cl" => raw(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        "/bad-chunk" => Reply::Close(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        "/hop" => raw(
+            "HTTP/1.1 200 OK\r\nconnection: x-internal, keep-alive\r\nx-internal: secret\r\n\
+             keep-alive: timeout=5\r\nx-app: kept\r\ncontent-length: 2\r\n\r\nok",
+        ),
+        "/poison" => raw(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\npoison",
+        ),
+        "/204-body" => {
+            raw("HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\npoison")
+        }
+        "/304-body" => raw(
+            "HTTP/1.1 304 Not Modified\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\npoison",
+        ),
+        "/head-body" => raw("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\npoison"),
+        // Anything else: the path, so that answers can be told apart.
+        _ => upstream::ok(&path),
     }
 }
 
@@ -435,5 +467,398 @@ async fn a_trusted_proxys_identity_fields_are_kept() {
             SPOOFED.len(),
             "{engine:?}"
         );
+    }
+}
+
+/// A whole response as a strict HTTP client (hyper) reads it.
+struct Fetched {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+}
+
+/// Fetches `path` from the pod on `engine` (not [`Engine::Tunnel`]) with the proxy token.
+async fn fetch(w: &World, engine: Engine, path: &str) -> Result<Fetched, String> {
+    let token = format!("pinacle-proxy-token={}", material().proxy_token);
+    let (method, version, body): (&str, http::Version, &'static [u8]) = match engine {
+        Engine::Plain => ("GET", http::Version::HTTP_11, b""),
+        Engine::PingoraPost | Engine::Http2 => ("POST", http::Version::HTTP_11, b"hello"),
+        Engine::PingoraHttp10 => ("GET", http::Version::HTTP_10, b""),
+        Engine::Tunnel => unreachable!(),
+    };
+    let request = http::Request::builder()
+        .method(method)
+        .header("cookie", token)
+        .header("accept", "*/*");
+    let response = if engine == Engine::Http2 {
+        let stream = tls::connect(&w.ca.connector(&[b"h2"]), w.tls, HOST).await;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = request
+            .uri(format!("https://{HOST}{path}"))
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        sender.send_request(request).await
+    } else {
+        let stream = TcpStream::connect(w.plain).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let request = request
+            .uri(path)
+            .version(version)
+            .header("host", HOST)
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        sender.send_request(request).await
+    };
+    let response = response.map_err(|e| format!("{e}"))?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        response.into_body().collect(),
+    )
+    .await
+    .map_err(|_| "body timed out".to_owned())?
+    .map_err(|e| format!("body: {e}"))?
+    .to_bytes()
+    .to_vec();
+    Ok(Fetched {
+        status,
+        headers,
+        body,
+    })
+}
+
+const HTTP_ENGINES: [Engine; 4] = [
+    Engine::Plain,
+    Engine::PingoraPost,
+    Engine::PingoraHttp10,
+    Engine::Http2,
+];
+
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_is_502_on_every_engine() {
+    let w = world("switch", "").await;
+    for engine in HTTP_ENGINES {
+        let r = fetch(&w, engine, "/switch").await.unwrap();
+        assert_eq!(r.status, 502, "{engine:?}");
+        assert_eq!(
+            r.headers["x-pinacle-ingress"], "upstream-refused",
+            "{engine:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn response_framing_gets_one_treatment_on_every_engine() {
+    let w = world("framing", "").await;
+    for engine in HTTP_ENGINES {
+        // A malformed or conflicting length: nothing of it reaches the client.
+        for path in ["/cl-plus", "/cl-conflict"] {
+            let r = fetch(&w, engine, path).await;
+            assert_eq!(r.map(|r| r.status), Ok(502), "{engine:?} {path}");
+        }
+        // The same length twice is that length.
+        let r = fetch(&w, engine, "/cl-twice").await.unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"hello"[..]),
+            "{engine:?}"
+        );
+        assert!(
+            r.headers.get_all("content-length").iter().count() <= 1,
+            "{engine:?}"
+        );
+        // Transfer-Encoding wins over Content-Length, which is not passed on.
+        let r = fetch(&w, engine, "/te-cl").await.unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"hello"[..]),
+            "{engine:?}"
+        );
+        assert!(
+            !(r.headers.contains_key("transfer-encoding")
+                && r.headers.contains_key("content-length")),
+            "{engine:?}"
+        );
+        // A malformed chunked body: 502 on the plain path, which has sent nothing yet; Pingora
+        // sends the head first, so there the response breaks off. Never a complete body.
+        let r = fetch(&w, engine, "/bad-chunk").await;
+        match engine {
+            Engine::Plain => assert_eq!(r.map(|r| r.status), Ok(502)),
+            _ => assert!(r.is_err(), "{engine:?}"),
+        }
+        // Hop-by-hop fields of the upstream's are not forwarded.
+        let r = fetch(&w, engine, "/hop").await.unwrap();
+        assert_eq!(r.status, 200, "{engine:?}");
+        assert_eq!(
+            r.headers.get("x-app").map(|v| v.as_bytes()),
+            Some(&b"kept"[..])
+        );
+        for hop in ["x-internal", "keep-alive"] {
+            assert!(r.headers.get(hop).is_none(), "{engine:?} forwarded {hop}");
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection; the status and head of the answer.
+async fn raw_exchange(w: &World, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(w.plain).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_response(&mut stream).await
+}
+
+#[tokio::test]
+async fn requests_with_odd_framing_or_targets_are_normalised_or_refused() {
+    let w = world("requests", "").await;
+    let token = format!("pinacle-proxy-token={}", material().proxy_token);
+
+    // Upgrade without Connection: upgrade is a plain request with Upgrade removed.
+    w.pod.clear();
+    let (status, _) = raw_exchange(
+        &w,
+        format!(
+            "GET /plain HTTP/1.1\r\nhost: {HOST}\r\nupgrade: websocket\r\ncookie: {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(fields(&last_head(&w), "upgrade").is_empty());
+
+    // Content-Length: 3, 3 is forwarded as one Content-Length: 3 (or refused).
+    w.pod.clear();
+    let (status, _) = raw_exchange(
+        &w,
+        format!("POST /post HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 3, 3\r\ncookie: {token}\r\n\r\nabc")
+            .as_bytes(),
+    )
+    .await;
+    if status == 200 {
+        assert_eq!(
+            fields(&last_head(&w), "content-length"),
+            vec![b"3".to_vec()]
+        );
+    } else {
+        assert_eq!(status, 400);
+    }
+
+    // HTTP/1.1 without Host: 400, on the plain path's shape and Pingora's.
+    for request in [
+        "GET /plain HTTP/1.1\r\naccept: */*\r\n\r\n",
+        "POST /post HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi",
+    ] {
+        let (status, head) = raw_exchange(&w, request.as_bytes()).await;
+        assert_eq!(status, 400, "{request:?}: {head}");
+    }
+
+    // An absolute-form target's authority routes the request; a Host that names another
+    // site is refused, never routed by.
+    for method in ["GET", "POST"] {
+        w.pod.clear();
+        let request = |host: &str| {
+            format!(
+                "{method} http://{HOST}/abs HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\ncookie: {token}\r\n\r\n"
+            )
+        };
+        let (status, head) = raw_exchange(&w, request(HOST).as_bytes()).await;
+        assert_eq!(status, 200, "{method}: {head}");
+        let heads = w.pod.heads();
+        assert_eq!(heads.len(), 1, "{method}: the pod got it");
+        assert!(heads[0].starts_with(format!("{method} /abs HTTP/1.1").as_bytes()));
+        w.dashboard.clear();
+        let (status, head) = raw_exchange(&w, request("pinacle.test").as_bytes()).await;
+        assert_eq!(status, 400, "{method}: {head}");
+        assert!(w.dashboard.heads().is_empty());
+    }
+}
+
+/// Reads exactly one response from a kept connection: its status and body (by
+/// `content-length`; none for `HEAD`, 1xx, 204 and 304).
+async fn read_one(stream: &mut TcpStream, head_request: bool) -> Result<(u16, Vec<u8>), String> {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .map_err(|_| "no response within 5 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("closed: {:?}", String::from_utf8_lossy(&got)));
+        }
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let bodiless = head_request || matches!(status, 100..=199 | 204 | 304);
+    let mut body = vec![0u8; if bodiless { 0 } else { length }];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+fn authenticated(line: &str, extra: &str) -> Vec<u8> {
+    let token = material().proxy_token;
+    format!("{line}\r\nhost: {HOST}\r\ncookie: pinacle-proxy-token={token}\r\n{extra}\r\n")
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn smuggling_shapes_never_reach_a_pod_as_a_second_request() {
+    let w = world("smuggle", "").await;
+    let inner = format!("GET /smuggled HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+    let chunked_body = format!("0\r\n\r\n{inner}");
+    for framing in [
+        // CL.TE and TE.CL.
+        format!(
+            "content-length: {}\r\ntransfer-encoding: chunked\r\n",
+            chunked_body.len()
+        ),
+        format!(
+            "transfer-encoding: chunked\r\ncontent-length: {}\r\n",
+            chunked_body.len()
+        ),
+        format!(
+            "transfer-encoding: chunked, identity\r\ncontent-length: {}\r\n",
+            chunked_body.len()
+        ),
+    ] {
+        w.pod.clear();
+        let mut request = authenticated("POST /outer HTTP/1.1", &framing);
+        request.extend_from_slice(chunked_body.as_bytes());
+        let mut stream = TcpStream::connect(w.plain).await.unwrap();
+        stream.write_all(&request).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        let heads = w.pod.heads();
+        assert!(
+            !heads.iter().any(|h| contains(h, b"/smuggled")),
+            "{framing:?}: the pod got a smuggled request"
+        );
+        // The outer request either was refused or reached the pod with one framing only.
+        for head in &heads {
+            let framed =
+                fields(head, "content-length").len() + fields(head, "transfer-encoding").len();
+            assert!(
+                framed <= 1,
+                "{framing:?}: {}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_heads_are_refused_before_any_pod_sees_them() {
+    let w = world("malformed", "").await;
+    let many: String = (0..300).map(|i| format!("x-f{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "obs-fold",
+            authenticated("GET /plain HTTP/1.1", "x-a: a\r\n b\r\n"),
+        ),
+        ("NUL", authenticated("GET /plain HTTP/1.1", "x-a: a\0b\r\n")),
+        (
+            "bare CR",
+            authenticated("GET /plain HTTP/1.1", "x-a: a\rb\r\n"),
+        ),
+        (
+            "duplicate Host",
+            authenticated("GET /plain HTTP/1.1", "host: pinacle.test\r\n"),
+        ),
+        (
+            "userinfo in Host",
+            format!("GET /plain HTTP/1.1\r\nhost: user@{HOST}\r\n\r\n").into_bytes(),
+        ),
+        ("300 fields", authenticated("GET /plain HTTP/1.1", &many)),
+    ];
+    for (what, request) in cases {
+        w.pod.clear();
+        w.dashboard.clear();
+        let (status, head) = raw_exchange(&w, &request).await;
+        assert!(matches!(status, 400 | 431), "{what}: {head}");
+        assert!(w.pod.heads().is_empty(), "{what} reached the pod");
+        assert!(
+            w.dashboard.heads().is_empty(),
+            "{what} reached the dashboard"
+        );
+    }
+}
+
+#[tokio::test]
+async fn answers_stay_with_their_requests_on_kept_connections() {
+    let w = world("desync", "").await;
+    // Pipelined: two requests in one write. The first is answered; the second is answered in
+    // order or the connection closes after the first (clients then retry), never a wrong answer.
+    let mut stream = TcpStream::connect(w.plain).await.unwrap();
+    let mut both = authenticated("GET /p1 HTTP/1.1", "");
+    both.extend(authenticated("GET /p2 HTTP/1.1", ""));
+    stream.write_all(&both).await.unwrap();
+    assert_eq!(
+        read_one(&mut stream, false).await,
+        Ok((200, b"/p1".to_vec()))
+    );
+    match read_one(&mut stream, false).await {
+        Ok(second) => assert_eq!(second, (200, b"/p2".to_vec())),
+        Err(e) => assert!(e.starts_with("closed"), "{e}"),
+    }
+
+    // Bytes an upstream sends beyond its answer (after a body, a 204, a 304 or a HEAD) are
+    // never taken for the next answer, on the plain path (GET/HEAD) and Pingora's (POST).
+    for (line, head_request, status) in [
+        ("GET /poison HTTP/1.1", false, 200),
+        ("POST /poison HTTP/1.1", false, 200),
+        ("GET /204-body HTTP/1.1", false, 204),
+        ("POST /204-body HTTP/1.1", false, 204),
+        ("GET /304-body HTTP/1.1", false, 304),
+        ("HEAD /head-body HTTP/1.1", true, 200),
+    ] {
+        let mut stream = TcpStream::connect(w.plain).await.unwrap();
+        let framing = if line.starts_with("POST") {
+            "content-length: 0\r\n"
+        } else {
+            ""
+        };
+        stream
+            .write_all(&authenticated(line, framing))
+            .await
+            .unwrap();
+        let (got, body) = read_one(&mut stream, head_request)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(got, status, "{line}");
+        assert!(!contains(&body, b"poison"), "{line}");
+        for next in ["GET /after HTTP/1.1", "POST /after HTTP/1.1"] {
+            let framing = if next.starts_with("POST") {
+                "content-length: 0\r\n"
+            } else {
+                ""
+            };
+            stream
+                .write_all(&authenticated(next, framing))
+                .await
+                .unwrap();
+            assert_eq!(
+                read_one(&mut stream, false).await,
+                Ok((200, b"/after".to_vec())),
+                "{line} then {next}"
+            );
+        }
     }
 }
