@@ -41,6 +41,9 @@ CONNECTIONS = int(os.environ.get("CONNECTIONS", "50"))
 WS_CONNECTIONS = int(os.environ.get("WS_CONNECTIONS", "50"))
 IDLE_WS = int(os.environ.get("IDLE_WS", "2000"))
 MISS_USERS = int(os.environ.get("MISS_USERS", "200"))
+# Another pinacle-ingress binary (e.g. the last release) measured in the same rounds as this one:
+# the row "ingress-baseline", for before/after comparisons within one run.
+BASELINE = os.environ.get("BASELINE_INGRESS")
 SECRET = "load-test-secret-not-for-production"
 POD_HOST = "localhost-3000-pod-bench.pinacle.bench"
 WS_HOST = "localhost-7681-pod-benchws.pinacle.bench"
@@ -421,7 +424,7 @@ def ingress_env(port, extra=None):
     return env
 
 
-def start_ingress(name, port, extra, database_url=None):
+def start_ingress(name, port, extra, database_url=None, binary=None):
     env = ingress_env(port, extra)
     full = dict(os.environ)
     full.pop("DATABASE_URL", None)
@@ -429,7 +432,7 @@ def start_ingress(name, port, extra, database_url=None):
     if database_url:
         full["DATABASE_URL"] = database_url
     out = open(os.path.join(WORK, f"{name}.log"), "w")
-    proc = subprocess.Popen(["taskset", "-c", PROXY_CPU, INGRESS, "serve"], stdout=out,
+    proc = subprocess.Popen(["taskset", "-c", PROXY_CPU, binary or INGRESS, "serve"], stdout=out,
                             stderr=subprocess.STDOUT, env=full, cwd=WORK)
     PROCS.append(proc)
     wait_port(port)
@@ -552,6 +555,14 @@ def main():
     if old:
         old_port, old_proc, old_http, old_ws = old
         targets.append(("old-ingress", old_port, POD_HOST, old_http, old_port, old_ws, old_proc))
+    baseline = None
+    if BASELINE:
+        baseline_port = free_port()
+        baseline = start_ingress("ingress-baseline", baseline_port, {
+            "PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws),
+            "PINACLE_INGRESS_DASHBOARD_UPSTREAM": f"127.0.0.1:{origin}"}, binary=BASELINE)
+        targets.append(("ingress-baseline", baseline_port, POD_HOST, cookie, baseline_port, cookie,
+                        baseline))
     # Interleaved rounds, the median round reported: a burst from the VM's neighbours then
     # lands on one round of one row instead of deciding a ratio.
     runs = {name: {} for name, *_ in targets}
@@ -578,6 +589,8 @@ def main():
         results[name] = entry
     stop(floor_proc)
     stop(tokio_proc)
+    if baseline:
+        stop(baseline)
     if old:
         stop(old[1])
     # Idle connections, each count on a fresh process: an allocator keeps the pages a previous
@@ -646,7 +659,8 @@ def render(meta, r):
         "dashboard route (no credentials, no directory). `old-ingress` stands in for the Node.js "
         "ingress Pinacle runs today (`benches/load/old-ingress/server.js`: http-proxy, a "
         "jsonwebtoken proxy-token check per request, no upstream keep-alive, as shared/PINACLE.md "
-        "describes it).",
+        "describes it). `ingress-baseline`, when present, is another ingress binary "
+        "(`BASELINE_INGRESS`, e.g. the previous commit's) in the same rounds.",
         "",
         "## HTTP",
         "",
@@ -654,7 +668,7 @@ def render(meta, r):
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("direct", "nginx", "haproxy", "pingora-floor", "tokio-floor", "ingress-dashboard",
-                 "pinacle-ingress", "old-ingress"):
+                 "pinacle-ingress", "ingress-baseline", "old-ingress"):
         if name not in r:
             continue
         for body in ("1k", "100k"):
@@ -669,7 +683,7 @@ def render(meta, r):
     lines += ["", "## WebSocket echo", "",
               "| proxy | messages/s | ratio | p50 µs | p99 µs | p99 ratio | CPU µs/message |",
               "|---|---|---|---|---|---|---|"]
-    for name in ("direct", "nginx", "haproxy", "pinacle-ingress", "old-ingress"):
+    for name in ("direct", "nginx", "haproxy", "pinacle-ingress", "ingress-baseline", "old-ingress"):
         if name not in r:
             continue
         m = r[name]["ws"]

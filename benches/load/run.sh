@@ -6,6 +6,7 @@
 #
 #   benches/load/run.sh                 # ~12 minutes (3 interleaved rounds of 4 s per row)
 #   ROUNDS=1 DURATION=5 IDLE_WS=500 benches/load/run.sh
+#   BASELINE_INGRESS=/path/to/older/pinacle-ingress benches/load/run.sh   # before/after in one run
 #
 # Installs what it needs (wrk, nginx, haproxy, python3, Node.js) with apt-get when missing,
 # builds the release binaries, and stops every process it started (by PID) when it ends. Every
