@@ -1,5 +1,5 @@
 //! Shared inputs for the criterion benches in `benches/benches/`: the real cookies from
-//! `shared/fixtures/nextauth/` so that the benches decode what the dashboard mints.
+//! `pinacle-authz/tests/fixtures/nextauth/` so that the benches decode what the dashboard mints.
 
 #![forbid(unsafe_code)]
 
@@ -7,13 +7,13 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-/// A fixture file from `shared/fixtures/nextauth/` (beside the checkout).
+/// A fixture file from `pinacle-authz/tests/fixtures/nextauth/`.
 ///
 /// # Errors
 /// The file is missing or is not JSON.
 pub fn fixture(name: &str) -> Result<Value, String> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/nextauth")
+        .join("../pinacle-authz/tests/fixtures/nextauth")
         .join(name);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))

@@ -249,6 +249,22 @@ pub fn owner_directory_toml(owner: &str, pods: &[(&str, &str, u16)]) -> String {
     text
 }
 
+/// A credential fixture made by the real next-auth, @auth/core and jsonwebtoken packages
+/// (`pinacle-authz/tests/fixtures/nextauth/<name>`; each file names its generator and the
+/// library versions that checked every case).
+///
+/// # Panics
+/// When the file is missing or is not JSON (test code).
+#[allow(clippy::panic)]
+pub fn nextauth_fixture(name: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/nextauth")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
 /// A next-auth v4 session cookie value for `user` (`sub` and `id`), valid from `now` for
 /// `ttl_secs`, encrypted with `secret`.
 ///

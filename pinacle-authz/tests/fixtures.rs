@@ -1,9 +1,7 @@
 //! Every credential minted by the real next-auth, @auth/core and jsonwebtoken packages
-//! (`shared/fixtures/nextauth/`) must get the outcome those libraries gave it.
+//! (`tests/fixtures/nextauth/`) must get the outcome those libraries gave it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
-
-use std::path::PathBuf;
 
 use pinacle_authz::{
     CredentialConfig, CredentialKind, CredentialVerifier, InvalidReason, Outcome, Secret,
@@ -12,18 +10,7 @@ use pinacle_authz::{
 use serde_json::Value;
 
 fn fixture(name: &str) -> Value {
-    let dir = std::env::var_os("PINACLE_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let path = dir.join("fixtures/nextauth").join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "fixture {} is missing ({e}); it lives in shared/ beside the checkout \
-             (or set PINACLE_SHARED_DIR)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+    pinacle_authz::testing::nextauth_fixture(name)
 }
 
 fn verifier(secrets: &[&str]) -> CredentialVerifier {

@@ -290,11 +290,7 @@ async fn unreachable_database_is_an_error_never_a_cached_denial() {
 /// The database sessions in the fixture, evaluated at its `now`.
 #[sqlx::test(migrations = "../migrations")]
 async fn database_sessions_from_the_fixture(pool: PgPool) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/nextauth/public.json");
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("shared fixture public.json"))
-            .unwrap();
+    let fixture = pinacle_authz::testing::nextauth_fixture("public.json");
     let rows = fixture["database_sessions"]["rows"].as_array().unwrap();
     let seed = Seed(&pool);
     for row in rows {

@@ -1,5 +1,5 @@
 //! The operator CLI contract, run as a real process: JSON shape and exit status of
-//! `session inspect` over the shared fixtures, `session mint` round-trips, `migrate` on Postgres.
+//! `session inspect` over the credential fixtures, `session mint` round-trips, `migrate` on Postgres.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -11,12 +11,7 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_pinacle-ingress");
 
 fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/nextauth")
-        .join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
+    pinacle_authz::testing::nextauth_fixture(name)
 }
 
 fn ingress(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -242,4 +237,22 @@ fn render_nginx_prints_the_config_or_exits_2_naming_the_field() {
     std::fs::remove_file(&bad).ok();
     let out = ingress(&["render-nginx", "--pod-config", "/nonexistent.toml"], &[]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = ingress(&["--version"], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let commit = text
+        .split("(commit ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("no commit in {text:?}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{text:?}"
+    );
+    assert!(text.starts_with(&format!("pinacle-ingress {}", env!("CARGO_PKG_VERSION"))));
 }
