@@ -1,7 +1,8 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (the directory answers and we
 //! are not draining) and `/metrics` (Prometheus text). A small hyper server on the side runtime,
-//! not a Pingora service, so it keeps answering (`/readyz`: 503) while Pingora drains. Bound with
-//! `SO_REUSEPORT` so an old and a new process can both hold it during a hand-over.
+//! not a Pingora service, so it keeps answering (`/readyz`: 503) while Pingora drains. Bound
+//! without `SO_REUSEPORT`: two processes never share it; a process taking over (`--upgrade`)
+//! binds it once the previous one has let go ([`bind_when_free`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,10 +35,10 @@ pub struct AdminState {
     pub ping_timeout: Duration,
 }
 
-/// Binds the admin address (`SO_REUSEPORT`, so a process taking over can bind it too).
+/// Binds the admin address.
 ///
 /// # Errors
-/// The address cannot be bound.
+/// The address cannot be bound (e.g. another process holds it).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -45,15 +46,36 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(128)
+}
+
+/// [`bind`] for a process taking over from another: retried every 100 ms while the address is
+/// in use, for at most `limit` (the previous process holds it until it exits).
+///
+/// # Errors
+/// The address is still in use after `limit`, or cannot be bound at all.
+pub async fn bind_when_free(addr: SocketAddr, limit: Duration) -> std::io::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Serves until the runtime stops.
 pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, typically: do not spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let state = state.clone();

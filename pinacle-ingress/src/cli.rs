@@ -16,7 +16,7 @@ use crate::secrets::secrets_from_process_env;
 
 /// Pinacle's ingress: pod hosts to pods, every other host to the dashboard.
 #[derive(Debug, Parser)]
-#[command(name = "pinacle-ingress", version, about)]
+#[command(name = "pinacle-ingress", version = crate::LONG_VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -34,7 +34,8 @@ pub enum Command {
     Migrate,
     /// Run the ingress (until SIGTERM: graceful, SIGINT: fast).
     ///
-    /// Without `--config`, and without `DATABASE_URL`, it runs on the embedded demo directory.
+    /// The pod directory is `DATABASE_URL` (the dashboard's Postgres), else `directory_file`;
+    /// with neither it refuses to start (exit 2) unless `--demo` is given.
     Serve {
         /// A TOML configuration file (see config/ingress.example.toml); `PINACLE_INGRESS_*`
         /// variables override it.
@@ -44,6 +45,10 @@ pub enum Command {
         /// start this, then send the old process SIGQUIT; see the README).
         #[arg(long)]
         upgrade: bool,
+        /// Allow the embedded demo pod directory when neither `DATABASE_URL` nor
+        /// `directory_file` is set (development only: it grants the demo users access).
+        #[arg(long)]
+        demo: bool,
     },
     /// Validate the configuration (file and environment) without starting; exit 1 listing
     /// every problem.
@@ -51,6 +56,9 @@ pub enum Command {
         /// The TOML configuration file.
         #[arg(long)]
         config: Option<std::path::PathBuf>,
+        /// Accept the embedded demo directory, as `serve --demo` does.
+        #[arg(long)]
+        demo: bool,
     },
     /// Print the nginx config for a pod (the second hop) from a JSON or TOML description.
     RenderNginx {
@@ -99,8 +107,12 @@ pub fn run(cli: Cli) -> ExitCode {
         }) => session_mint(&user, ttl_secs, &cookie_name),
         Command::Migrate => migrate(),
         Command::RenderNginx { pod_config } => render_nginx(&pod_config),
-        Command::Serve { config, upgrade } => serve(config.as_deref(), upgrade),
-        Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::Serve {
+            config,
+            upgrade,
+            demo,
+        } => serve(config.as_deref(), upgrade, demo),
+        Command::CheckConfig { config, demo } => check_config(config.as_deref(), demo),
     };
     result.unwrap_or_else(|e| {
         eprintln!("pinacle-ingress: {e:#}");
@@ -228,8 +240,31 @@ fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn serve(config: Option<&std::path::Path>, upgrade: bool) -> anyhow::Result<ExitCode> {
-    let config = match crate::config::load(config, &process_env) {
+/// Why `serve` (and `check-config`) refuse a configuration without a pod directory.
+const NO_DIRECTORY: &str = "no pod directory: set DATABASE_URL (the dashboard's Postgres) or \
+     directory_file (PINACLE_INGRESS_DIRECTORY_FILE), or pass --demo to serve the embedded demo \
+     directory (development only)";
+
+/// The configuration `serve` would run, or every problem with it.
+fn load_for_serving(
+    config: Option<&std::path::Path>,
+    demo: bool,
+) -> Result<crate::config::IngressConfig, String> {
+    let config = crate::config::load(config, &process_env).map_err(|e| e.to_string())?;
+    if matches!(
+        config.directory,
+        crate::config::DirectorySource::EmbeddedDemo
+    ) && !demo
+    {
+        return Err(format!(
+            "invalid configuration:\n  - directory: {NO_DIRECTORY}"
+        ));
+    }
+    Ok(config)
+}
+
+fn serve(config: Option<&std::path::Path>, upgrade: bool, demo: bool) -> anyhow::Result<ExitCode> {
+    let config = match load_for_serving(config, demo) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("pinacle-ingress: {e}");
@@ -242,8 +277,8 @@ fn serve(config: Option<&std::path::Path>, upgrade: bool) -> anyhow::Result<Exit
 }
 
 #[allow(clippy::print_stdout)] // the verdict is this command's output
-fn check_config(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
-    match crate::config::load(config, &process_env) {
+fn check_config(config: Option<&std::path::Path>, demo: bool) -> anyhow::Result<ExitCode> {
+    match load_for_serving(config, demo) {
         Ok(c) => {
             println!(
                 "configuration ok: listen {}, dashboard {} ({}), base domains {}",

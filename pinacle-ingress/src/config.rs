@@ -155,6 +155,17 @@ pub enum DirectorySource {
     EmbeddedDemo,
 }
 
+impl DirectorySource {
+    /// `postgres`, `file` or `embedded-demo` (logs, `check-config`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::File(_) => "file",
+            Self::EmbeddedDemo => "embedded-demo",
+        }
+    }
+}
+
 /// Timeouts, all bounded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {

@@ -29,6 +29,20 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+/// The crate version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit the binary was built from ("unknown" outside a checkout).
+pub const GIT_COMMIT: &str = env!("PINACLE_GIT_COMMIT");
+
+/// `--version`: the version and the commit.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PINACLE_GIT_COMMIT"),
+    ")"
+);
+
 pub mod admin;
 pub mod callback;
 pub mod cli;

@@ -100,6 +100,11 @@ impl Ingress {
         }))
     }
 
+    /// Requests and tunnels in flight (what a graceful stop waits for).
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
+    }
+
     /// The same proxy as the connection gate's [`PlainRequests`] (see [`crate::plain`]).
     pub fn plain_requests(&self) -> Arc<dyn PlainRequests> {
         Arc::new(Self(self.0.clone()))

@@ -8,7 +8,7 @@
 //!
 //! Pingora makes its own Tokio runtimes, so nothing here may run inside one (`main` is sync).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -42,9 +42,12 @@ pub enum ServeError {
     /// A certificate could not be loaded.
     #[error("tls: {0}")]
     Certificate(#[from] crate::tls::CertError),
-    /// The side runtime, a thread or the admin listener could not be started.
+    /// The side runtime or a thread could not be started.
     #[error("{0}")]
     Io(String),
+    /// A listening address cannot be bound (in use, not local, not permitted).
+    #[error("cannot listen: {0}")]
+    Bind(String),
     /// Metrics could not be registered (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -68,13 +71,14 @@ impl Prepared {
 }
 
 /// Starts the side runtime, opens the directory (unless one is given), loads certificates and
-/// starts the admin listener.
+/// starts the admin listener (`upgrade`: once the process handing over lets go of it).
 ///
 /// # Errors
 /// The directory, a certificate or the admin address cannot be set up.
 pub fn prepare(
     config: &IngressConfig,
     directory: Option<Arc<dyn PodDirectory>>,
+    upgrade: bool,
 ) -> Result<Prepared, ServeError> {
     let side = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -94,23 +98,34 @@ pub fn prepare(
     };
     let draining = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.admin_listen {
-        let listener = {
-            let _context = side.enter();
-            admin::bind(addr).map_err(|e| ServeError::Io(format!("admin_listen {addr}: {e}")))?
+        let state = AdminState {
+            metrics: metrics.clone(),
+            directory: directory.clone(),
+            draining: draining.clone(),
+            ping_timeout: config.timeouts.directory_query,
         };
-        side.spawn(admin::serve(
-            listener,
-            AdminState {
-                metrics: metrics.clone(),
-                directory: directory.clone(),
-                draining: draining.clone(),
-                ping_timeout: config.timeouts.directory_query,
-            },
-        ));
+        if upgrade {
+            // The previous process answers (`/readyz`: draining) until it exits.
+            let limit = config.timeouts.shutdown_grace + std::time::Duration::from_secs(30);
+            side.spawn(async move {
+                match admin::bind_when_free(addr, limit).await {
+                    Ok(listener) => {
+                        tracing::info!(%addr, "admin listener bound");
+                        admin::serve(listener, state).await;
+                    }
+                    Err(e) => tracing::error!(%addr, error = %e, "cannot bind admin_listen"),
+                }
+            });
+        } else {
+            let listener = {
+                let _context = side.enter();
+                admin::bind(addr)
+                    .map_err(|e| ServeError::Bind(format!("admin_listen {addr}: {e}")))?
+            };
+            side.spawn(admin::serve(listener, state));
+        }
     }
-    if let Some(certs) = &certs {
-        watch_reload_signal(&side, certs.clone());
-    }
+    watch_reload_signal(&side, certs.clone());
     Ok(Prepared {
         side,
         metrics,
@@ -120,8 +135,10 @@ pub fn prepare(
     })
 }
 
-/// SIGHUP re-reads the certificate files; a failed reload keeps the current ones.
-fn watch_reload_signal(side: &tokio::runtime::Runtime, certs: Arc<CertStore>) {
+/// SIGHUP re-reads the certificate files (a failed reload keeps the current ones). Watched
+/// whatever the configuration, so that SIGHUP (which the shipped unit sends on reload) never
+/// terminates the process, as its default action would.
+fn watch_reload_signal(side: &tokio::runtime::Runtime, certs: Option<Arc<CertStore>>) {
     side.spawn(async move {
         let Ok(mut hangups) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -130,10 +147,50 @@ fn watch_reload_signal(side: &tokio::runtime::Runtime, certs: Arc<CertStore>) {
             return;
         };
         while hangups.recv().await.is_some() {
+            let Some(certs) = &certs else {
+                tracing::info!("SIGHUP: no certificates to reload");
+                continue;
+            };
             match certs.reload() {
-                Ok(()) => tracing::info!("certificates reloaded"),
+                Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
                 Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the current ones"),
             }
+        }
+    });
+}
+
+/// Fails when an address Pingora is to listen on is taken: Pingora itself retries the bind in
+/// its service thread and panics there, leaving the process up without a listener.
+fn check_listen_addresses(config: &IngressConfig) -> Result<(), ServeError> {
+    let tls = config.tls.as_ref().map(|t| ("tls_listen", t.listen));
+    for (key, addr) in std::iter::once(("listen", config.listen)).chain(tls) {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| ServeError::Bind(format!("{key} {addr}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Once a graceful stop has begun, ends the process as soon as no request or tunnel is in
+/// flight. Pingora sleeps the whole grace period unconditionally (`Server::run_server` in
+/// pingora-core 0.9.1, `thread::sleep(grace_period_seconds)`); remove this once it stops early.
+fn exit_when_idle(side: &tokio::runtime::Runtime, server: &Server, in_flight: Arc<AtomicUsize>) {
+    let mut phases = server.watch_execution_phase();
+    side.spawn(async move {
+        loop {
+            match phases.recv().await {
+                Ok(ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownGracePeriod) => {
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        loop {
+            if in_flight.load(Ordering::SeqCst) == 0 {
+                tracing::info!("graceful stop: nothing in flight, exiting");
+                std::process::exit(0);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     });
 }
@@ -181,7 +238,7 @@ pub fn build(
     prepared: &Prepared,
     clock: Clock,
     upgrade: bool,
-) -> Result<(Server, Arc<Authorizer>), ServeError> {
+) -> Result<Built, ServeError> {
     let verifier = CredentialVerifier::new(&CredentialConfig {
         secrets: config.secrets.clone(),
         session_cookies: config.session_cookies.clone(),
@@ -221,6 +278,7 @@ pub fn build(
         prepared.metrics.clone(),
     );
     let plain = ingress.plain_requests();
+    let in_flight = ingress.in_flight();
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
     let gate = Gate::new(proxy, limits, prepared.metrics.clone()).with_plain_requests(plain);
     let mut service = Service::new("pinacle-ingress".to_owned(), gate);
@@ -246,7 +304,29 @@ pub fn build(
     }
     server.add_service(service);
     watch_draining(&prepared.side, &server, prepared.draining.clone());
-    Ok((server, authorizer))
+    Ok(Built {
+        server,
+        authorizer,
+        in_flight,
+    })
+}
+
+/// What [`build`] makes.
+pub struct Built {
+    /// The Pingora server, ready to run.
+    pub server: Server,
+    /// The authorizer (to invalidate cached decisions).
+    pub authorizer: Arc<Authorizer>,
+    /// Requests and tunnels in flight.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Runs until SIGTERM (graceful: in-flight requests get the grace period), SIGINT (fast) or
@@ -256,18 +336,24 @@ pub fn build(
 /// # Errors
 /// The directory, certificates or credentials cannot be set up.
 pub fn serve(config: IngressConfig, clock: Clock, upgrade: bool) -> Result<(), ServeError> {
-    let prepared = prepare(&config, None)?;
+    if !upgrade {
+        check_listen_addresses(&config)?;
+    }
+    let prepared = prepare(&config, None, upgrade)?;
     tracing::info!(
+        version = crate::VERSION,
         listen = %config.listen,
-        tls = ?config.tls.as_ref().map(|t| t.listen),
-        admin = ?config.admin_listen,
+        tls = %config.tls.as_ref().map_or_else(|| "off".to_owned(), |t| t.listen.to_string()),
+        admin = %config.admin_listen.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         dashboard = %config.dashboard_upstream,
-        base_domains = ?config.base_domains.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+        directory = config.directory.kind(),
+        base_domains = %config.base_domains.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(","),
         upgrade,
         "pinacle-ingress starting"
     );
-    let (server, _authorizer) = build(config, &prepared, clock, upgrade)?;
-    server.run(RunArgs::default());
+    let built = build(config, &prepared, clock, upgrade)?;
+    exit_when_idle(&prepared.side, &built.server, built.in_flight);
+    built.server.run(RunArgs::default());
     prepared.side.shutdown_background();
     Ok(())
 }
@@ -366,8 +452,11 @@ pub fn spawn(
     directory: Arc<dyn PodDirectory>,
     clock: Clock,
 ) -> Result<Running, ServeError> {
-    let prepared = prepare(&config, Some(directory))?;
-    let (server, authorizer) = build(config, &prepared, clock, false)?;
+    check_listen_addresses(&config)?;
+    let prepared = prepare(&config, Some(directory), false)?;
+    let Built {
+        server, authorizer, ..
+    } = build(config, &prepared, clock, false)?;
     let (stop, receiver) = oneshot::channel();
     let signal = ChannelSignal(Mutex::new(Some(receiver)));
     let thread = std::thread::Builder::new()

@@ -185,6 +185,21 @@ impl Metrics {
              Pingora's proxy loop; also counted in pinacle_ingress_requests_total.",
         )?;
         registry.register(Box::new(plain_requests.clone()))?;
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "pinacle_ingress_build_info",
+                "Always 1; the labels name the running build.",
+            ),
+            &["version", "commit"],
+        )?;
+        build_info
+            .with_label_values(&[crate::VERSION, crate::GIT_COMMIT])
+            .set(1);
+        registry.register(Box::new(build_info))?;
+        // Open file descriptors, resident memory, CPU seconds, start time (Linux /proc).
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(Self {
             registry,
             connections_open,
@@ -411,7 +426,15 @@ const CAPPED: &[&str] = &[
 ];
 
 /// Installs the global subscriber: `RUST_LOG` when set, else `default_filter`; writes to stderr.
-/// Bridges Pingora's `log` records into tracing. Does nothing if a subscriber is already set.
+/// Whether text logs are coloured: only on a terminal, and never with `NO_COLOR` set to
+/// anything non-empty (no-color.org).
+fn colour(no_color: Option<std::ffi::OsString>) -> bool {
+    use std::io::IsTerminal;
+    no_color.is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
+/// Sets up logging to stderr (text or JSON) and bridges Pingora's `log` records into tracing.
+/// Does nothing if a subscriber is already set.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
@@ -424,11 +447,15 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder
+            .with_ansi(colour(std::env::var_os("NO_COLOR")))
+            .try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
+            .with_span_list(false)
+            .with_ansi(false)
             .try_init(),
     };
 }

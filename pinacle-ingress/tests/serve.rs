@@ -70,13 +70,46 @@ fn every_shipped_config_loads() {
 #[test]
 fn check_config_accepts_the_example_and_lists_every_problem() {
     let out = command(
-        &["check-config", "--config", "config/ingress.example.toml"],
+        &[
+            "check-config",
+            "--demo",
+            "--config",
+            "config/ingress.example.toml",
+        ],
         &[("NEXTAUTH_SECRET", SECRET)],
     )
     .output()
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+    // Without a database, a directory file or --demo there is nothing to serve: both commands
+    // refuse, naming both ways to give one.
+    let args = ["--config", "config/ingress.example.toml"];
+    let check = command(
+        &[&["check-config"][..], &args].concat(),
+        &[("NEXTAUTH_SECRET", SECRET)],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    let serve = command(
+        &[&["serve"][..], &args].concat(),
+        &[("NEXTAUTH_SECRET", SECRET)],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(serve.status.code(), Some(2), "{serve:?}");
+    for text in [
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&serve.stderr),
+    ] {
+        assert!(
+            text.contains("DATABASE_URL")
+                && text.contains("directory_file")
+                && text.contains("--demo"),
+            "{text}"
+        );
+    }
 
     let dir = std::env::temp_dir().join(format!("pinacle-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -299,23 +332,36 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // SIGTERM: /readyz turns 503 while the in-flight work drains, then the process exits 0.
+    // Build and process metrics are there too.
+    let text = client::get(admin, "/metrics", &[]).await.text();
+    for series in [
+        "pinacle_ingress_build_info{commit=\"",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(text.contains(series), "{series} not in:\n{text}");
+    }
+
+    // SIGHUP (sent by the unit's reload) never ends the process, TLS or not.
     let mut child = process.into_child();
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let r = client::get(listen, "/", &[("host", "pinacle.test")]).await;
+    assert_eq!(r.json()["name"], "dashboard", "still serving after SIGHUP");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+
+    // SIGTERM with nothing in flight: the process exits 0 at once (draining with a request in
+    // flight: `a_graceful_stop_drains_then_exits_at_once`).
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = client::get(admin, "/readyz", &[]).await;
-        if r.status == 503 {
-            assert_eq!(r.json()["status"], "draining");
-            break;
-        }
-        assert!(Instant::now() < deadline, "/readyz never reported draining");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
     let status = wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
 
@@ -329,7 +375,7 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["target"] == "pinacle_ingress::access")
         .collect();
-    assert_eq!(access.len(), 7, "{logs}");
+    assert_eq!(access.len(), 8, "{logs}");
     let callback = access.iter().find(|v| v["route"] == "callback").unwrap();
     assert_eq!(
         callback["path"],
@@ -470,5 +516,139 @@ async fn pingoras_error_lines_redact_query_credentials() {
         "{logs}"
     );
     assert!(logs.contains("code=REDACTED&state=1"), "{logs}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A listening address that is taken ends `serve` at once with a message naming it, for the
+/// proxy listener and the admin listener alike (no silent sharing).
+#[tokio::test]
+async fn addresses_in_use_end_serve_with_their_name() {
+    let dir = std::env::temp_dir().join(format!("pinacle-bind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let directory = directory_file(&dir, 1);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let free = format!("127.0.0.1:{}", reserve_port());
+    for (listen, admin, key) in [
+        (taken_addr.as_str(), "off", "listen"),
+        (free.as_str(), taken_addr.as_str(), "admin_listen"),
+    ] {
+        let started = Instant::now();
+        let out = command(
+            &["serve"],
+            &[
+                ("NEXTAUTH_SECRET", SECRET),
+                ("PINACLE_INGRESS_LISTEN", listen),
+                ("PINACLE_INGRESS_ADMIN_LISTEN", admin),
+                (
+                    "PINACLE_INGRESS_DIRECTORY_FILE",
+                    directory.to_str().unwrap(),
+                ),
+                ("PINACLE_INGRESS_THREADS", "1"),
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(out.status.code(), Some(2), "{key}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{key} {taken_addr}")),
+            "{key}: {stderr}"
+        );
+        // Not a terminal: plain text, no colour codes.
+        assert!(!stderr.contains('\u{1b}'), "{stderr}");
+    }
+    drop(taken);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A graceful stop drains what is in flight (`/readyz` says so) and then ends at once, not
+/// after the whole grace period.
+#[tokio::test]
+async fn a_graceful_stop_drains_then_exits_at_once() {
+    let events = upstream::sse().await;
+    let dir = std::env::temp_dir().join(format!("pinacle-idle-stop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let directory = directory_file(&dir, events.addr.port());
+    let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let (listen_s, admin_s) = (listen.to_string(), admin.to_string());
+    let child = command(
+        &["serve"],
+        &[
+            ("NEXTAUTH_SECRET", SECRET),
+            ("PINACLE_INGRESS_LISTEN", &listen_s),
+            ("PINACLE_INGRESS_ADMIN_LISTEN", &admin_s),
+            (
+                "PINACLE_INGRESS_DIRECTORY_FILE",
+                directory.to_str().unwrap(),
+            ),
+            ("PINACLE_INGRESS_SHUTDOWN_GRACE_PERIOD", "60s"),
+            ("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.test"),
+            ("PINACLE_INGRESS_THREADS", "1"),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let process = Process(Some(child));
+    wait_for_port(listen).await;
+    wait_for_port(admin).await;
+
+    // One streaming request in flight.
+    let now = pinacle_ingress::cli::unix_now();
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, "user_ada", now, 600);
+    let cookie = format!("next-auth.session-token={value}");
+    let mut conn = client::Connection::open(listen).await;
+    let response = conn
+        .send(
+            "GET",
+            "/events",
+            &[
+                ("host", "localhost-3000-pod-proj.pinacle.test"),
+                ("cookie", &cookie),
+            ],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    assert_eq!(
+        client::next_chunk(&mut body).await.unwrap(),
+        "data: first\n\n"
+    );
+
+    let mut child = process.into_child();
+    let started = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client::get(admin, "/readyz", &[]).await;
+        if r.status == 503 {
+            assert_eq!(r.json()["status"], "draining");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz never reported draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with a request in flight"
+    );
+    events.release.notify_one();
+    while client::next_chunk(&mut body).await.is_some() {}
+    drop(conn);
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?} once nothing was in flight (grace period 60 s)",
+        started.elapsed()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -336,7 +336,7 @@ async fn sighup_makes_serve_reread_its_certificates() {
         }
     }
     let mut child = cmd
-        .arg("serve")
+        .args(["serve", "--demo"])
         .env("NEXTAUTH_SECRET", SECRET)
         .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{plain}"))
         .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))

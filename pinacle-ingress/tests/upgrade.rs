@@ -26,7 +26,8 @@ impl Drop for Killed {
 
 fn start(env: &[(&str, String)], upgrade: bool) -> Killed {
     let mut cmd = Command::new(BIN);
-    cmd.arg("serve");
+    // The dashboard route only: the demo directory is never consulted.
+    cmd.args(["serve", "--demo"]);
     if upgrade {
         cmd.arg("--upgrade");
     }
