@@ -72,39 +72,66 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
     /// Decode the credentials in a Cookie header and print one JSON object.
+    ///
+    /// The input is a whole `Cookie: ...` line, a header value, or a bare token; `-` (or
+    /// nothing) reads it from stdin, which keeps cookies out of the shell history.
     Inspect {
-        /// The Cookie header value, e.g. 'next-auth.session-token=eyJ...'.
-        #[arg(long)]
-        cookie_header: String,
+        /// What to inspect; `-` or absent: stdin.
+        input: Option<String>,
+        /// The Cookie header value (kept for scripts; prefer the argument or stdin).
+        #[arg(long, conflicts_with = "input")]
+        cookie_header: Option<String>,
         /// Evaluate at this time (unix seconds) instead of now.
         #[arg(long)]
         now: Option<i64>,
     },
-    /// Print a next-auth v4 session cookie for a user (development: needs an explicit secret).
+    /// Print a next-auth v4 session cookie for a user, or with `--port` a proxy token for a pod
+    /// (development: needs an explicit secret).
     Mint {
-        /// The user id to put in `id` and `sub`.
+        /// The user id to put in `id` and `sub` (`userId` in a proxy token).
         #[arg(long)]
         user: String,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 30 * 24 * 3600)]
-        ttl_secs: i64,
-        /// The cookie name to print.
+        /// Lifetime in seconds (a proxy token: 900, as the dashboard mints them).
+        #[arg(long)]
+        ttl_secs: Option<i64>,
+        /// The session cookie name to print: one the ingress reads.
         #[arg(long, default_value = "next-auth.session-token")]
         cookie_name: String,
+        /// Mint a proxy token for this port of `--pod` instead of a session cookie.
+        #[arg(long, requires_all = ["pod", "pod_id"])]
+        port: Option<u16>,
+        /// The pod's slug (proxy token).
+        #[arg(long)]
+        pod: Option<String>,
+        /// The pod's id (proxy token).
+        #[arg(long)]
+        pod_id: Option<String>,
     },
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Session(SessionCommand::Inspect { cookie_header, now }) => {
-            session_inspect(&cookie_header, now)
+        Command::Session(SessionCommand::Inspect {
+            input,
+            cookie_header,
+            now,
+        }) => {
+            inspect_input(input.or(cookie_header)).and_then(|header| session_inspect(&header, now))
         }
         Command::Session(SessionCommand::Mint {
             user,
             ttl_secs,
             cookie_name,
-        }) => session_mint(&user, ttl_secs, &cookie_name),
+            port,
+            pod,
+            pod_id,
+        }) => match (port, pod, pod_id) {
+            (Some(port), Some(pod), Some(pod_id)) => {
+                proxy_token_mint(&user, &pod, &pod_id, port, ttl_secs.unwrap_or(900))
+            }
+            _ => session_mint(&user, ttl_secs.unwrap_or(30 * 24 * 3600), &cookie_name),
+        },
         Command::Migrate => migrate(),
         Command::RenderNginx { pod_config } => render_nginx(&pod_config),
         Command::Serve {
@@ -188,12 +215,64 @@ fn session_inspect(cookie_header: &str, now: Option<i64>) -> anyhow::Result<Exit
     })
 }
 
+/// The Cookie header to inspect from what was given: `-` or nothing reads stdin; a leading
+/// `Cookie:` is dropped; a bare token (no `=`) is tried as a proxy token (three segments) or
+/// under every session cookie name the ingress reads.
+fn inspect_input(input: Option<String>) -> anyhow::Result<String> {
+    let text = match input.as_deref() {
+        None | Some("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("reading the cookie from stdin")?;
+            text
+        }
+        Some(given) => given.to_owned(),
+    };
+    let text = text.trim();
+    let value = match text.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("cookie:") => {
+            text.get(7..).unwrap_or("").trim()
+        }
+        _ => text,
+    };
+    if value.is_empty() {
+        bail!("nothing to inspect: give a Cookie header, a token, or pipe one to stdin");
+    }
+    if value.contains('=') {
+        return Ok(value.to_owned());
+    }
+    if value.split('.').count() == 3 {
+        return Ok(format!("{}={value}", pinacle_authz::PROXY_TOKEN_COOKIE));
+    }
+    Ok(pinacle_authz::SessionCookie::defaults()
+        .iter()
+        .map(|c| format!("{}={value}", c.name))
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
 #[allow(clippy::print_stdout)] // printing the cookie is this command's job
 fn session_mint(user: &str, ttl_secs: i64, cookie_name: &str) -> anyhow::Result<ExitCode> {
     let secrets = required_secrets()?;
     let user = pinacle_authz::UserId::new(user)?;
     if ttl_secs <= 0 {
         bail!("--ttl-secs must be positive");
+    }
+    let names = pinacle_authz::SessionCookie::defaults();
+    if !names.iter().any(|c| c.name == cookie_name) {
+        bail!(
+            "the ingress does not read a cookie named {cookie_name:?}; use one of: {}",
+            names
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if cookie_name.contains("authjs") {
+        bail!(
+            "only next-auth v4 cookies can be minted; use next-auth.session-token or its __Secure- form"
+        );
     }
     let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(secrets))?;
     let now = unix_now();
@@ -206,6 +285,35 @@ fn session_mint(user: &str, ttl_secs: i64, cookie_name: &str) -> anyhow::Result<
     let claims = Claims(claims.as_object().cloned().unwrap_or_default());
     let value = verifier.mint_session_v4(&claims)?;
     println!("{cookie_name}={value}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)] // printing the cookie is this command's job
+fn proxy_token_mint(
+    user: &str,
+    pod: &str,
+    pod_id: &str,
+    port: u16,
+    ttl_secs: i64,
+) -> anyhow::Result<ExitCode> {
+    let secrets = required_secrets()?;
+    let user = pinacle_authz::UserId::new(user)?;
+    let slug = pinacle_authz::PodSlug::parse(pod)?;
+    let pod_id = pinacle_authz::PodId::new(pod_id)?;
+    if port == 0 || !(1..=900).contains(&ttl_secs) {
+        bail!("--port must be 1..=65535 and --ttl-secs 1..=900");
+    }
+    let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(secrets))?;
+    let now = unix_now();
+    let token = verifier.mint_proxy_token(&pinacle_authz::ProxyTokenClaims {
+        user_id: user.as_str().to_owned(),
+        pod_id: pod_id.as_str().to_owned(),
+        pod_slug: slug.as_str().to_owned(),
+        target_port: port,
+        iat: now,
+        exp: now.saturating_add(ttl_secs),
+    })?;
+    println!("{}={token}", pinacle_authz::PROXY_TOKEN_COOKIE);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -256,3 +256,90 @@ fn version_names_the_commit() {
     );
     assert!(text.starts_with(&format!("pinacle-ingress {}", env!("CARGO_PKG_VERSION"))));
 }
+
+/// Runs the binary with `stdin` piped in.
+fn ingress_with_stdin(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("NEXTAUTH_SECRET")
+        .env_remove("DATABASE_URL")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn inspect_takes_a_cookie_line_a_bare_token_or_stdin() {
+    let env = [("NEXTAUTH_SECRET", "dev-only")];
+    let cookie =
+        String::from_utf8(ingress(&["session", "mint", "--user", "ada"], &env).stdout).unwrap();
+    let cookie = cookie.trim();
+    let token = cookie.split_once('=').unwrap().1;
+    for (args, stdin) in [
+        (vec!["session", "inspect", cookie], String::new()),
+        (vec!["session", "inspect", token], String::new()),
+        (
+            vec!["session", "inspect", "-"],
+            format!("Cookie: theme=dark; {cookie}\n"),
+        ),
+        (vec!["session", "inspect"], format!("{token}\n")),
+    ] {
+        let out = ingress_with_stdin(&args, &env, &stdin);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert_eq!(json_of(&out)["user_id"], "ada", "{args:?}");
+    }
+    // A proxy token, bare.
+    let out = ingress(
+        &[
+            "session", "mint", "--user", "ada", "--pod", "demo", "--pod-id", "pod_1", "--port",
+            "3000",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    let token = line.trim().strip_prefix("pinacle-proxy-token=").unwrap();
+    let out = ingress(&["session", "inspect", token], &env);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report = json_of(&out);
+    assert_eq!(report["kind"], "proxy-token");
+    assert_eq!(report["user_id"], "ada");
+}
+
+#[test]
+fn mint_refuses_cookie_names_the_ingress_does_not_read() {
+    let env = [("NEXTAUTH_SECRET", "dev-only")];
+    for name in [
+        "session",
+        "next-auth.session-token.0",
+        "authjs.session-token",
+    ] {
+        let out = ingress(
+            &["session", "mint", "--user", "ada", "--cookie-name", name],
+            &env,
+        );
+        assert_eq!(out.status.code(), Some(2), "{name}: {out:?}");
+    }
+    let out = ingress(
+        &[
+            "session",
+            "mint",
+            "--user",
+            "ada",
+            "--cookie-name",
+            "__Secure-next-auth.session-token",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{out:?}");
+}
