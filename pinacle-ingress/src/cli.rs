@@ -66,6 +66,14 @@ pub enum Command {
         #[arg(long)]
         pod_config: std::path::PathBuf,
     },
+    /// Print a shell completion script (e.g. `pinacle-ingress completions bash >
+    /// /etc/bash_completion.d/pinacle-ingress`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `pinacle-ingress man > pinacle-ingress.1`.
+    Man,
 }
 
 /// `session ...`
@@ -134,6 +142,20 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Migrate => migrate(),
         Command::RenderNginx { pod_config } => render_nginx(&pod_config),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "pinacle-ingress",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map(|()| ExitCode::SUCCESS)
+            .context("writing the manual page"),
         Command::Serve {
             config,
             upgrade,

@@ -459,8 +459,9 @@ pub mod defaults {
     pub const MAX_CONCURRENT_REQUESTS: usize = 20_000;
     /// `max_connections`: browsers keep idle connections open, so well above the requests.
     pub const MAX_CONNECTIONS: usize = 50_000;
-    /// `upgrade_sock`
-    pub const UPGRADE_SOCK: &str = "/tmp/pinacle-ingress-upgrade.sock";
+    /// `upgrade_sock`: the unit's `RuntimeDirectory`, never a world-writable place such as
+    /// `/tmp` (another user could sit on the socket and receive the listening sockets).
+    pub const UPGRADE_SOCK: &str = "/run/pinacle-ingress/upgrade.sock";
 }
 
 fn validate(
@@ -907,6 +908,11 @@ mod tests {
             vec![BaseDomain::parse("localhost").unwrap()]
         );
         assert!(matches!(c.directory, DirectorySource::EmbeddedDemo));
+        // Never a world-writable directory: whoever binds it first gets the listening sockets.
+        assert_eq!(
+            c.upgrade_sock,
+            std::path::Path::new("/run/pinacle-ingress/upgrade.sock")
+        );
         assert_eq!(
             c.session_cookies
                 .iter()

@@ -961,6 +961,23 @@ impl ProxyHttp for Ingress {
         );
     }
 
+    /// An upstream that refuses, times out or breaks off is an ordinary event: the access line
+    /// records it (status 502/504, `error`), and a WARN names it here instead of Pingora's
+    /// ERROR line. Everything else keeps Pingora's line.
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        if *error.esource() != ErrorSource::Upstream {
+            return false;
+        }
+        tracing::warn!(
+            parent: &ctx.span,
+            request_id = %ctx.request_id,
+            error = %error.etype().as_str(),
+            request = %self.request_summary(session, ctx),
+            "upstream failed"
+        );
+        true
+    }
+
     /// What Pingora's own error lines name the request by: its method, its target with
     /// credential-like query values redacted as in the access log, its host and request id
     /// (Pingora's default prints the raw target, `?token=` included).

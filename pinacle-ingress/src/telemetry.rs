@@ -425,7 +425,6 @@ const CAPPED: &[&str] = &[
     "hyper",
 ];
 
-/// Installs the global subscriber: `RUST_LOG` when set, else `default_filter`; writes to stderr.
 /// Whether text logs are coloured: only on a terminal, and never with `NO_COLOR` set to
 /// anything non-empty (no-color.org).
 fn colour(no_color: Option<std::ffi::OsString>) -> bool {
@@ -433,8 +432,9 @@ fn colour(no_color: Option<std::ffi::OsString>) -> bool {
     no_color.is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
-/// Sets up logging to stderr (text or JSON) and bridges Pingora's `log` records into tracing.
-/// Does nothing if a subscriber is already set.
+/// Installs the global subscriber: `RUST_LOG` when set, else `default_filter`; writes to stderr
+/// (text or JSON) and bridges Pingora's `log` records into tracing. Does nothing if a subscriber
+/// is already set.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));

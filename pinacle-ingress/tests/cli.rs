@@ -343,3 +343,21 @@ fn mint_refuses_cookie_names_the_ingress_does_not_read() {
     );
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_cli() {
+    let bash = ingress(&["completions", "bash"], &[]);
+    assert!(bash.status.success(), "{bash:?}");
+    let text = String::from_utf8_lossy(&bash.stdout);
+    for word in ["pinacle-ingress", "serve", "check-config", "session"] {
+        assert!(text.contains(word), "{word} not in the bash completions");
+    }
+    let man = ingress(&["man"], &[]);
+    assert!(man.status.success(), "{man:?}");
+    let text = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        text.starts_with(".ie") || text.contains(".TH"),
+        "{text:.200}"
+    );
+    assert!(text.contains("pinacle\\-ingress"), "{text:.400}");
+}
