@@ -9,12 +9,84 @@
 //! (user, pod slug) --Authorizer::authorize: cache -> directory -> rule (pure)--> Decision
 //! ```
 //!
-//! - [`cookies`]: scanning the `Cookie` header, chunk reassembly, stripping credential cookies.
+//! - [`cookies`]: the `Cookie` header as bytes: its segments, credential names and chunks, the
+//!   header without chosen segments.
 //! - [`credentials`]: NextAuth v4 and Auth.js v5 JWE session cookies, database session tokens and
 //!   Pinacle's proxy token, verified at an injected `now`.
 //! - [`directory`]: the [`PodDirectory`] trait, over Postgres or a TOML file.
 //! - [`rule`]: the owner-or-team rule and the choice among pods sharing a slug.
 //! - [`Authorizer`]: the moka cache in front of the directory.
+//!
+//! # Example: verify a session cookie, then authorize its user
+//!
+//! A service that receives the dashboard's cookies checks who sent them and whether they may
+//! reach a pod. (A real service reads the dashboard's Postgres with [`PostgresDirectory`]; the
+//! cookie comes from the request; here both are made on the spot.)
+//!
+//! ```
+//! use std::sync::Arc;
+//! use pinacle_authz::{
+//!     Authorizer, AuthorizerConfig, Claims, CredentialConfig, CredentialVerifier, Decision,
+//!     FileDirectory, Outcome, PodSlug, Secret,
+//! };
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Every secret the dashboard accepts (NEXTAUTH_SECRET, then older ones during a rotation).
+//! let verifier = CredentialVerifier::new(&CredentialConfig::with_secrets(vec![Secret::new(
+//!     "the-dashboards-nextauth-secret",
+//! )]))?;
+//!
+//! // A next-auth v4 session cookie, as the dashboard sets it.
+//! let now = 1_767_225_600;
+//! let claims = serde_json::json!({"sub": "user_ada", "id": "user_ada", "exp": now + 3600});
+//! let cookie = verifier.mint_session_v4(&Claims(claims.as_object().cloned().unwrap_or_default()))?;
+//! let header = format!("theme=dark; next-auth.session-token={cookie}");
+//!
+//! // Who is this? (Pure: no I/O; `now` is a parameter.)
+//! let inspection = verifier.inspect(&header, now);
+//! // What may go on to an untrusted backend: everything but the credentials.
+//! let forwarded = inspection.forwardable_cookie_header(header.as_bytes());
+//! assert_eq!(forwarded.as_deref(), Some(&b"theme=dark"[..]));
+//!
+//! let directory = FileDirectory::from_toml(
+//!     r#"
+//!     [[users]]
+//!     id = "user_ada"
+//!     [[teams]]
+//!     id = "team_ada"
+//!     [[servers]]
+//!     id = "server_1"
+//!     ip_address = "10.0.0.7"
+//!     [[pods]]
+//!     id = "pod_1"
+//!     slug = "demo"
+//!     owner_id = "user_ada"
+//!     team_id = "team_ada"
+//!     server_id = "server_1"
+//!     status = "running"
+//!     ports = [{ name = "nginx-proxy", internal = 80, external = 30001, protocol = "tcp" }]
+//!     "#,
+//!     "example",
+//! )?;
+//! let authorizer = Authorizer::new(Arc::new(directory), &AuthorizerConfig::default());
+//!
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! runtime.block_on(async {
+//!     // Database sessions and impersonation need the directory: `resolve` finishes the job.
+//!     let Outcome::Valid(principal) = authorizer.resolve(inspection.verification, now).await?
+//!     else {
+//!         panic!("the cookie is valid");
+//!     };
+//!     let decision = authorizer.authorize(&principal.user_id, &PodSlug::parse("demo")?).await?;
+//!     let Decision::Allow { upstream, .. } = decision else {
+//!         panic!("the owner may reach her pod");
+//!     };
+//!     assert_eq!(upstream.to_string(), "10.0.0.7:30001");
+//!     Ok::<_, Box<dyn std::error::Error>>(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

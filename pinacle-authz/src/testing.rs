@@ -265,7 +265,8 @@ pub fn nextauth_fixture(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-/// A next-auth v4 session cookie value for `user` (`sub` and `id`), valid from `now` for
+/// A next-auth v4 session cookie value for `user` (`sub` and `id`; `email` is
+/// `<user>@example.test`), valid from `now` for
 /// `ttl_secs`, encrypted with `secret`.
 ///
 /// # Panics
@@ -278,7 +279,8 @@ pub fn session_cookie_value(secret: &str, user: &str, now: i64, ttl_secs: i64) -
             secret.to_owned(),
         )]))
         .expect("a non-empty secret");
-    let claims = serde_json::json!({"sub": user, "id": user, "iat": now, "exp": now + ttl_secs});
+    let claims = serde_json::json!({"sub": user, "id": user, "email": format!("{user}@example.test"),
+        "iat": now, "exp": now + ttl_secs});
     let map = claims.as_object().cloned().unwrap_or_default();
     verifier
         .mint_session_v4(&crate::Claims(map))

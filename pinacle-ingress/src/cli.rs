@@ -375,22 +375,52 @@ const NO_DIRECTORY: &str = "no pod directory: set DATABASE_URL (the dashboard's 
      directory_file (PINACLE_INGRESS_DIRECTORY_FILE), or pass --demo to serve the embedded demo \
      directory (development only)";
 
-/// The configuration `serve` would run, or every problem with it.
+/// The configuration `serve` would run, or every problem with it: the file and environment,
+/// unknown `PINACLE_INGRESS_*` variables, a pod directory (file loaded, `DATABASE_URL` parsed).
 fn load_for_serving(
     config: Option<&std::path::Path>,
     demo: bool,
 ) -> Result<crate::config::IngressConfig, String> {
-    let config = crate::config::load(config, &process_env).map_err(|e| e.to_string())?;
-    if matches!(
-        config.directory,
-        crate::config::DirectorySource::EmbeddedDemo
-    ) && !demo
-    {
-        return Err(format!(
-            "invalid configuration:\n  - directory: {NO_DIRECTORY}"
-        ));
+    use crate::config::{ConfigError, DirectorySource, Problem};
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    let mut problems = crate::config::unknown_env_vars(names.iter().map(String::as_str));
+    let loaded = crate::config::load(config, &process_env);
+    let problem = |key: &str, message: String| Problem {
+        key: key.to_owned(),
+        message,
+    };
+    match &loaded {
+        Err(ConfigError(found)) => problems.extend(found.iter().cloned()),
+        Ok(c) => match &c.directory {
+            DirectorySource::EmbeddedDemo if !demo => {
+                problems.push(problem("directory", NO_DIRECTORY.to_owned()));
+            }
+            DirectorySource::EmbeddedDemo => {}
+            DirectorySource::File(path) => {
+                if let Err(e) = pinacle_authz::FileDirectory::load(path) {
+                    problems.push(problem("directory_file", e.to_string()));
+                }
+            }
+            DirectorySource::Postgres(url) => {
+                let parsed = std::str::from_utf8(url.expose())
+                    .ok()
+                    .and_then(|u| url::Url::parse(u).ok())
+                    .filter(|u| matches!(u.scheme(), "postgres" | "postgresql"));
+                if parsed.is_none() {
+                    problems.push(problem(
+                        "DATABASE_URL",
+                        "not a postgres:// or postgresql:// URL".to_owned(),
+                    ));
+                }
+            }
+        },
     }
-    Ok(config)
+    match loaded {
+        Ok(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigError(problems).to_string()),
+    }
 }
 
 fn serve(config: Option<&std::path::Path>, upgrade: bool, demo: bool) -> anyhow::Result<ExitCode> {

@@ -312,6 +312,7 @@ pub fn from_toml(
         .collect();
     table.retain(|k, _| KEYS.iter().any(|(known, _)| *known == k));
     apply_env(&mut table, env, &mut problems);
+    drop_mistyped(&mut table, &mut problems);
     let file = match FileConfig::deserialize(toml::Value::Table(table)) {
         Ok(file) => file,
         Err(e) => {
@@ -320,6 +321,54 @@ pub fn from_toml(
         }
     };
     validate(&file, env, problems)
+}
+
+/// Reports every key whose value has the wrong type (all of them, where deserialising would
+/// stop at the first) and removes it, so that the rest is still checked.
+fn drop_mistyped(table: &mut toml::Table, problems: &mut Vec<Problem>) {
+    use toml::Value;
+    table.retain(|key, value| {
+        let Some((_, kind)) = KEYS.iter().find(|(known, _)| *known == key) else {
+            return true;
+        };
+        let (ok, expected) = match kind {
+            Kind::Text => (value.is_str(), "a string"),
+            Kind::List => (
+                value
+                    .as_array()
+                    .is_some_and(|items| items.iter().all(Value::is_str)),
+                "a list of strings",
+            ),
+            Kind::Count => (value.as_integer().is_some_and(|n| n >= 0), "a whole number"),
+            Kind::Flag => (value.is_bool(), "true or false"),
+            Kind::FileOnly => (
+                value
+                    .as_array()
+                    .is_some_and(|items| items.iter().all(Value::is_table)),
+                "a list of tables ([[...]])",
+            ),
+        };
+        if !ok {
+            problems.push(problem(
+                key.to_owned(),
+                format!("must be {expected}, not {}", value.type_str()),
+            ));
+        }
+        ok
+    });
+}
+
+/// The `PINACLE_INGRESS_*` variables among `names` that name no key (a typo would otherwise be
+/// ignored silently).
+pub fn unknown_env_vars<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Problem> {
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let key = name.strip_prefix(ENV_PREFIX)?;
+            let known = KEYS.iter().any(|(k, _)| k.eq_ignore_ascii_case(key));
+            (!known).then(|| problem(name, "unknown variable: no such key"))
+        })
+        .collect()
 }
 
 fn apply_env(
@@ -898,6 +947,35 @@ mod tests {
     const SECRET: (&str, &str) = ("NEXTAUTH_SECRET", "s3cret");
 
     #[test]
+    fn every_type_error_is_reported_and_the_rest_still_checked() {
+        let text = "threads = \"two\"\nlisten = 5\nbase_domains = \"one\"\n\
+                    http_redirect_to_https = \"yes\"\nupstream_read_timeout = \"soon\"\n";
+        let problems = from_toml(text, "t", &env(&[SECRET])).unwrap_err().0;
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "threads",
+            "listen",
+            "base_domains",
+            "http_redirect_to_https",
+            "upstream_read_timeout",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {problems:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_named() {
+        let problems = unknown_env_vars([
+            "PINACLE_INGRESS_LISTEN",
+            "PINACLE_INGRESS_LISTNE",
+            "NEXTAUTH_SECRET",
+            "PINACLE_INGRESS_THREADS",
+        ]);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "PINACLE_INGRESS_LISTNE");
+    }
+
+    #[test]
     fn defaults_need_only_a_secret() {
         let c = from_toml("", "t", &env(&[SECRET])).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
@@ -1052,9 +1130,9 @@ mod tests {
     }
 
     #[test]
-    fn type_errors_name_the_file() {
+    fn type_errors_name_the_key() {
         let err = from_toml("threads = \"two\"", "ingress.toml", &env(&[SECRET])).unwrap_err();
-        assert_eq!(err.0[0].key, "ingress.toml");
-        assert!(err.0[0].message.contains("threads"), "{}", err.0[0].message);
+        assert_eq!(err.0[0].key, "threads");
+        assert_eq!(err.0[0].message, "must be a whole number, not string");
     }
 }

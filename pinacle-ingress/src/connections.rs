@@ -304,6 +304,7 @@ async fn refuse(shared: &Shared, mut stream: Stream) {
     shared.metrics.connection_refused();
     let client = client_addr(&*stream);
     let answer = Answer::TooManyConnections;
+    shared.metrics.answer(answer.name());
     let request_id = shared.ids.next_id();
     tracing::warn!(
         target: "pinacle_ingress::access",
@@ -482,6 +483,7 @@ impl HeaderDeadline {
         }
         self.shared.metrics.header_timeout();
         let answer = Answer::RequestHeaderTimeout;
+        self.shared.metrics.answer(answer.name());
         let request_id = self.shared.ids.next_id();
         tracing::warn!(
             target: "pinacle_ingress::access",

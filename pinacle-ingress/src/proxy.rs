@@ -28,7 +28,7 @@ use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::plain::{self, Exchange, Failure, PlainRequest, UpstreamPool};
 use crate::request_id::RequestIds;
-use crate::responses::{Answer, REQUEST_ID_HEADER};
+use crate::responses::{Answer, Page, REQUEST_ID_HEADER};
 pub use crate::telemetry::RouteKind;
 use crate::telemetry::{self, FinishedRequest, Metrics};
 use crate::tunnel::{self, Opened, TunnelReport, TunnelSpec, Upgraded};
@@ -122,6 +122,10 @@ pub struct RequestCtx {
     pod: Option<PodHost>,
     intent: Intent,
     user: Option<UserId>,
+    /// The signed-in user's email, when the credential says (pages only).
+    user_email: Option<String>,
+    /// Why the directory could not answer, for the access line's `error`.
+    directory_error: Option<&'static str>,
     authz: &'static str,
     target: Option<Target>,
     forward_cookie: Option<Vec<u8>>,
@@ -151,6 +155,8 @@ impl RequestCtx {
             pod: None,
             intent: Intent::default(),
             user: None,
+            user_email: None,
+            directory_error: None,
             authz: "none",
             target: None,
             forward_cookie: None,
@@ -298,6 +304,18 @@ impl Ingress {
         ctx.intent = intent;
     }
 
+    /// What a page of ours may say about this request.
+    fn page<'a>(&'a self, ctx: &'a RequestCtx) -> Page<'a> {
+        Page {
+            navigation: ctx.intent.navigation,
+            pod: ctx.pod.as_ref().map(|p| (p.slug.as_str(), p.port)),
+            dashboard_route: ctx.route == RouteKind::Dashboard,
+            user_email: ctx.user_email.as_deref(),
+            request_id: &ctx.request_id,
+            dashboard_url: &self.config.dashboard_url,
+        }
+    }
+
     /// Writes an answer of ours and records it.
     async fn respond(
         &self,
@@ -305,7 +323,7 @@ impl Ingress {
         ctx: &mut RequestCtx,
         answer: Answer,
     ) -> pingora::Result<bool> {
-        let reply = answer.reply(ctx.intent.navigation);
+        let reply = answer.reply_for(&self.page(ctx));
         let header = reply.header(answer.name(), &ctx.request_id)?;
         ctx.answer = Some(answer.name());
         ctx.status = reply.status;
@@ -467,6 +485,7 @@ impl Ingress {
             verdict: Err(Answer::Internal),
             authz: "none",
             user: None,
+            user_email: None,
             lookup: None,
             directory_error: None,
         };
@@ -487,6 +506,12 @@ impl Ingress {
             }
         };
         judged.user = Some(principal.user_id.clone());
+        judged.user_email = principal
+            .claims
+            .0
+            .get("email")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
         if let Some(scope) = &principal.scope
             && (scope.pod_slug != pod.slug || scope.target_port != pod.port)
         {
@@ -558,9 +583,17 @@ impl Ingress {
     fn apply(&self, ctx: &mut RequestCtx, judged: Judged) -> Result<Target, Answer> {
         ctx.authz = judged.authz;
         ctx.user = judged.user;
+        ctx.user_email = judged.user_email;
         if let Some(lookup) = judged.lookup {
             self.metrics
                 .authz_lookup(lookup == pinacle_authz::CacheLookup::Hit);
+        }
+        if let Some((_, e)) = &judged.directory_error {
+            ctx.directory_error = Some(match e {
+                DirectoryError::Unavailable(_) => "directory_unavailable",
+                DirectoryError::Timeout => "directory_timeout",
+                DirectoryError::Query(_) => "directory_query",
+            });
         }
         if let Some((what, e)) = &judged.directory_error {
             tracing::warn!(parent: &ctx.span, request_id = %ctx.request_id, error = %e, "{what} failed");
@@ -576,6 +609,7 @@ struct Judged {
     verdict: Result<Allowed, Answer>,
     authz: &'static str,
     user: Option<UserId>,
+    user_email: Option<String>,
     lookup: Option<pinacle_authz::CacheLookup>,
     directory_error: Option<(&'static str, DirectoryError)>,
 }
@@ -897,7 +931,7 @@ impl ProxyHttp for Ingress {
                 can_reuse_downstream: false,
             };
         };
-        let reply = answer.reply(ctx.intent.navigation);
+        let reply = answer.reply_for(&self.page(ctx));
         ctx.answer = Some(answer.name());
         ctx.status = reply.status;
         let body: Bytes = reply.body.clone();
@@ -1127,7 +1161,7 @@ impl Ingress {
     ) -> u16 {
         use tokio::io::AsyncWriteExt;
 
-        let reply = answer.reply(ctx.intent.navigation);
+        let reply = answer.reply_for(&self.page(ctx));
         ctx.answer = Some(answer.name());
         let mut bytes = reply.http1_bytes(answer.name(), &ctx.request_id);
         if *method == http::Method::HEAD {
@@ -1239,6 +1273,7 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, facts: Facts<'_>, end: &Ending<'_
         bytes_in: end.bytes_in,
         bytes_out: end.bytes_out,
         connect_failed: ctx.connect_failed,
+        answer: ctx.answer,
     });
     tracing::info!(
         target: "pinacle_ingress::access",
@@ -1262,7 +1297,7 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, facts: Facts<'_>, end: &Ending<'_
         idle_timeout = end.idle_timeout,
         duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
         upstream_us = ctx.upstream_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-        error = end.error,
+        error = if end.error.is_empty() { ctx.directory_error.unwrap_or("") } else { end.error },
         "request"
     );
 }

@@ -78,7 +78,54 @@ pub struct Reply {
     pub body: Bytes,
 }
 
+/// What a page for a person may say about the request; every field is optional.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Page<'a> {
+    /// A browser navigation: HTML pages where a person should read the answer.
+    pub navigation: bool,
+    /// The pod and port asked for (pod hosts).
+    pub pod: Option<(&'a str, u16)>,
+    /// The request went to the dashboard route.
+    pub dashboard_route: bool,
+    /// Who is signed in, when known.
+    pub user_email: Option<&'a str>,
+    /// The request id, to quote when asking for help.
+    pub request_id: &'a str,
+    /// The dashboard's public URL (the way back; signing in as someone else).
+    pub dashboard_url: &'a str,
+}
+
+/// Seconds before the first automatic retry of a page that waits for something (a pod that is
+/// not running, an authorization that cannot be checked); each later retry waits twice as long,
+/// up to [`RETRY_MAX_SECS`].
+pub const RETRY_FIRST_SECS: u32 = UNAVAILABLE_RETRY_SECS;
+/// The longest wait between automatic retries.
+pub const RETRY_MAX_SECS: u32 = 120;
+
 impl Answer {
+    /// Every answer's [`Answer::name`] (metrics start each at zero).
+    pub const NAMES: [&'static str; 19] = [
+        "bad-port",
+        "bad-host",
+        "sign-in",
+        "unauthenticated",
+        "forbidden",
+        "pod-unavailable",
+        "authorization-unavailable",
+        "upstream-refused",
+        "upstream-timeout",
+        "bad-request",
+        "internal-error",
+        "callback",
+        "callback-refused",
+        "header-too-large",
+        "https-redirect",
+        "health",
+        "overloaded",
+        "request-header-timeout",
+        "too-many-connections",
+    ];
+
     /// The stable name of the answer (the marker header's value and the logs' `answer`).
     pub fn name(&self) -> &'static str {
         match self {
@@ -131,16 +178,42 @@ impl Answer {
         }
     }
 
-    /// Builds the reply; `html` when the client is a browser navigating (pages instead of JSON
-    /// where the issue is one a person should read).
+    /// Builds the reply without page details; `html` when the client is a browser navigating.
     pub fn reply(&self, html: bool) -> Reply {
+        self.reply_for(&Page {
+            navigation: html,
+            ..Page::default()
+        })
+    }
+
+    /// Builds the reply: JSON, or for a navigation a page that says what happened to which pod
+    /// and port, who is signed in, the request id, and what to do next.
+    pub fn reply_for(&self, page: &Page<'_>) -> Reply {
         let status = self.status();
+        let html = page.navigation;
         let mut headers = Vec::new();
         let (title, message, error) = match self {
+            Self::BadPort(digits) if html => {
+                let message = format!(
+                    "<code>{}</code> is not a port: pod addresses look like \
+                     <code>localhost-&lt;port&gt;-pod-&lt;name&gt;</code> with a port from 1 to 65535.",
+                    escape_html(digits)
+                );
+                return page_reply(status, "No such port", &message, page, Retry::No);
+            }
             Self::BadPort(digits) => {
                 return json_reply(
                     status,
                     json!({ "error": format!("Invalid port number: {digits}") }),
+                );
+            }
+            Self::BadHost if html => {
+                return page_reply(
+                    status,
+                    "No such pod address",
+                    "This address does not name a pod.",
+                    page,
+                    Retry::No,
                 );
             }
             Self::BadHost => return json_reply(status, json!({ "error": "Invalid pod host" })),
@@ -211,14 +284,17 @@ impl Answer {
             } => {
                 let retry = UNAVAILABLE_RETRY_SECS;
                 let mut reply = if html {
-                    html_reply(
+                    let message = format!(
+                        "It is <strong>{}</strong> right now. Start it from the dashboard; this \
+                         page checks again on its own and opens the pod once it runs.",
+                        escape_html(pod_status)
+                    );
+                    page_reply(
                         status,
-                        "Pod not available",
-                        &format!(
-                            "This pod is <strong>{}</strong>. This page reloads every {retry} seconds.",
-                            escape_html(pod_status)
-                        ),
-                        Some(retry),
+                        "This pod is not running",
+                        &message,
+                        page,
+                        Retry::Backoff,
                     )
                 } else {
                     json_reply(
@@ -230,23 +306,38 @@ impl Answer {
                 return reply;
             }
             Self::Forbidden => (
-                "Access denied",
-                "You do not have access to this pod.",
+                "No access to this pod",
+                "You are signed in, but this pod belongs to someone else: only its owner and the \
+                 members of its team may open it. If you used another account for this team, \
+                 sign in as that one.",
                 "Forbidden",
             ),
             Self::AuthorizationUnavailable => (
-                "Temporarily unavailable",
-                "Access cannot be checked right now. Please try again shortly.",
+                "Access cannot be checked right now",
+                "The service that knows who may open this pod is not answering. This page tries \
+                 again on its own.",
                 "Authorization temporarily unavailable",
             ),
+            Self::UpstreamRefused if page.dashboard_route => (
+                "The dashboard is not answering",
+                "The dashboard did not accept the connection. It may be restarting; try again in \
+                 a moment.",
+                "Upstream unavailable",
+            ),
+            Self::UpstreamTimeout if page.dashboard_route => (
+                "The dashboard is taking too long",
+                "The dashboard did not answer in time. Try again in a moment.",
+                "Upstream timed out",
+            ),
             Self::UpstreamRefused => (
-                "Bad gateway",
-                "The pod did not accept the connection.",
+                "Nothing answered",
+                "The pod is running, but nothing accepted the connection on this port. If a \
+                 server there is still starting, try again in a moment.",
                 "Upstream unavailable",
             ),
             Self::UpstreamTimeout => (
-                "Gateway timeout",
-                "The pod did not answer in time.",
+                "No answer in time",
+                "The pod did not answer in time on this port.",
                 "Upstream timed out",
             ),
             Self::BadRequest => (
@@ -254,10 +345,20 @@ impl Answer {
                 "The request could not be read.",
                 "Bad request",
             ),
-            Self::Internal => ("Internal error", "Something went wrong.", "Internal error"),
+            Self::Internal => (
+                "Something went wrong",
+                "The ingress failed to handle this request. Quoting the request id below helps \
+                 find out why.",
+                "Internal error",
+            ),
         };
         if html {
-            html_reply(status, title, message, None)
+            let retry = if matches!(self, Self::AuthorizationUnavailable) {
+                Retry::Backoff
+            } else {
+                Retry::No
+            };
+            page_reply(status, title, message, page, retry)
         } else {
             json_reply(status, json!({ "error": error }))
         }
@@ -318,16 +419,83 @@ fn json_reply(status: u16, value: serde_json::Value) -> Reply {
     }
 }
 
-fn html_reply(status: u16, title: &str, message_html: &str, refresh: Option<u32>) -> Reply {
-    let refresh = refresh
-        .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
-        .unwrap_or_default();
+/// Whether a page retries by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    No,
+    /// Reloads after [`RETRY_FIRST_SECS`], then twice as long each time up to
+    /// [`RETRY_MAX_SECS`] (the count kept per tab in `sessionStorage`).
+    Backoff,
+}
+
+/// A page for a person: what happened (title and message), to which pod and port, who is signed
+/// in, the request id, and the next steps.
+fn page_reply(
+    status: u16,
+    title: &str,
+    message_html: &str,
+    page: &Page<'_>,
+    retry: Retry,
+) -> Reply {
+    let mut facts = String::new();
+    if let Some((slug, port)) = page.pod {
+        facts.push_str(&format!(
+            "<li>Pod <strong>{}</strong>, port <strong>{port}</strong></li>",
+            escape_html(slug)
+        ));
+    }
+    if let Some(email) = page.user_email {
+        facts.push_str(&format!(
+            "<li>Signed in as <strong>{}</strong></li>",
+            escape_html(email)
+        ));
+    }
+    if !page.request_id.is_empty() {
+        facts.push_str(&format!(
+            "<li>Request id <code>{}</code></li>",
+            escape_html(page.request_id)
+        ));
+    }
+    let mut actions = String::new();
+    if !page.dashboard_url.is_empty() {
+        let dashboard = escape_html(page.dashboard_url.trim_end_matches('/'));
+        actions.push_str(&format!(
+            "<a class=\"button\" href=\"{dashboard}/\">Back to the dashboard</a>"
+        ));
+        if page.user_email.is_some() || status == 403 {
+            actions.push_str(&format!(
+                "<a href=\"{dashboard}/api/auth/signout\">Sign in as someone else</a>"
+            ));
+        }
+    }
+    let (retry_note, script) = match retry {
+        Retry::No => (String::new(), String::new()),
+        Retry::Backoff => (
+            "<p class=\"note\" id=\"retry\">Checking again shortly.</p>".to_owned(),
+            format!(
+                "<script>(function(){{var k='pinacle-retry:'+location.pathname,\
+                 n=+(sessionStorage.getItem(k)||0),\
+                 s=Math.min({RETRY_MAX_SECS},{RETRY_FIRST_SECS}*Math.pow(2,n));\
+                 document.getElementById('retry').textContent='Checking again in '+s+' seconds.';\
+                 setTimeout(function(){{sessionStorage.setItem(k,n+1);location.reload();}},s*1000);\
+                 }})();</script>"
+            ),
+        ),
+    };
+    let title = escape_html(title);
     let body = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}\
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width\"><title>{title}</title>\
-         <style>body{{font-family:system-ui,sans-serif;margin:4rem auto;max-width:36rem;\
-         padding:0 1rem;color:#222}}h1{{font-size:1.4rem}}</style></head>\
-         <body><h1>{title}</h1><p>{message_html}</p></body></html>\n"
+         <style>body{{font-family:system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1f2328}}\
+         main{{max-width:34rem;margin:12vh auto;padding:2rem 2.2rem;background:#fff;\
+         border:1px solid #d9dde3;border-radius:12px}}h1{{font-size:1.35rem;margin:0 0 .8rem}}\
+         p{{line-height:1.5}}ul{{padding:0;list-style:none;color:#57606a;font-size:.92rem}}\
+         li{{margin:.25rem 0}}code{{font-size:.85rem}}.actions{{margin-top:1.4rem;display:flex;\
+         gap:1rem;align-items:center}}a{{color:#0b5fcc}}a.button{{background:#0b5fcc;color:#fff;\
+         padding:.5rem .9rem;border-radius:6px;text-decoration:none}}.note{{color:#57606a;\
+         font-size:.9rem}}</style></head><body><main><h1>{title}</h1><p>{message_html}</p>\
+         {retry_note}<ul>{facts}</ul><div class=\"actions\">{actions}</div></main>{script}\
+         </body></html>\n"
     );
     Reply {
         status,
@@ -355,13 +523,53 @@ fn escape_html(text: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_answer_is_named_in_names() {
+        let all = [
+            Answer::BadPort("0".into()),
+            Answer::BadHost,
+            Answer::SignIn {
+                location: "/".into(),
+            },
+            Answer::Unauthenticated,
+            Answer::Forbidden,
+            Answer::PodUnavailable {
+                status: "stopped".into(),
+                reason: "not_running",
+            },
+            Answer::AuthorizationUnavailable,
+            Answer::UpstreamRefused,
+            Answer::UpstreamTimeout,
+            Answer::BadRequest,
+            Answer::Internal,
+            Answer::Callback(CallbackAnswer::SetCookie {
+                set_cookie: String::new(),
+                location: "/".into(),
+            }),
+            Answer::Callback(CallbackAnswer::MissingToken),
+            Answer::HeaderTooLarge,
+            Answer::HttpsRedirect {
+                location: "/".into(),
+            },
+            Answer::Health,
+            Answer::Overloaded,
+            Answer::RequestHeaderTimeout,
+            Answer::TooManyConnections,
+        ];
+        let mut names: Vec<&str> = all.iter().map(Answer::name).collect();
+        names.sort_unstable();
+        let mut listed = Answer::NAMES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(names, listed);
+    }
+
     fn body(r: &Reply) -> String {
         String::from_utf8(r.body.to_vec()).unwrap()
     }
 
     #[test]
     fn exact_bodies_the_dashboard_and_old_ingress_promised() {
-        let r = Answer::BadPort("70000".into()).reply(true);
+        let r = Answer::BadPort("70000".into()).reply(false);
         assert_eq!(
             (r.status, body(&r).as_str()),
             (400, r#"{"error":"Invalid port number: 70000"}"#)
@@ -389,19 +597,64 @@ mod tests {
     }
 
     #[test]
-    fn unavailable_pods_get_a_refreshing_page_or_json() {
+    fn unavailable_pods_get_a_page_that_retries_with_backoff_or_json() {
         let answer = Answer::PodUnavailable {
             status: "<stopped>".into(),
             reason: "not_running",
         };
         let page = answer.reply(true);
         assert_eq!(page.status, 503);
-        assert!(body(&page).contains("content=\"5\""));
-        assert!(body(&page).contains("&lt;stopped&gt;"));
+        let text = body(&page);
+        assert!(!text.contains("http-equiv=\"refresh\""), "no fixed reload");
+        assert!(text.contains("Math.pow(2,n)") && text.contains("Math.min(120,5*"));
+        assert!(text.contains("&lt;stopped&gt;"));
         assert!(page.headers.contains(&("retry-after", "5".into())));
         let json: serde_json::Value = serde_json::from_slice(&answer.reply(false).body).unwrap();
         assert_eq!(json["status"], "<stopped>");
         assert_eq!(json["reason"], "not_running");
+    }
+
+    #[test]
+    fn pages_name_the_pod_the_user_and_the_request_and_offer_the_next_step() {
+        let page = Page {
+            navigation: true,
+            pod: Some(("my<pod>", 3000)),
+            dashboard_route: false,
+            user_email: Some("ada@example.com"),
+            request_id: "req-1",
+            dashboard_url: "https://pinacle.dev/",
+        };
+        let forbidden = body(&Answer::Forbidden.reply_for(&page));
+        for text in [
+            "No access to this pod",
+            "my&lt;pod&gt;",
+            "port <strong>3000</strong>",
+            "ada@example.com",
+            "<code>req-1</code>",
+            "href=\"https://pinacle.dev/\"",
+            "href=\"https://pinacle.dev/api/auth/signout\"",
+        ] {
+            assert!(forbidden.contains(text), "{text} not in {forbidden}");
+        }
+        // The bad-port answer is a page for people and the dashboard's JSON for programs.
+        let bad_port = Answer::BadPort("70000".into());
+        assert!(body(&bad_port.reply_for(&page)).contains("<code>70000</code> is not a port"));
+        assert_eq!(
+            body(&bad_port.reply(false)),
+            r#"{"error":"Invalid port number: 70000"}"#
+        );
+        // A failing dashboard is not called a pod.
+        let dashboard = Page {
+            pod: None,
+            dashboard_route: true,
+            user_email: None,
+            ..page
+        };
+        let text = body(&Answer::UpstreamRefused.reply_for(&dashboard));
+        assert!(
+            text.contains("The dashboard is not answering") && !text.contains("pod"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub struct Metrics {
     connections_refused: IntCounter,
     header_timeouts: IntCounter,
     plain_requests: IntCounter,
+    answers: IntCounterVec,
     /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
     /// under a lock on every request otherwise.
     route_series: Arc<[OnceLock<RouteSeries>; RouteKind::ALL.len()]>,
@@ -82,6 +83,34 @@ struct RouteSeries {
     sent: IntCounter,
 }
 
+/// Pod ports with a label of their own (PINACLE.md): VS Code, kanban, the coding agent, the
+/// terminal, the usual app ports. Any other port is `other`, so the label stays bounded.
+const WELL_KNOWN_PORTS: [(u16, &str); 7] = [
+    (8726, "8726"),
+    (5262, "5262"),
+    (2528, "2528"),
+    (7681, "7681"),
+    (3000, "3000"),
+    (5173, "5173"),
+    (8080, "8080"),
+];
+
+/// The `port` label: the number for a well-known port, `other` for any other, `` for none.
+pub fn port_label(port: u16) -> &'static str {
+    if port == 0 {
+        return "";
+    }
+    WELL_KNOWN_PORTS
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map_or("other", |(_, label)| label)
+}
+
+/// The directory queries (the `query` label).
+const DIRECTORY_QUERIES: [&str; 4] = ["pods_by_slug", "session", "user_exists", "ping"];
+/// The directory error kinds (the `kind` label).
+const DIRECTORY_ERROR_KINDS: [&str; 3] = ["unavailable", "timeout", "query"];
+
 /// `2xx`, `4xx`, ... (`0xx` when no response was sent).
 pub fn status_class(status: u16) -> &'static str {
     match status / 100 {
@@ -116,8 +145,15 @@ impl Metrics {
         };
         let requests = counter(
             "pinacle_ingress_requests_total",
-            "Requests by route kind (pod, dashboard, callback, unrouted), status class and pod port.",
+            "Requests by route kind (pod, dashboard, callback, unrouted), status class and pod \
+             port (well-known ports by number, any other as `other`, none as ``).",
             &["route", "status_class", "port"],
+        )?;
+        let answers = counter(
+            "pinacle_ingress_answers_total",
+            "Responses the ingress made itself (not the upstream's), by answer: the value of \
+             their x-pinacle-ingress header.",
+            &["answer"],
         )?;
         let request_duration = histogram(
             "pinacle_ingress_request_duration_seconds",
@@ -200,8 +236,9 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        Ok(Self {
+        let metrics = Self {
             registry,
+            answers,
             connections_open,
             connections_refused,
             header_timeouts,
@@ -218,7 +255,35 @@ impl Metrics {
             connect_failures,
             received_bytes,
             sent_bytes,
-        })
+        };
+        metrics.initialise_series();
+        Ok(metrics)
+    }
+
+    /// Creates every series with a fixed label set at zero, so that dashboards and alerts see
+    /// them before the first event (`rate()` of a series that appears at 1 misses that 1).
+    fn initialise_series(&self) {
+        for route in RouteKind::ALL {
+            self.series_for(route);
+            self.connect_failures.with_label_values(&[route.as_str()]);
+        }
+        for result in ["hit", "miss"] {
+            self.authz_cache.with_label_values(&[result]);
+        }
+        for query in DIRECTORY_QUERIES {
+            self.directory_duration.with_label_values(&[query]);
+            for kind in DIRECTORY_ERROR_KINDS {
+                self.directory_errors.with_label_values(&[query, kind]);
+            }
+        }
+        for answer in crate::responses::Answer::NAMES {
+            self.answers.with_label_values(&[answer]);
+        }
+    }
+
+    /// Counts a response the ingress made itself.
+    pub fn answer(&self, name: &str) {
+        self.answers.with_label_values(&[name]).inc();
     }
 
     fn series_for(&self, route: RouteKind) -> RouteSeries {
@@ -233,12 +298,10 @@ impl Metrics {
 
     /// Records a finished request.
     pub fn request(&self, done: &FinishedRequest) {
-        let mut port = itoa::Buffer::new();
-        let port = if done.port == 0 {
-            ""
-        } else {
-            port.format(done.port)
-        };
+        let port = port_label(done.port);
+        if let Some(answer) = done.answer {
+            self.answer(answer);
+        }
         let route = done.route.as_str();
         self.requests
             .with_label_values(&[route, status_class(done.status), port])
@@ -336,6 +399,8 @@ pub struct FinishedRequest {
     pub bytes_out: u64,
     /// Whether connecting upstream failed.
     pub connect_failed: bool,
+    /// The answer's name when the ingress answered itself.
+    pub answer: Option<&'static str>,
 }
 
 /// Query keys whose values are credentials whatever they look like.
@@ -505,6 +570,18 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             connect_failed: false,
+            answer: None,
+        });
+        m.request(&FinishedRequest {
+            route: RouteKind::Pod,
+            status: 403,
+            port: 31337,
+            duration: Duration::from_millis(1),
+            upstream_duration: None,
+            bytes_in: 0,
+            bytes_out: 20,
+            connect_failed: false,
+            answer: Some("forbidden"),
         });
         m.authz_lookup(true);
         m.authz_lookup(false);
@@ -513,13 +590,39 @@ mod tests {
         let text = m.render();
         for line in [
             "pinacle_ingress_requests_total{port=\"3000\",route=\"pod\",status_class=\"2xx\"} 1",
+            "pinacle_ingress_requests_total{port=\"other\",route=\"pod\",status_class=\"4xx\"} 1",
+            "pinacle_ingress_answers_total{answer=\"forbidden\"} 1",
             "pinacle_ingress_authz_cache_lookups_total{result=\"hit\"} 1",
             "pinacle_ingress_directory_errors_total{kind=\"timeout\",query=\"pods_by_slug\"} 1",
             "pinacle_ingress_websocket_tunnels_open 1",
-            "pinacle_ingress_sent_bytes_total{route=\"pod\"} 20",
+            "pinacle_ingress_sent_bytes_total{route=\"pod\"} 40",
             "# TYPE pinacle_ingress_request_duration_seconds histogram",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_port_label_is_bounded() {
+        assert_eq!(port_label(0), "");
+        assert_eq!(port_label(8726), "8726");
+        assert_eq!(port_label(3000), "3000");
+        assert_eq!(port_label(31337), "other");
+        assert_eq!(port_label(1), "other");
+    }
+
+    #[test]
+    fn fixed_label_series_exist_at_zero_from_the_start() {
+        let text = Metrics::new().unwrap().render();
+        for series in [
+            "pinacle_ingress_answers_total{answer=\"forbidden\"} 0",
+            "pinacle_ingress_answers_total{answer=\"too-many-connections\"} 0",
+            "pinacle_ingress_authz_cache_lookups_total{result=\"miss\"} 0",
+            "pinacle_ingress_directory_errors_total{kind=\"timeout\",query=\"session\"} 0",
+            "pinacle_ingress_upstream_connect_failures_total{route=\"pod\"} 0",
+            "pinacle_ingress_received_bytes_total{route=\"dashboard\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} not in:\n{text}");
         }
     }
 

@@ -347,8 +347,13 @@ async fn archived_pod_is_unreachable_and_stopped_pod_is_503(pool: PgPool) {
             .unwrap()
             .starts_with("text/html")
     );
-    assert!(page.text().contains("<strong>stopped</strong>"));
-    assert!(page.text().contains("http-equiv=\"refresh\""));
+    let text = page.text();
+    assert!(text.contains("<strong>stopped</strong>"));
+    // It checks again by itself, backing off, and names the pod, the user and the request.
+    assert!(text.contains("location.reload()") && !text.contains("http-equiv=\"refresh\""));
+    assert!(text.contains("Pod <strong>sleepy</strong>, port <strong>"));
+    assert!(text.contains(page.header("x-request-id").unwrap()));
+    assert!(text.contains("Signed in as <strong>ada@example.test</strong>"));
     assert_eq!(w.echo.connection_count(), 0);
 }
 
@@ -959,7 +964,7 @@ async fn upstream_refused_is_502_and_silence_is_504(pool: PgPool) {
         .await;
     assert_eq!(r.status, 504);
     assert_ours(&r, "upstream-timeout");
-    assert!(r.text().contains("Gateway timeout"));
+    assert!(r.text().contains("No answer in time"));
     // Both answered on the plain path; only the refused one failed to connect (the silent
     // one accepted). A HEAD gets the head alone.
     wait_for_metric(&w.ingress, "pinacle_ingress_plain_requests_total", 2.0).await;

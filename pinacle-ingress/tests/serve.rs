@@ -82,6 +82,29 @@ fn check_config_accepts_the_example_and_lists_every_problem() {
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+    // The pod directory is checked too: a missing file, a URL that is not Postgres.
+    for (var, value, key) in [
+        (
+            "PINACLE_INGRESS_DIRECTORY_FILE",
+            "/nonexistent/directory.toml",
+            "directory_file",
+        ),
+        (
+            "DATABASE_URL",
+            "mysql://db.internal/pinacle",
+            "DATABASE_URL",
+        ),
+    ] {
+        let out = command(
+            &["check-config"],
+            &[("NEXTAUTH_SECRET", SECRET), (var, value)],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("- {key}: ")), "{text}");
+    }
     // Without a database, a directory file or --demo there is nothing to serve: both commands
     // refuse, naming both ways to give one.
     let args = ["--config", "config/ingress.example.toml"];
@@ -116,12 +139,16 @@ fn check_config_accepts_the_example_and_lists_every_problem() {
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
-        "listen = \"nowhere\"\ntimeuot = \"1s\"\nupstream_read_timeout = \"soon\"\n",
+        "listen = \"nowhere\"\ntimeuot = \"1s\"\nupstream_read_timeout = \"soon\"\n\
+         max_connections = \"many\"\nhttp_redirect_to_https = 1\n",
     )
     .unwrap();
     let out = command(
         &["check-config", "--config", bad.to_str().unwrap()],
-        &[("PINACLE_INGRESS_THREADS", "0")],
+        &[
+            ("PINACLE_INGRESS_THREADS", "0"),
+            ("PINACLE_INGRESS_LISTNE", "127.0.0.1:1"),
+        ],
     )
     .output()
     .unwrap();
@@ -131,8 +158,11 @@ fn check_config_accepts_the_example_and_lists_every_problem() {
         "listen",
         "timeuot",
         "upstream_read_timeout",
+        "max_connections",
+        "http_redirect_to_https",
         "threads",
         "NEXTAUTH_SECRET",
+        "PINACLE_INGRESS_LISTNE",
     ] {
         assert!(
             text.contains(&format!("- {key}: ")),
@@ -656,5 +686,79 @@ async fn a_graceful_stop_drains_then_exits_at_once() {
         "took {:?} once nothing was in flight (grace period 60 s)",
         started.elapsed()
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A database that cannot be reached: 503, and the access line says why; JSON log lines hold
+/// JSON values (no debug-printed `Some(..)`/`None`).
+#[tokio::test]
+async fn directory_failures_are_named_in_the_access_line() {
+    let dir = std::env::temp_dir().join(format!("pinacle-dir-error-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let listen_s = listen.to_string();
+    let closed = format!("postgres://postgres@127.0.0.1:{}/pinacle", reserve_port());
+    let log_path = dir.join("stderr.log");
+    let child = command(
+        &["serve"],
+        &[
+            ("NEXTAUTH_SECRET", SECRET),
+            ("DATABASE_URL", &closed),
+            ("PINACLE_INGRESS_LISTEN", &listen_s),
+            ("PINACLE_INGRESS_ADMIN_LISTEN", "off"),
+            ("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.test"),
+            ("PINACLE_INGRESS_DIRECTORY_QUERY_TIMEOUT", "500ms"),
+            ("PINACLE_INGRESS_THREADS", "1"),
+            ("PINACLE_INGRESS_LOG_FORMAT", "json"),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+    .spawn()
+    .unwrap();
+    let _process = Process(Some(child));
+    wait_for_port(listen).await;
+    let now = pinacle_ingress::cli::unix_now();
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, "user_ada", now, 600);
+    let cookie = format!("next-auth.session-token={value}");
+    let r = client::get(
+        listen,
+        "/",
+        &[
+            ("host", "localhost-3000-pod-proj.pinacle.test"),
+            ("cookie", &cookie),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (logs, access) = loop {
+        let logs = std::fs::read_to_string(&log_path).unwrap();
+        let access = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "pinacle_ingress::access");
+        if let Some(access) = access {
+            break (logs, access);
+        }
+        assert!(Instant::now() < deadline, "no access line in:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(access["status"], 503);
+    let error = access["error"].as_str().unwrap();
+    assert!(
+        ["directory_unavailable", "directory_timeout"].contains(&error),
+        "{access}"
+    );
+    for line in logs.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+        assert!(
+            !line.contains("Some(") && !line.contains("\"None\""),
+            "{line}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
