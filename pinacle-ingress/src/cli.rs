@@ -59,6 +59,9 @@ pub enum Command {
         /// Accept the embedded demo directory, as `serve --demo` does.
         #[arg(long)]
         demo: bool,
+        /// Also connect to `DATABASE_URL` and check that the tables the ingress reads exist.
+        #[arg(long)]
+        connect: bool,
     },
     /// Print the nginx config for a pod (the second hop) from a JSON or TOML description.
     RenderNginx {
@@ -66,6 +69,9 @@ pub enum Command {
         #[arg(long)]
         pod_config: std::path::PathBuf,
     },
+    /// The configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print a shell completion script (e.g. `pinacle-ingress completions bash >
     /// /etc/bash_completion.d/pinacle-ingress`).
     Completions {
@@ -74,6 +80,21 @@ pub enum Command {
     },
     /// Print the manual page (roff), e.g. `pinacle-ingress man > pinacle-ingress.1`.
     Man,
+}
+
+/// `config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (file, `PINACLE_INGRESS_*` and defaults applied) as
+    /// TOML, secrets redacted, like `nginx -T`; exit 1 with every problem when it is invalid.
+    Show {
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Accept the embedded demo directory, as `serve --demo` does.
+        #[arg(long)]
+        demo: bool,
+    },
 }
 
 /// `session ...`
@@ -161,7 +182,14 @@ pub fn run(cli: Cli) -> ExitCode {
             upgrade,
             demo,
         } => serve(config.as_deref(), upgrade, demo),
-        Command::CheckConfig { config, demo } => check_config(config.as_deref(), demo),
+        Command::CheckConfig {
+            config,
+            demo,
+            connect,
+        } => check_config(config.as_deref(), demo, connect),
+        Command::Config(ConfigCommand::Show { config, demo }) => {
+            config_show(config.as_deref(), demo)
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("pinacle-ingress: {e:#}");
@@ -437,20 +465,80 @@ fn serve(config: Option<&std::path::Path>, upgrade: bool, demo: bool) -> anyhow:
 }
 
 #[allow(clippy::print_stdout)] // the verdict is this command's output
-fn check_config(config: Option<&std::path::Path>, demo: bool) -> anyhow::Result<ExitCode> {
+fn check_config(
+    config: Option<&std::path::Path>,
+    demo: bool,
+    connect: bool,
+) -> anyhow::Result<ExitCode> {
     match load_for_serving(config, demo) {
         Ok(c) => {
-            println!(
-                "configuration ok: listen {}, dashboard {} ({}), base domains {}",
-                c.listen,
-                c.dashboard_upstream,
-                c.dashboard_url,
-                c.base_domains
-                    .iter()
-                    .map(|d| d.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            if connect
+                && let crate::config::DirectorySource::Postgres(url) = &c.directory
+                && let Err(e) = check_database(url, c.timeouts.directory_query)
+            {
+                println!("invalid configuration:\n  - DATABASE_URL: {e:#}");
+                return Ok(ExitCode::from(1));
+            }
+            println!("configuration ok: {}", crate::config_show::summary(&c));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// The tables the ingress reads (`"user"` quoted: a reserved word).
+const TABLES: [&str; 6] = ["user", "team", "team_member", "server", "pod", "session"];
+
+/// Connects (bounded by `limit`) and checks that every table the ingress reads exists.
+fn check_database(url: &pinacle_authz::Secret, limit: std::time::Duration) -> anyhow::Result<()> {
+    let url = std::str::from_utf8(url.expose()).context("not UTF-8")?;
+    let rt = runtime()?;
+    let _context = rt.enter();
+    let directory = PostgresDirectory::connect_lazy(
+        url,
+        &PostgresOptions {
+            acquire_timeout: limit,
+            query_timeout: limit,
+            ..PostgresOptions::default()
+        },
+    )?;
+    rt.block_on(async {
+        let found: Vec<String> = tokio::time::timeout(
+            limit,
+            sqlx::query_scalar(
+                "select table_name::text from information_schema.tables \
+                 where table_schema = current_schema() and table_name = any($1)",
+            )
+            .bind(TABLES.map(str::to_owned).to_vec())
+            .fetch_all(directory.pool()),
+        )
+        .await
+        .context("no answer in time")?
+        .context("cannot query the database")?;
+        let missing: Vec<&str> = TABLES
+            .iter()
+            .copied()
+            .filter(|t| !found.iter().any(|f| f == t))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "connected, but these tables are missing: {}",
+                missing.join(", ")
+            )
+        }
+    })
+}
+
+#[allow(clippy::print_stdout)] // the configuration is this command's output
+fn config_show(config: Option<&std::path::Path>, demo: bool) -> anyhow::Result<ExitCode> {
+    match load_for_serving(config, demo) {
+        Ok(c) => {
+            print!("{}", crate::config_show::render(&c));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -872,6 +872,12 @@ pub struct IpNet {
     prefix: u8,
 }
 
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 impl IpNet {
     /// `10.0.0.0/8`, `fd00::/8` or a single address.
     ///

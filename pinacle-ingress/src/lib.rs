@@ -19,7 +19,8 @@
 //!   engine.
 //! - [`plain`]: bodiless `GET`/`HEAD` requests to pods served without Pingora's proxy loop.
 //! - [`connections`]: `max_connections` and `request_header_timeout` (around Pingora's app).
-//! - [`config`]: the TOML file, environment overrides, validation.
+//! - [`config`]: the TOML file, environment overrides, validation; [`config_show`]: the
+//!   effective configuration for operators (`config show`, the `check-config` summary).
 //! - [`server`]: building and running the Pingora server; [`admin`]: health and metrics.
 //! - [`directory`]: the pod directory opened from the configuration, metered.
 //! - [`telemetry`]: metrics, logging setup, what may be logged.
@@ -47,6 +48,7 @@ pub mod admin;
 pub mod callback;
 pub mod cli;
 pub mod config;
+pub mod config_show;
 pub mod connections;
 pub mod directory;
 pub mod framing;

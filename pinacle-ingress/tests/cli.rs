@@ -177,12 +177,29 @@ fn migrate_creates_the_dashboard_tables() {
         u.truncate(cut);
         format!("{u}/{name}")
     };
+    // check-config --connect: the database answers, but the tables are not there yet.
+    let check = |url: &str| {
+        ingress(
+            &["check-config", "--connect"],
+            &[("DATABASE_URL", url), ("NEXTAUTH_SECRET", "s")],
+        )
+    };
+    let out = check(&url);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("DATABASE_URL: connected, but these tables are missing: user, team"),
+        "{text}"
+    );
     let out = ingress(&["migrate"], &[("DATABASE_URL", &url)]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = check(&url);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("directory postgres"));
     // Twice is fine: applied migrations are recorded.
     assert!(
         ingress(&["migrate"], &[("DATABASE_URL", &url)])
@@ -360,4 +377,30 @@ fn completions_and_the_manual_page_come_from_the_cli() {
         "{text:.200}"
     );
     assert!(text.contains("pinacle\\-ingress"), "{text:.400}");
+}
+
+#[test]
+fn config_show_prints_the_effective_configuration_without_secrets() {
+    let out = ingress(
+        &["config", "show"],
+        &[
+            ("NEXTAUTH_SECRET", "show-me-never"),
+            (
+                "DATABASE_URL",
+                "postgres://ingress:pa55word@db.internal/pinacle",
+            ),
+            ("PINACLE_INGRESS_THREADS", "3"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("threads = 3\n"), "{text}");
+    assert!(text.contains("ingress:REDACTED@db.internal"), "{text}");
+    assert!(
+        !text.contains("show-me-never") && !text.contains("pa55word"),
+        "{text}"
+    );
+    // Invalid: every problem, exit 1.
+    let out = ingress(&["config", "show"], &[("PINACLE_INGRESS_THREADS", "0")]);
+    assert_eq!(out.status.code(), Some(1));
 }
