@@ -14,12 +14,16 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-# cmake (Pingora's build) and nginx (the pod's second hop, tested for real).
+# cmake (Pingora's build), nginx (the pod's second hop, tested for real), Chromium, Node.js and
+# python3 (the browser tests and the demo's stand-in sign-in).
 ensure_packages() {
   local missing=()
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]}" >&2
     apt_install "${missing[@]}"
@@ -59,4 +63,12 @@ find_or_start_postgres() {
   if pg_works "$socket"; then echo "$socket"; return; fi
   echo "cannot reach or start PostgreSQL; set DATABASE_URL" >&2
   return 1
+}
+
+# playwright-core (drives Debian's Chromium; never downloads a browser), pinned by the lockfile.
+ensure_browser_driver() {
+  if [ ! -d testkit/browser/node_modules/playwright-core ]; then
+    echo "== installing playwright-core for the browser tests" >&2
+    npm ci --prefix testkit/browser --no-audit --no-fund >&2
+  fi
 }
