@@ -848,11 +848,19 @@ fn tls_config(file: &FileConfig, problems: &mut Vec<Problem>) -> Option<TlsConfi
         ));
         return None;
     }
+    // Named as the operator wrote them: the first pair may be tls_cert_file/tls_key_file,
+    // the rest are [[tls_certificates]] entries (numbered from 1 in the file).
+    let first_is_top_level = file.tls_cert_file.is_some();
     for (i, c) in certificates.iter().enumerate() {
         for (what, path) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
             if !path.is_file() {
+                let key = match (i, first_is_top_level) {
+                    (0, true) => format!("tls_{what}"),
+                    (i, true) => format!("tls_certificates entry {i}: {what}"),
+                    (i, false) => format!("tls_certificates entry {}: {what}", i + 1),
+                };
                 problems.push(problem(
-                    format!("tls_certificates[{i}].{what}"),
+                    key,
                     format!("{} is not a readable file", path.display()),
                 ));
             }
@@ -1132,6 +1140,24 @@ mod tests {
         assert!(
             keys.contains(&"PINACLE_INGRESS_TLS_CERTIFICATES"),
             "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn unreadable_certificates_are_named_as_written() {
+        let text = "tls_listen = \"127.0.0.1:8443\"\ntls_cert_file = \"/nonexistent.pem\"\n\
+                    tls_key_file = \"/nonexistent.key\"\n\
+                    [[tls_certificates]]\ncert_file = \"/other.pem\"\nkey_file = \"/other.key\"\n";
+        let err = from_toml(text, "t", &env(&[SECRET])).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "tls_cert_file",
+                "tls_key_file",
+                "tls_certificates entry 1: cert_file",
+                "tls_certificates entry 1: key_file"
+            ]
         );
     }
 
