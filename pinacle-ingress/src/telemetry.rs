@@ -498,8 +498,8 @@ fn colour(no_color: Option<std::ffi::OsString>) -> bool {
 }
 
 /// Installs the global subscriber: `RUST_LOG` when set, else `default_filter`; writes to stderr
-/// (text or JSON) and bridges Pingora's `log` records into tracing. Does nothing if a subscriber
-/// is already set.
+/// (text or JSON) and bridges Pingora's `log` records into tracing ([`LogBridge`]). Does
+/// nothing if a subscriber is already set.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
@@ -511,18 +511,72 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(colour(std::env::var_os("NO_COLOR")))
-            .try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_ansi(false)
-            .try_init(),
+    let installed = match format {
+        LogFormat::Text => tracing::subscriber::set_global_default(
+            builder
+                .with_ansi(colour(std::env::var_os("NO_COLOR")))
+                .finish(),
+        ),
+        LogFormat::Json => tracing::subscriber::set_global_default(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_ansi(false)
+                .finish(),
+        ),
     };
+    if installed.is_ok() && log::set_boxed_logger(Box::new(LogBridge)).is_ok() {
+        // Pingora's debug output prints whole request headers (cookies): never below info.
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
+/// Pingora's `log` records as tracing events of target `pingora` with the crate's own target
+/// as the `log_target` field: one field each, no source paths (tracing-log's bridge adds
+/// `log.file`, `log.line`, `log.module_path` and `log.target` to every JSON line), and
+/// ordinary events at an ordinary level ([`bridged_level`]).
+#[derive(Debug)]
+struct LogBridge;
+
+impl log::Log for LogBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let message = record.args().to_string();
+        let log_target = record.target();
+        match bridged_level(record.level(), &message) {
+            log::Level::Error => tracing::error!(target: "pingora", log_target, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "pingora", log_target, "{message}"),
+            log::Level::Info => tracing::info!(target: "pingora", log_target, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "pingora", log_target, "{message}"),
+            log::Level::Trace => tracing::trace!(target: "pingora", log_target, "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// The level a Pingora record is logged at: its own, except for messages that are part of
+/// normal operation: a process started with `--upgrade` waiting for the old one's sockets
+/// (ERROR and WARN in pingora-core's `transfer_fd`) is INFO.
+fn bridged_level(level: log::Level, message: &str) -> log::Level {
+    const ORDINARY: [&str; 3] = [
+        "No incoming socket transfer",
+        "server not ready, will try again",
+        "Connect() not ready, will try again",
+    ];
+    if ORDINARY.iter().any(|m| message.starts_with(m)) {
+        log::Level::Info
+    } else {
+        level
+    }
 }
 
 #[cfg(test)]
@@ -600,6 +654,21 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }
+    }
+
+    #[test]
+    fn waiting_for_an_upgrade_is_not_an_error() {
+        assert_eq!(
+            bridged_level(
+                log::Level::Error,
+                "No incoming socket transfer, sleep 1s and try again"
+            ),
+            log::Level::Info
+        );
+        assert_eq!(
+            bridged_level(log::Level::Error, "Fail to proxy: ..."),
+            log::Level::Error
+        );
     }
 
     #[test]

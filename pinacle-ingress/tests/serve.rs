@@ -750,15 +750,27 @@ async fn directory_failures_are_named_in_the_access_line() {
         ["directory_unavailable", "directory_timeout"].contains(&error),
         "{access}"
     );
+    let mut pingora_lines = 0;
     for line in logs.lines() {
-        assert!(
-            serde_json::from_str::<serde_json::Value>(line).is_ok(),
-            "not JSON: {line}"
-        );
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(
             !line.contains("Some(") && !line.contains("\"None\""),
             "{line}"
         );
+        // Pingora's own lines too: one field each, no source paths.
+        assert!(
+            !line.contains("log.file") && !line.contains("log.line"),
+            "{line}"
+        );
+        if value["target"] == "pingora" {
+            pingora_lines += 1;
+            assert!(
+                value["log_target"].as_str().unwrap().starts_with("pingora"),
+                "{line}"
+            );
+        }
     }
+    assert!(pingora_lines > 0, "no Pingora line in:\n{logs}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
