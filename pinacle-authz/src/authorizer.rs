@@ -3,6 +3,7 @@
 //! returned (the caller fails closed with 503) and never cached.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
@@ -42,9 +43,35 @@ impl Default for AuthorizerConfig {
 
 type DecisionKey = (UserId, PodSlug);
 
-struct TtlByAnswer {
-    allow: Duration,
-    deny: Duration,
+/// The cache lifetimes, changeable while running ([`Authorizer::set_ttls`]).
+#[derive(Debug)]
+struct Ttls {
+    allow_ms: AtomicU64,
+    deny_ms: AtomicU64,
+}
+
+impl Ttls {
+    fn new(allow: Duration, deny: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            allow_ms: AtomicU64::new(ms(allow)),
+            deny_ms: AtomicU64::new(ms(deny)),
+        }
+    }
+}
+
+/// The expiry policy: an allow (or a found session, an existing user) lives `allow`, anything
+/// else `deny`.
+struct TtlByAnswer(Arc<Ttls>);
+
+impl TtlByAnswer {
+    fn allow(&self) -> Duration {
+        Duration::from_millis(self.0.allow_ms.load(Ordering::Relaxed))
+    }
+
+    fn deny(&self) -> Duration {
+        Duration::from_millis(self.0.deny_ms.load(Ordering::Relaxed))
+    }
 }
 
 impl Expiry<DecisionKey, Decision> for TtlByAnswer {
@@ -55,8 +82,8 @@ impl Expiry<DecisionKey, Decision> for TtlByAnswer {
         _: Instant,
     ) -> Option<Duration> {
         Some(match value {
-            Decision::Allow { .. } => self.allow,
-            Decision::Unavailable { .. } | Decision::Deny(_) => self.deny,
+            Decision::Allow { .. } => self.allow(),
+            Decision::Unavailable { .. } | Decision::Deny(_) => self.deny(),
         })
     }
 }
@@ -69,16 +96,16 @@ impl Expiry<SessionToken, Option<SessionRecord>> for TtlByAnswer {
         _: Instant,
     ) -> Option<Duration> {
         Some(if value.is_some() {
-            self.allow
+            self.allow()
         } else {
-            self.deny
+            self.deny()
         })
     }
 }
 
 impl Expiry<UserId, bool> for TtlByAnswer {
     fn expire_after_create(&self, _: &UserId, exists: &bool, _: Instant) -> Option<Duration> {
-        Some(if *exists { self.allow } else { self.deny })
+        Some(if *exists { self.allow() } else { self.deny() })
     }
 }
 
@@ -95,6 +122,7 @@ pub enum CacheLookup {
 #[derive(Clone)]
 pub struct Authorizer {
     directory: Arc<dyn PodDirectory>,
+    ttls: Arc<Ttls>,
     decisions: Cache<DecisionKey, Decision>,
     sessions: Cache<SessionToken, Option<SessionRecord>>,
     users: Cache<UserId, bool>,
@@ -112,12 +140,11 @@ impl std::fmt::Debug for Authorizer {
 impl Authorizer {
     /// An authorizer over `directory`.
     pub fn new(directory: Arc<dyn PodDirectory>, config: &AuthorizerConfig) -> Self {
-        let ttl = || TtlByAnswer {
-            allow: config.allow_ttl,
-            deny: config.deny_ttl,
-        };
+        let ttls = Arc::new(Ttls::new(config.allow_ttl, config.deny_ttl));
+        let ttl = || TtlByAnswer(ttls.clone());
         Self {
             directory,
+            ttls: ttls.clone(),
             decisions: Cache::builder()
                 .max_capacity(config.max_entries)
                 .expire_after(ttl())
@@ -132,6 +159,21 @@ impl Authorizer {
                 .max_capacity(config.max_entries)
                 .expire_after(ttl())
                 .build(),
+        }
+    }
+
+    /// Changes how long answers are cached, from the next answer on; with `forget` every
+    /// cached answer goes too, so the new lifetimes hold at once.
+    pub fn set_ttls(&self, allow: Duration, deny: Duration, forget: bool) {
+        let fresh = Ttls::new(allow, deny);
+        self.ttls
+            .allow_ms
+            .store(fresh.allow_ms.into_inner(), Ordering::Relaxed);
+        self.ttls
+            .deny_ms
+            .store(fresh.deny_ms.into_inner(), Ordering::Relaxed);
+        if forget {
+            self.invalidate_all();
         }
     }
 

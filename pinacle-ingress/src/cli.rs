@@ -451,8 +451,8 @@ fn load_for_serving(
     }
 }
 
-fn serve(config: Option<&std::path::Path>, upgrade: bool, demo: bool) -> anyhow::Result<ExitCode> {
-    let config = match load_for_serving(config, demo) {
+fn serve(path: Option<&std::path::Path>, upgrade: bool, demo: bool) -> anyhow::Result<ExitCode> {
+    let config = match load_for_serving(path, demo) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("pinacle-ingress: {e}");
@@ -460,7 +460,9 @@ fn serve(config: Option<&std::path::Path>, upgrade: bool, demo: bool) -> anyhow:
         }
     };
     crate::telemetry::init_logging(config.log_format, "info");
-    crate::server::serve(config, unix_now, upgrade)?;
+    let path = path.map(std::path::Path::to_owned);
+    let load = Box::new(move || load_for_serving(path.as_deref(), demo));
+    crate::server::serve(config, unix_now, upgrade, load)?;
     Ok(ExitCode::SUCCESS)
 }
 

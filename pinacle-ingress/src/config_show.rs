@@ -29,6 +29,10 @@ pub fn summary(c: &IngressConfig) -> String {
 }
 
 /// The directory in words, a database URL with its password redacted.
+pub fn directory_words(source: &DirectorySource) -> String {
+    directory(source)
+}
+
 fn directory(source: &DirectorySource) -> String {
     match source {
         DirectorySource::Postgres(url) => {
@@ -72,7 +76,6 @@ fn duration(d: std::time::Duration) -> String {
 /// Every key with its effective value (file, environment and defaults applied), as TOML that
 /// `check-config` accepts; secrets appear only as a count, a database password as `REDACTED`.
 pub fn render(c: &IngressConfig) -> String {
-    let t = &c.timeouts;
     let mut out = String::new();
     let _ = writeln!(out, "# {}", summary(c));
     let _ = writeln!(
@@ -92,7 +95,22 @@ pub fn render(c: &IngressConfig) -> String {
     if let DirectorySource::Postgres(_) = c.directory {
         let _ = writeln!(out, "# DATABASE_URL: {}", directory(&c.directory));
     }
-    let lines: Vec<(&str, String)> = vec![
+    let lines = key_values(c);
+    for (key, value) in lines {
+        if value.is_empty() {
+            let _ = writeln!(out, "# {key} = (unset)");
+        } else {
+            let _ = writeln!(out, "{key} = {value}");
+        }
+    }
+    render_tls(c, &mut out);
+    out
+}
+
+/// Every key but TLS with its effective value as TOML text (empty: unset).
+pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
+    let t = &c.timeouts;
+    let mut lines: Vec<(&str, String)> = vec![
         ("listen", quoted(&c.listen.to_string())),
         ("dashboard_url", quoted(&c.dashboard_url)),
         (
@@ -171,13 +189,20 @@ pub fn render(c: &IngressConfig) -> String {
             quoted(&c.upgrade_sock.display().to_string()),
         ),
     ];
-    for (key, value) in lines {
-        if value.is_empty() {
-            let _ = writeln!(out, "# {key} = (unset)");
-        } else {
-            let _ = writeln!(out, "{key} = {value}");
-        }
+    if let Some(tls) = &c.tls {
+        lines.push(("tls_listen", quoted(&tls.listen.to_string())));
+        lines.push(("http_redirect_to_https", tls.redirect_http.to_string()));
+        let files: Vec<String> = tls
+            .certificates
+            .iter()
+            .map(|f| format!("{}:{}", f.cert_file.display(), f.key_file.display()))
+            .collect();
+        lines.push(("tls_certificates", list(files.iter().map(String::as_str))));
     }
+    lines.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+fn render_tls(c: &IngressConfig, out: &mut String) {
     match &c.tls {
         None => {
             let _ = writeln!(out, "# tls_listen = (unset: no HTTPS)");
@@ -206,7 +231,6 @@ pub fn render(c: &IngressConfig) -> String {
             }
         }
     }
-    out
 }
 
 #[cfg(test)]

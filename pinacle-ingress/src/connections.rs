@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
@@ -64,7 +65,8 @@ pub struct Limits {
 }
 
 struct Shared {
-    limits: Limits,
+    /// Swapped by a reload (SIGHUP).
+    limits: Arc<ArcSwap<Limits>>,
     open: AtomicUsize,
     metrics: Metrics,
     ids: RequestIds,
@@ -99,7 +101,7 @@ pub enum Served {
 impl<A> fmt::Debug for Gate<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gate")
-            .field("limits", &self.shared.limits)
+            .field("limits", &**self.shared.limits.load())
             .field("open", &self.shared.open.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -111,13 +113,19 @@ impl<A> Gate<A> {
         Self {
             inner: Arc::new(inner),
             shared: Arc::new(Shared {
-                limits,
+                limits: Arc::new(ArcSwap::from_pointee(limits)),
                 open: AtomicUsize::new(0),
                 metrics,
                 ids: RequestIds::new(),
             }),
             plain: None,
         }
+    }
+
+    /// The limits in force, swappable: new values apply to the connections and request heads
+    /// that follow.
+    pub fn limits(&self) -> Arc<ArcSwap<Limits>> {
+        self.shared.limits.clone()
     }
 
     /// Lets `plain` serve the requests it takes before the app sees them.
@@ -133,7 +141,7 @@ struct Slot(Arc<Shared>);
 
 impl Slot {
     fn take(shared: &Arc<Shared>) -> Option<Self> {
-        let max = shared.limits.max_connections;
+        let max = shared.limits.load().max_connections;
         shared
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -312,7 +320,7 @@ async fn refuse(shared: &Shared, mut stream: Stream) {
         client = %client,
         status = answer.status(),
         answer = answer.name(),
-        max_connections = shared.limits.max_connections,
+        max_connections = shared.limits.load().max_connections,
         "connection refused"
     );
     if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
@@ -381,7 +389,7 @@ impl fmt::Debug for HeaderDeadline {
 
 impl HeaderDeadline {
     fn new(inner: Stream, shared: Arc<Shared>) -> Self {
-        let timeout = shared.limits.request_header_timeout;
+        let timeout = shared.limits.load().request_header_timeout;
         Self {
             inner,
             shared,
@@ -427,7 +435,7 @@ impl HeaderDeadline {
             if shutdown.is_some() {
                 // A later request: its head deadline starts with its first byte.
                 self.phase.store(HEAD, Ordering::Release);
-                let timeout = self.shared.limits.request_header_timeout;
+                let timeout = self.shared.limits.load().request_header_timeout;
                 self.deadline.as_mut().reset(Instant::now() + timeout);
             }
             self.head_started = true;
@@ -476,7 +484,7 @@ impl HeaderDeadline {
     /// The deadline passed: log, count, and start writing the 408 (or close quietly when the
     /// client never sent anything).
     fn expire(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let timeout = self.shared.limits.request_header_timeout;
+        let timeout = self.shared.limits.load().request_header_timeout;
         if !self.head_started {
             tracing::debug!(client = %client_addr(&*self.inner), ?timeout, "idle connection closed: no request within request_header_timeout");
             return Poll::Ready(Ok(()));
@@ -580,7 +588,7 @@ impl AsyncRead for HeaderDeadline {
             (Poll::Ready(Ok(())), AWAITING) if got_bytes => {
                 this.phase.store(HEAD, Ordering::Release);
                 this.head_started = true;
-                let timeout = this.shared.limits.request_header_timeout;
+                let timeout = this.shared.limits.load().request_header_timeout;
                 this.deadline.as_mut().reset(Instant::now() + timeout);
             }
             (Poll::Ready(Ok(())), HEAD) if got_bytes => this.head_started = true,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pinacle_authz::{
     DirectoryError, FileDirectory, PodCandidate, PodDirectory, PodSlug, PostgresDirectory,
@@ -21,12 +22,91 @@ pub enum OpenError {
     Directory(String),
 }
 
+/// A directory file that a reload (SIGHUP) reads again; queries use the last one that loaded.
+#[derive(Debug)]
+pub struct ReloadableFile {
+    path: std::path::PathBuf,
+    current: ArcSwap<FileDirectory>,
+}
+
+impl ReloadableFile {
+    /// Loads `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not a valid directory.
+    pub fn load(path: &std::path::Path) -> Result<Self, OpenError> {
+        let directory =
+            FileDirectory::load(path).map_err(|e| OpenError::Directory(e.to_string()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            current: ArcSwap::from_pointee(directory),
+        })
+    }
+
+    /// Reads the file again; on any problem the current contents stay.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not a valid directory.
+    pub fn reload(&self) -> Result<(), OpenError> {
+        let directory =
+            FileDirectory::load(&self.path).map_err(|e| OpenError::Directory(e.to_string()))?;
+        self.current.store(Arc::new(directory));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PodDirectory for ReloadableFile {
+    async fn pods_by_slug(
+        &self,
+        slug: &PodSlug,
+        user: &UserId,
+    ) -> Result<Vec<PodCandidate>, DirectoryError> {
+        self.current.load_full().pods_by_slug(slug, user).await
+    }
+
+    async fn session(&self, token: &SessionToken) -> Result<Option<SessionRecord>, DirectoryError> {
+        self.current.load_full().session(token).await
+    }
+
+    async fn user_exists(&self, user: &UserId) -> Result<bool, DirectoryError> {
+        self.current.load_full().user_exists(user).await
+    }
+
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        self.current.load_full().ping().await
+    }
+}
+
+/// An opened directory, and the file behind it when it is one (to reload).
+#[derive(Debug)]
+pub struct Opened {
+    /// The directory.
+    pub directory: Arc<dyn PodDirectory>,
+    /// The directory file, when the directory is one.
+    pub file: Option<Arc<ReloadableFile>>,
+}
+
 /// Opens the configured directory. Postgres pools are made inside `runtime` (their connections
 /// and maintenance tasks live there), which must outlive the directory.
 ///
 /// # Errors
 /// An unreadable directory file or a bad `DATABASE_URL`.
-pub fn open(
+pub fn open(config: &IngressConfig, runtime: &tokio::runtime::Handle) -> Result<Opened, OpenError> {
+    if let DirectorySource::File(path) = &config.directory {
+        let file = Arc::new(ReloadableFile::load(path)?);
+        return Ok(Opened {
+            directory: file.clone(),
+            file: Some(file),
+        });
+    }
+    open_fixed(config, runtime).map(|directory| Opened {
+        directory,
+        file: None,
+    })
+}
+
+fn open_fixed(
     config: &IngressConfig,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Arc<dyn PodDirectory>, OpenError> {

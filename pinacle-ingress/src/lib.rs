@@ -21,7 +21,8 @@
 //! - [`connections`]: `max_connections` and `request_header_timeout` (around Pingora's app).
 //! - [`config`]: the TOML file, environment overrides, validation; [`config_show`]: the
 //!   effective configuration for operators (`config show`, the `check-config` summary).
-//! - [`server`]: building and running the Pingora server; [`admin`]: health and metrics.
+//! - [`server`]: building and running the Pingora server; [`admin`]: health and metrics;
+//!   [`reload`]: what SIGHUP re-reads and applies.
 //! - [`directory`]: the pod directory opened from the configuration, metered.
 //! - [`telemetry`]: metrics, logging setup, what may be logged.
 //! - [`tls`]: certificates by SNI, reloadable.
@@ -57,6 +58,7 @@ pub mod inspect;
 pub mod intent;
 pub mod plain;
 pub mod proxy;
+pub mod reload;
 pub mod request_id;
 pub mod responses;
 pub mod secrets;

@@ -7,6 +7,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -42,7 +44,8 @@ pub struct Ingress(Arc<State>);
 
 /// What every request reads.
 pub struct State {
-    config: Arc<IngressConfig>,
+    /// Swapped whole by a reload (SIGHUP); each use reads the current one.
+    config: ArcSwap<IngressConfig>,
     verifier: CredentialVerifier,
     authorizer: Arc<Authorizer>,
     ids: RequestIds,
@@ -56,9 +59,27 @@ pub struct State {
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
-            .field("listen", &self.config.listen)
+            .field("listen", &self.config().listen)
             .field("idle_upstream_connections", &self.pool.idle_count())
             .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    /// The current configuration.
+    fn config(&self) -> arc_swap::Guard<Arc<IngressConfig>> {
+        self.config.load()
+    }
+
+    /// The configuration requests now read; requests in progress keep the one they started
+    /// with where they hold it.
+    pub fn reconfigure(&self, config: Arc<IngressConfig>) {
+        self.config.store(config);
+    }
+
+    /// The configuration requests now read.
+    pub fn current_config(&self) -> Arc<IngressConfig> {
+        self.config.load_full()
     }
 }
 
@@ -73,7 +94,7 @@ impl std::ops::Deref for Ingress {
 impl std::fmt::Debug for Ingress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingress")
-            .field("listen", &self.config.listen)
+            .field("listen", &self.config().listen)
             .finish_non_exhaustive()
     }
 }
@@ -89,7 +110,7 @@ impl Ingress {
     ) -> Self {
         let pool = UpstreamPool::new(config.timeouts.upstream_idle);
         Self(Arc::new(State {
-            config,
+            config: ArcSwap::new(config),
             verifier,
             authorizer,
             ids: RequestIds::new(),
@@ -98,6 +119,12 @@ impl Ingress {
             in_flight: Arc::new(AtomicUsize::new(0)),
             pool,
         }))
+    }
+
+    /// A handle that swaps in a new configuration for the requests that follow (see
+    /// [`State::reconfigure`]).
+    pub fn state(&self) -> Arc<State> {
+        self.0.clone()
     }
 
     /// Requests and tunnels in flight (what a graceful stop waits for).
@@ -286,7 +313,7 @@ impl Ingress {
     /// The request's client trust, id, span, host and intent (first thing, on either path).
     fn identify(&self, ctx: &mut RequestCtx, view: &RequestView<'_>, host: String, intent: Intent) {
         ctx.trusted_client = view.client_ip.is_some_and(|ip| {
-            self.config
+            self.config()
                 .trusted_proxies
                 .iter()
                 .any(|net| net.contains(ip))
@@ -305,14 +332,14 @@ impl Ingress {
     }
 
     /// What a page of ours may say about this request.
-    fn page<'a>(&'a self, ctx: &'a RequestCtx) -> Page<'a> {
+    fn page<'a>(config: &'a IngressConfig, ctx: &'a RequestCtx) -> Page<'a> {
         Page {
             navigation: ctx.intent.navigation,
             pod: ctx.pod.as_ref().map(|p| (p.slug.as_str(), p.port)),
             dashboard_route: ctx.route == RouteKind::Dashboard,
             user_email: ctx.user_email.as_deref(),
             request_id: &ctx.request_id,
-            dashboard_url: &self.config.dashboard_url,
+            dashboard_url: &config.dashboard_url,
         }
     }
 
@@ -323,7 +350,8 @@ impl Ingress {
         ctx: &mut RequestCtx,
         answer: Answer,
     ) -> pingora::Result<bool> {
-        let reply = answer.reply_for(&self.page(ctx));
+        let config = self.config();
+        let reply = answer.reply_for(&Self::page(&config, ctx));
         let header = reply.header(answer.name(), &ctx.request_id)?;
         ctx.answer = Some(answer.name());
         ctx.status = reply.status;
@@ -341,7 +369,8 @@ impl Ingress {
     /// On the plain listener with TLS configured and `http_redirect_to_https`: 308 to https,
     /// except health checks.
     fn https_redirect(&self, session: &Session, ctx: &RequestCtx) -> Option<Answer> {
-        let tls = self.config.tls.as_ref().filter(|t| t.redirect_http)?;
+        let config = self.config();
+        let tls = config.tls.as_ref().filter(|t| t.redirect_http)?;
         if is_tls(session) {
             return None;
         }
@@ -415,14 +444,14 @@ impl Ingress {
         }
         let edits = self.forwarding(&RequestView::of(session), ctx);
         let strip: &[String] = match target {
-            Target::Pod { .. } => &self.config.strip_response_headers,
+            Target::Pod { .. } => &self.config().strip_response_headers,
             Target::Dashboard { .. } => &[],
         };
         let spec = TunnelSpec {
             target: &target,
             edits: &edits,
             strip_response_headers: strip,
-            timeouts: &self.config.timeouts,
+            timeouts: &self.config().timeouts,
             request_id: &ctx.request_id,
         };
         match tunnel::open(session, spec).await {
@@ -440,7 +469,7 @@ impl Ingress {
                     .get_mut()
                     .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(TunnelHandover {
                     upgraded: Some(upgraded),
-                    idle: self.config.timeouts.websocket_idle,
+                    idle: self.config().timeouts.websocket_idle,
                     metrics: self.metrics.clone(),
                     finished: None,
                 }));
@@ -460,7 +489,7 @@ impl Ingress {
             let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
             Answer::SignIn {
                 location: callback::sign_in_location(
-                    &self.config.dashboard_url,
+                    &self.config().dashboard_url,
                     pod,
                     path_and_query,
                 ),
@@ -543,11 +572,11 @@ impl Ingress {
                         Err(self.unauthenticated(pod, view.uri, intent)),
                     )
                 } else {
-                    let domain = self
-                        .config
+                    let config = self.config();
+                    let domain = config
                         .upstream_domain
                         .as_ref()
-                        .or_else(|| self.config.base_domains.get(pod.base));
+                        .or_else(|| config.base_domains.get(pod.base));
                     let host =
                         domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
                     (
@@ -762,8 +791,8 @@ impl ProxyHttp for Ingress {
         if let Err(answer) = head {
             return self.respond(session, ctx, answer).await;
         }
-        let too_large = request_head_bytes(req) > self.config.max_request_header_bytes;
-        let timeouts = &self.config.timeouts;
+        let too_large = request_head_bytes(req) > self.config().max_request_header_bytes;
+        let timeouts = &self.config().timeouts;
         session.set_read_timeout(Some(if ctx.intent.upgrade {
             timeouts.websocket_idle
         } else {
@@ -775,18 +804,18 @@ impl ProxyHttp for Ingress {
         }
         let (counted, in_flight) = InFlight::enter(&self.in_flight);
         ctx.in_flight = Some(counted);
-        if in_flight >= self.config.max_concurrent_requests {
+        if in_flight >= self.config().max_concurrent_requests {
             return self.respond(session, ctx, Answer::Overloaded).await;
         }
         if let Some(answer) = self.https_redirect(session, ctx) {
             return self.respond(session, ctx, answer).await;
         }
 
-        let pod = match host::route(&ctx.host, &self.config.base_domains) {
+        let pod = match host::route(&ctx.host, &self.config().base_domains) {
             Route::Dashboard => {
                 ctx.route = RouteKind::Dashboard;
                 ctx.target = Some(Target::Dashboard {
-                    addr: self.config.dashboard_upstream,
+                    addr: self.config().dashboard_upstream,
                 });
                 return self.proxy_or_tunnel(session, ctx).await;
             }
@@ -805,7 +834,7 @@ impl ProxyHttp for Ingress {
         if session.req_header().uri.path() == CALLBACK_PATH {
             ctx.route = RouteKind::Callback;
             let query = CallbackQuery::parse(session.req_header().uri.query().unwrap_or(""));
-            let secure = is_tls(session) || self.config.dashboard_https;
+            let secure = is_tls(session) || self.config().dashboard_https;
             let answer = callback::answer(&self.verifier, &pod, &query, secure, (self.clock)());
             return self.respond(session, ctx, Answer::Callback(answer)).await;
         }
@@ -836,7 +865,7 @@ impl ProxyHttp for Ingress {
         };
         Ok(Box::new(upstream::peer(
             target,
-            &self.config.timeouts,
+            &self.config().timeouts,
             ctx.intent.upgrade,
         )))
     }
@@ -907,7 +936,7 @@ impl ProxyHttp for Ingress {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if matches!(ctx.target, Some(Target::Pod { .. })) {
-            for name in &self.config.strip_response_headers {
+            for name in &self.config().strip_response_headers {
                 upstream_response.remove_header(name.as_str());
             }
         }
@@ -931,7 +960,8 @@ impl ProxyHttp for Ingress {
                 can_reuse_downstream: false,
             };
         };
-        let reply = answer.reply_for(&self.page(ctx));
+        let config = self.config();
+        let reply = answer.reply_for(&Self::page(&config, ctx));
         ctx.answer = Some(answer.name());
         ctx.status = reply.status;
         let body: Bytes = reply.body.clone();
@@ -1046,7 +1076,7 @@ impl PlainRequests for Ingress {
     /// the same decisions, header edits, metrics and access log as the Pingora path; declines
     /// everything else, and every request the ingress would answer itself, untouched.
     async fn serve(&self, conn: &mut HeaderDeadline, stopping: bool) -> Served {
-        let config = &self.config;
+        let config = self.config();
         if config.tls.as_ref().is_some_and(|t| t.redirect_http) && !conn.is_tls() {
             return Served::Declined;
         }
@@ -1161,13 +1191,14 @@ impl Ingress {
     ) -> u16 {
         use tokio::io::AsyncWriteExt;
 
-        let reply = answer.reply_for(&self.page(ctx));
+        let config = self.config();
+        let reply = answer.reply_for(&Self::page(&config, ctx));
         ctx.answer = Some(answer.name());
         let mut bytes = reply.http1_bytes(answer.name(), &ctx.request_id);
         if *method == http::Method::HEAD {
             bytes.truncate(bytes.len().saturating_sub(reply.body.len()));
         }
-        let written = tokio::time::timeout(self.config.timeouts.client_read, async {
+        let written = tokio::time::timeout(self.config().timeouts.client_read, async {
             conn.write_all(&bytes).await?;
             conn.flush().await
         })

@@ -27,6 +27,7 @@ use crate::config::IngressConfig;
 use crate::connections::{Gate, Limits};
 use crate::directory::{self, Metered};
 use crate::proxy::{Clock, Ingress};
+use crate::reload::Reloader;
 use crate::telemetry::Metrics;
 use crate::tls::{CertStore, Resolver};
 
@@ -59,6 +60,8 @@ pub struct Prepared {
     side: tokio::runtime::Runtime,
     metrics: Metrics,
     directory: Arc<dyn PodDirectory>,
+    /// The directory file, when the directory is one (reloaded by SIGHUP).
+    file_directory: Option<Arc<directory::ReloadableFile>>,
     draining: Arc<AtomicBool>,
     certs: Option<Arc<CertStore>>,
 }
@@ -87,9 +90,12 @@ pub fn prepare(
         .build()
         .map_err(|e| ServeError::Io(format!("cannot start the side runtime: {e}")))?;
     let metrics = Metrics::new()?;
-    let raw = match directory {
-        Some(d) => d,
-        None => directory::open(config, side.handle())?,
+    let (raw, file_directory) = match directory {
+        Some(d) => (d, None),
+        None => {
+            let opened = directory::open(config, side.handle())?;
+            (opened.directory, opened.file)
+        }
     };
     let directory: Arc<dyn PodDirectory> = Arc::new(Metered::new(raw, metrics.clone()));
     let certs = match &config.tls {
@@ -125,36 +131,30 @@ pub fn prepare(
             side.spawn(admin::serve(listener, state));
         }
     }
-    watch_reload_signal(&side, certs.clone());
     Ok(Prepared {
         side,
         metrics,
         directory,
+        file_directory,
         draining,
         certs,
     })
 }
 
-/// SIGHUP re-reads the certificate files (a failed reload keeps the current ones). Watched
-/// whatever the configuration, so that SIGHUP (which the shipped unit sends on reload) never
-/// terminates the process, as its default action would.
-fn watch_reload_signal(side: &tokio::runtime::Runtime, certs: Option<Arc<CertStore>>) {
+/// SIGHUP reloads ([`Reloader::reload`]). Watched whatever the configuration, so that SIGHUP
+/// (which the shipped unit sends on `systemctl reload`) never terminates the process, as its
+/// default action would.
+fn watch_reload_signal(side: &tokio::runtime::Runtime, reloader: Reloader) {
     side.spawn(async move {
         let Ok(mut hangups) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
-            tracing::warn!("cannot watch SIGHUP: certificates reload only on restart");
+            tracing::warn!("cannot watch SIGHUP: the configuration reloads only on restart");
             return;
         };
         while hangups.recv().await.is_some() {
-            let Some(certs) = &certs else {
-                tracing::info!("SIGHUP: no certificates to reload");
-                continue;
-            };
-            match certs.reload() {
-                Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
-                Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the current ones"),
-            }
+            tracing::info!("SIGHUP: reloading");
+            reloader.reload();
         }
     });
 }
@@ -279,8 +279,10 @@ pub fn build(
     );
     let plain = ingress.plain_requests();
     let in_flight = ingress.in_flight();
+    let state = ingress.state();
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
     let gate = Gate::new(proxy, limits, prepared.metrics.clone()).with_plain_requests(plain);
+    let limits = gate.limits();
     let mut service = Service::new("pinacle-ingress".to_owned(), gate);
     service.add_listener(ListenerConfig::tcp(listen).l4_buffer(plain_buffers()));
     if let (Some(tls), Some(certs)) = (tls, &prepared.certs) {
@@ -308,6 +310,8 @@ pub fn build(
         server,
         authorizer,
         in_flight,
+        state,
+        limits,
     })
 }
 
@@ -319,6 +323,10 @@ pub struct Built {
     pub authorizer: Arc<Authorizer>,
     /// Requests and tunnels in flight.
     pub in_flight: Arc<AtomicUsize>,
+    /// The proxy's state (a reload swaps its configuration).
+    pub state: Arc<crate::proxy::State>,
+    /// The connection gate's limits (a reload swaps them).
+    pub limits: Arc<arc_swap::ArcSwap<Limits>>,
 }
 
 impl std::fmt::Debug for Built {
@@ -335,7 +343,12 @@ impl std::fmt::Debug for Built {
 ///
 /// # Errors
 /// The directory, certificates or credentials cannot be set up.
-pub fn serve(config: IngressConfig, clock: Clock, upgrade: bool) -> Result<(), ServeError> {
+pub fn serve(
+    config: IngressConfig,
+    clock: Clock,
+    upgrade: bool,
+    load: Box<dyn Fn() -> Result<IngressConfig, String> + Send + Sync>,
+) -> Result<(), ServeError> {
     if !upgrade {
         check_listen_addresses(&config)?;
     }
@@ -352,6 +365,18 @@ pub fn serve(config: IngressConfig, clock: Clock, upgrade: bool) -> Result<(), S
         "pinacle-ingress starting"
     );
     let built = build(config, &prepared, clock, upgrade)?;
+    watch_reload_signal(
+        &prepared.side,
+        Reloader {
+            load,
+            state: built.state.clone(),
+            limits: built.limits.clone(),
+            authorizer: built.authorizer.clone(),
+            certs: prepared.certs.clone(),
+            file: prepared.file_directory.clone(),
+            metrics: prepared.metrics.clone(),
+        },
+    );
     exit_when_idle(&prepared.side, &built.server, built.in_flight);
     built.server.run(RunArgs::default());
     prepared.side.shutdown_background();

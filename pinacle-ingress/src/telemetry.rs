@@ -38,6 +38,7 @@ pub struct Metrics {
     header_timeouts: IntCounter,
     plain_requests: IntCounter,
     answers: IntCounterVec,
+    reloads: IntCounterVec,
     /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
     /// under a lock on every request otherwise.
     route_series: Arc<[OnceLock<RouteSeries>; RouteKind::ALL.len()]>,
@@ -236,9 +237,15 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        let reloads = counter(
+            "pinacle_ingress_config_reloads_total",
+            "Reloads (SIGHUP) by result: applied, or rejected (invalid; nothing changed).",
+            &["result"],
+        )?;
         let metrics = Self {
             registry,
             answers,
+            reloads,
             connections_open,
             connections_refused,
             header_timeouts,
@@ -279,6 +286,14 @@ impl Metrics {
         for answer in crate::responses::Answer::NAMES {
             self.answers.with_label_values(&[answer]);
         }
+        for result in ["applied", "rejected"] {
+            self.reloads.with_label_values(&[result]);
+        }
+    }
+
+    /// Counts a reload by its result.
+    pub fn reload(&self, result: &str) {
+        self.reloads.with_label_values(&[result]).inc();
     }
 
     /// Counts a response the ingress made itself.

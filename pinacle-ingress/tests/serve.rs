@@ -774,3 +774,128 @@ async fn directory_failures_are_named_in_the_access_line() {
     assert!(pingora_lines > 0, "no Pingora line in:\n{logs}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// SIGHUP re-reads the configuration file and the directory file: live keys apply to the next
+/// requests, restart-only keys keep their running value (and are named in a warning), an
+/// invalid file changes nothing; each reload is counted by result.
+#[tokio::test]
+async fn sighup_applies_what_can_change_live_and_keeps_the_rest() {
+    let pod = upstream::http_echo("pod").await;
+    let dir = std::env::temp_dir().join(format!("pinacle-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let directory = directory_file(&dir, pod.addr.port());
+    let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+    let config_path = dir.join("ingress.toml");
+    let write_config = |extra: &str| {
+        std::fs::write(
+            &config_path,
+            format!(
+                "listen = \"{listen}\"\nadmin_listen = \"{admin}\"\n\
+                 base_domains = [\"pinacle.test\"]\ndirectory_file = \"{}\"\n{extra}",
+                directory.display()
+            ),
+        )
+        .unwrap();
+    };
+    write_config("max_request_header_bytes = 16384\nthreads = 1\n");
+    let log_path = dir.join("stderr.log");
+    let child = command(
+        &["serve", "--config", config_path.to_str().unwrap()],
+        &[("NEXTAUTH_SECRET", SECRET)],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+    .spawn()
+    .unwrap();
+    let process = Process(Some(child));
+    wait_for_port(listen).await;
+    wait_for_port(admin).await;
+    let pid = process.0.as_ref().unwrap().id().to_string();
+    let hup = || Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let reloads = |result: &'static str| async move {
+        let text = client::get(admin, "/metrics", &[]).await.text();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "pinacle_ingress_config_reloads_total{{result=\"{result}\"}} "
+                ))
+                .map(|v| v.parse::<u32>().unwrap())
+            })
+            .unwrap_or(0)
+    };
+    let wait_reloads = |result: &'static str, n: u32| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reloads(result).await < n {
+            assert!(Instant::now() < deadline, "no {result} reload counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let now = pinacle_ingress::cli::unix_now();
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, "user_ada", now, 600);
+    let cookie = format!("next-auth.session-token={value}");
+    let host = "localhost-3000-pod-proj.pinacle.test";
+    let big = "x".repeat(8000);
+    let get = |extra: Option<&str>| {
+        let mut headers = vec![("host", host), ("cookie", cookie.as_str())];
+        if let Some(big) = extra {
+            headers.push(("x-big", big));
+        }
+        let headers: Vec<(String, String)> = headers
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            client::get(listen, "/", &headers).await.status
+        }
+    };
+    assert_eq!(get(Some(&big)).await, 200);
+
+    // A live key (the header limit) and a restart-only one (threads).
+    write_config("max_request_header_bytes = 4096\nthreads = 2\n");
+    hup();
+    wait_reloads("applied", 1).await;
+    assert_eq!(get(Some(&big)).await, 431, "the new limit applies");
+    assert_eq!(get(None).await, 200);
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("restart") && l.contains("threads")),
+        "{logs}"
+    );
+
+    // The directory file is read again: a pod given to someone else is no longer ada's.
+    let text = std::fs::read_to_string(&directory).unwrap();
+    std::fs::write(
+        &directory,
+        text.replace("owner_id = \"user_ada\"", "owner_id = \"user_bob\"")
+            .replace(
+                "[[users]]\nid = \"user_ada\"",
+                "[[users]]\nid = \"user_bob\"\n\n[[users]]\nid = \"user_ada\"",
+            ),
+    )
+    .unwrap();
+    hup();
+    wait_reloads("applied", 2).await;
+    assert_eq!(
+        get(None).await,
+        403,
+        "the reloaded directory applies at once"
+    );
+
+    // An invalid file changes nothing and is counted.
+    std::fs::write(&config_path, "threads = \"many\"\n").unwrap();
+    hup();
+    wait_reloads("rejected", 1).await;
+    assert_eq!(
+        get(Some(&big)).await,
+        431,
+        "the running configuration stays"
+    );
+    drop(process);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
