@@ -459,7 +459,7 @@ fn serve(path: Option<&std::path::Path>, upgrade: bool, demo: bool) -> anyhow::R
             return Ok(ExitCode::from(2));
         }
     };
-    crate::telemetry::init_logging(config.log_format, "info");
+    crate::telemetry::init_logging(config.log_format, &config.log_filter);
     let path = path.map(std::path::Path::to_owned);
     let load = Box::new(move || load_for_serving(path.as_deref(), demo));
     crate::server::serve(config, unix_now, upgrade, load)?;

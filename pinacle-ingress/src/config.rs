@@ -67,6 +67,9 @@ pub struct FileConfig {
     pub admin_listen: Option<String>,
     /// `text` or `json`.
     pub log_format: Option<String>,
+    /// What is logged, as `RUST_LOG` directives (`info`, `warn,pinacle_ingress=debug`);
+    /// `RUST_LOG`, when set, wins.
+    pub log_filter: Option<String>,
     /// Addresses or CIDR ranges of proxies in front of the ingress, whose `X-Forwarded-For` and
     /// `X-Request-Id` are believed.
     pub trusted_proxies: Option<Vec<String>>,
@@ -132,6 +135,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("shutdown_grace_period", Kind::Text),
     ("admin_listen", Kind::Text),
     ("log_format", Kind::Text),
+    ("log_filter", Kind::Text),
     ("trusted_proxies", Kind::List),
     ("max_request_header_bytes", Kind::Count),
     ("max_concurrent_requests", Kind::Count),
@@ -220,6 +224,8 @@ pub struct IngressConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Log filter directives (`RUST_LOG` syntax; `RUST_LOG` wins when set).
+    pub log_filter: String,
     /// Proxies whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Largest request head accepted (431 above).
@@ -742,6 +748,10 @@ fn validate(
             LogFormat::Text
         }
     };
+    let log_filter = file.log_filter.clone().unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+        problems.push(problem("log_filter", e.to_string()));
+    }
     let trusted_proxies = file
         .trusted_proxies
         .iter()
@@ -808,6 +818,7 @@ fn validate(
             session_cookies,
             admin_listen,
             log_format,
+            log_filter,
             trusted_proxies,
             max_request_header_bytes,
             max_concurrent_requests,

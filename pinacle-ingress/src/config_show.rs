@@ -164,6 +164,7 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
                 crate::telemetry::LogFormat::Json => "json",
             }),
         ),
+        ("log_filter", quoted(&c.log_filter)),
         (
             "trusted_proxies",
             list(

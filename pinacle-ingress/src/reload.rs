@@ -172,6 +172,11 @@ impl Reloader {
         let ttls_changed = ttls != (running.authorizer.allow_ttl, running.authorizer.deny_ttl);
         self.authorizer
             .set_ttls(ttls.0, ttls.1, forget || ttls_changed);
+        if next.log_filter != running.log_filter
+            && !crate::telemetry::set_log_filter(&next.log_filter)
+        {
+            tracing::warn!("reload: RUST_LOG is set, so log_filter does not apply");
+        }
         self.state.reconfigure(Arc::new(next));
         tracing::info!(changed = %merge.applied.join(","), "reload: configuration applied");
         if !merge.restart.is_empty() {

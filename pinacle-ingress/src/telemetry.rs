@@ -512,40 +512,70 @@ fn colour(no_color: Option<std::ffi::OsString>) -> bool {
     no_color.is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
-/// Installs the global subscriber: `RUST_LOG` when set, else `default_filter`; writes to stderr
-/// (text or JSON) and bridges Pingora's `log` records into tracing ([`LogBridge`]). Does
-/// nothing if a subscriber is already set.
-pub fn init_logging(format: LogFormat, default_filter: &str) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+/// The running filter's handle, for [`set_log_filter`]; `None` when `RUST_LOG` fixed it.
+static FILTER: OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = OnceLock::new();
+
+/// The filter from directives, with the crates whose debug output prints whole request headers
+/// capped at `info`.
+fn capped_filter(directives: &str) -> tracing_subscriber::EnvFilter {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     for target in CAPPED {
         if let Ok(directive) = format!("{target}=info").parse() {
             filter = filter.add_directive(directive);
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    filter
+}
+
+/// Installs the global subscriber: `RUST_LOG` when set, else `filter` (the `log_filter` key;
+/// changeable later by [`set_log_filter`]); writes to stderr (text or JSON) and bridges
+/// Pingora's `log` records into tracing ([`LogBridge`]). Does nothing if a subscriber is
+/// already set.
+pub fn init_logging(format: LogFormat, filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(capped_filter(
+        from_env.as_deref().unwrap_or(filter),
+    ));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Text => tracing::subscriber::set_global_default(
-            builder
-                .with_ansi(colour(std::env::var_os("NO_COLOR")))
-                .finish(),
+            tracing_subscriber::registry()
+                .with(layer)
+                .with(fmt.with_ansi(colour(std::env::var_os("NO_COLOR")))),
         ),
         LogFormat::Json => tracing::subscriber::set_global_default(
-            builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_ansi(false)
-                .finish(),
+            tracing_subscriber::registry().with(layer).with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_ansi(false),
+            ),
         ),
     };
-    if installed.is_ok() && log::set_boxed_logger(Box::new(LogBridge)).is_ok() {
+    if installed.is_err() {
+        return;
+    }
+    if from_env.is_none() {
+        let _ = FILTER.set(handle);
+    }
+    if log::set_boxed_logger(Box::new(LogBridge)).is_ok() {
         // Pingora's debug output prints whole request headers (cookies): never below info.
         log::set_max_level(log::LevelFilter::Info);
     }
+}
+
+/// Replaces the log filter (a reload's `log_filter`). False when `RUST_LOG` fixed the filter
+/// at start, or logging was not set up by [`init_logging`].
+pub fn set_log_filter(directives: &str) -> bool {
+    FILTER
+        .get()
+        .is_some_and(|handle| handle.reload(capped_filter(directives)).is_ok())
 }
 
 /// Pingora's `log` records as tracing events of target `pingora` with the crate's own target

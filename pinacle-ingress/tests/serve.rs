@@ -856,9 +856,17 @@ async fn sighup_applies_what_can_change_live_and_keeps_the_rest() {
     assert_eq!(get(Some(&big)).await, 200);
 
     // A live key (the header limit) and a restart-only one (threads).
-    write_config("max_request_header_bytes = 4096\nthreads = 2\n");
+    let access_lines = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("pinacle_ingress::access"))
+            .count()
+    };
+    write_config("max_request_header_bytes = 4096\nthreads = 2\nlog_filter = \"warn\"\n");
     hup();
     wait_reloads("applied", 1).await;
+    let logged = access_lines();
     assert_eq!(get(Some(&big)).await, 431, "the new limit applies");
     assert_eq!(get(None).await, 200);
     let logs = std::fs::read_to_string(&log_path).unwrap();
@@ -879,12 +887,28 @@ async fn sighup_applies_what_can_change_live_and_keeps_the_rest() {
             ),
     )
     .unwrap();
+    write_config("max_request_header_bytes = 4096\nthreads = 2\n");
     hup();
     wait_reloads("applied", 2).await;
     assert_eq!(
         get(None).await,
         403,
         "the reloaded directory applies at once"
+    );
+    // The log filter applied too: nothing at info while it was "warn", the access line of the
+    // last request (filter back at "info") is there.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while access_lines() == logged {
+        assert!(
+            Instant::now() < deadline,
+            "no access line after the filter went back to info"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        access_lines(),
+        logged + 1,
+        "requests were logged while log_filter was warn"
     );
 
     // An invalid file changes nothing and is counted.
