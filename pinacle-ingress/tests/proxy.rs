@@ -1318,72 +1318,22 @@ async fn request_ids_and_forwarded_for_are_kept_only_from_trusted_proxies(pool: 
 /// request's body, if any, read by its `content-length`): `/chunked` (chunked with a trailer),
 /// `/hints` (a 103 before the 200), `/empty` (204), `/head` (`content-length: 10`, no body, for
 /// `HEAD`), `/close` (no length: the body runs until it closes), `/bye` (closes right after a
-/// complete answer), anything else `200 ok`. Returns its address and its accepted connections.
-async fn scripted_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match stream.read(&mut buf).await {
-                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    while got.len() < end + 4 + length {
-                        match stream.read(&mut buf).await {
-                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
-                    }
-                    got.drain(..end + 4 + length);
-                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
-                    let answer: &[u8] = match path.as_str() {
-                        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
-                        "/hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-                        "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
-                        "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
-                        "/close" | "/bye" => b"",
-                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-                    };
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    match path.as_str() {
-                        "/close" => {
-                            let _ = stream
-                                .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close")
-                                .await;
-                            return;
-                        }
-                        "/bye" => {
-                            let _ = stream
-                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
-                                .await;
-                            return;
-                        }
-                        _ => {}
-                    }
-                }
-            });
+/// complete answer), anything else `200 ok`; its `connections` count what it accepted.
+async fn scripted_upstream() -> upstream::Recording {
+    upstream::recording(Arc::new(|head: &[u8]| {
+        let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+        let reply = |bytes: &[u8]| upstream::Reply::Bytes(bytes.to_vec());
+        match head.split(' ').nth(1).unwrap_or("/") {
+            "/chunked" => reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"),
+            "/hints" => reply(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            "/empty" => reply(b"HTTP/1.1 204 No Content\r\n\r\n"),
+            "/head" => reply(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+            "/close" => upstream::Reply::Close(b"HTTP/1.1 200 OK\r\n\r\nuntil-close".to_vec()),
+            "/bye" => upstream::Reply::Close(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye".to_vec()),
+            _ => reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
         }
-    });
-    (addr, accepted)
+    }))
+    .await
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -1391,8 +1341,16 @@ async fn plain_requests_relay_every_framing_on_kept_connections(pool: PgPool) {
     use std::sync::atomic::Ordering;
 
     let w = world(pool).await;
-    let (scripted, accepted) = scripted_upstream().await;
-    seed_pod(&w.pool, "p_script", "script", "running", scripted.port()).await;
+    let scripted = scripted_upstream().await;
+    let accepted = scripted.upstream.connections.clone();
+    seed_pod(
+        &w.pool,
+        "p_script",
+        "script",
+        "running",
+        scripted.upstream.addr.port(),
+    )
+    .await;
     let host = pod_host(3000, "script");
     let cookie = session_cookie("ada");
     let headers = [("host", host.as_str()), ("cookie", cookie.as_str())];

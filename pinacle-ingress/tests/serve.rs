@@ -196,6 +196,17 @@ impl Drop for Process {
     }
 }
 
+/// Starts `pinacle-ingress <args>` with `env`, its stderr written to `log`; ended (by its PID)
+/// when the returned handle is dropped.
+fn start_logged(args: &[&str], env: &[(&str, &str)], log: &Path) -> Process {
+    let child = command(args, env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .unwrap();
+    Process(Some(child))
+}
+
 fn directory_file(dir: &Path, pod_port: u16) -> PathBuf {
     let path = dir.join("directory.toml");
     let text =
@@ -464,7 +475,7 @@ async fn pingoras_error_lines_redact_query_credentials() {
     let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
     let (listen_s, dashboard_s) = (listen.to_string(), dashboard.upstream.addr.to_string());
     let log_path = dir.join("stderr.log");
-    let child = command(
+    let _process = start_logged(
         &["serve"],
         &[
             ("NEXTAUTH_SECRET", SECRET),
@@ -480,12 +491,8 @@ async fn pingoras_error_lines_redact_query_credentials() {
             ("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.test"),
             ("RUST_LOG", "info"),
         ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-    .spawn()
-    .unwrap();
-    let _process = Process(Some(child));
+        &log_path,
+    );
     wait_for_port(listen).await;
 
     let now = pinacle_ingress::cli::unix_now();
@@ -699,7 +706,7 @@ async fn directory_failures_are_named_in_the_access_line() {
     let listen_s = listen.to_string();
     let closed = format!("postgres://postgres@127.0.0.1:{}/pinacle", reserve_port());
     let log_path = dir.join("stderr.log");
-    let child = command(
+    let _process = start_logged(
         &["serve"],
         &[
             ("NEXTAUTH_SECRET", SECRET),
@@ -711,12 +718,8 @@ async fn directory_failures_are_named_in_the_access_line() {
             ("PINACLE_INGRESS_THREADS", "1"),
             ("PINACLE_INGRESS_LOG_FORMAT", "json"),
         ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-    .spawn()
-    .unwrap();
-    let _process = Process(Some(child));
+        &log_path,
+    );
     wait_for_port(listen).await;
     let now = pinacle_ingress::cli::unix_now();
     let value = pinacle_authz::testing::session_cookie_value(SECRET, "user_ada", now, 600);
@@ -800,15 +803,11 @@ async fn sighup_applies_what_can_change_live_and_keeps_the_rest() {
     };
     write_config("max_request_header_bytes = 16384\nthreads = 1\n");
     let log_path = dir.join("stderr.log");
-    let child = command(
+    let process = start_logged(
         &["serve", "--config", config_path.to_str().unwrap()],
         &[("NEXTAUTH_SECRET", SECRET)],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-    .spawn()
-    .unwrap();
-    let process = Process(Some(child));
+        &log_path,
+    );
     wait_for_port(listen).await;
     wait_for_port(admin).await;
     let pid = process.0.as_ref().unwrap().id().to_string();
