@@ -22,7 +22,8 @@
 //! - [`config`]: the TOML file, environment overrides, validation; [`config_show`]: the
 //!   effective configuration for operators (`config show`, the `check-config` summary).
 //! - [`server`]: building and running the Pingora server; [`admin`]: health and metrics;
-//!   [`reload`]: what SIGHUP re-reads and applies.
+//!   [`reload`]: what SIGHUP re-reads and applies; [`signals`]: the other signals, the upgrade in
+//!   place (SIGUSR2) and systemd's notifications.
 //! - [`directory`]: the pod directory opened from the configuration, metered.
 //! - [`telemetry`]: metrics, logging setup, what may be logged.
 //! - [`tls`]: certificates by SNI, reloadable.
@@ -63,6 +64,7 @@ pub mod request_id;
 pub mod responses;
 pub mod secrets;
 pub mod server;
+pub mod signals;
 pub mod telemetry;
 pub mod tls;
 pub mod tunnel;

@@ -28,6 +28,7 @@ use crate::connections::{Gate, Limits};
 use crate::directory::{self, Metered};
 use crate::proxy::{Clock, Ingress};
 use crate::reload::Reloader;
+use crate::signals::{Restart, Signals};
 use crate::telemetry::Metrics;
 use crate::tls::{CertStore, Resolver};
 
@@ -168,6 +169,29 @@ fn check_listen_addresses(config: &IngressConfig) -> Result<(), ServeError> {
             .map_err(|e| ServeError::Bind(format!("{key} {addr}: {e}")))?;
     }
     Ok(())
+}
+
+/// Tells systemd (when it watches) that this process serves, and is the service's main process
+/// (after an upgrade in place the new process is), once Pingora runs; and that it stops, when
+/// a shutdown (not a hand-over) begins.
+fn notify_when_serving(side: &tokio::runtime::Runtime, server: &Server) {
+    let mut phases = server.watch_execution_phase();
+    side.spawn(async move {
+        while let Ok(phase) = phases.recv().await {
+            match phase {
+                ExecutionPhase::Running => {
+                    crate::signals::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+                }
+                // A hand-over: the successor announces itself; "stopping" would stop the unit.
+                ExecutionPhase::GracefulUpgradeTransferringFds => return,
+                ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownStarted => {
+                    crate::signals::notify("STOPPING=1");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    });
 }
 
 /// Once a graceful stop has begun, ends the process as soon as no request or tunnel is in
@@ -378,7 +402,12 @@ pub fn serve(
         },
     );
     exit_when_idle(&prepared.side, &built.server, built.in_flight);
-    built.server.run(RunArgs::default());
+    notify_when_serving(&prepared.side, &built.server);
+    built.server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            restart: Restart::from_env(),
+        }),
+    });
     prepared.side.shutdown_background();
     Ok(())
 }
