@@ -301,9 +301,21 @@ fn inspect_input(input: Option<String>) -> anyhow::Result<String> {
         .join("; "))
 }
 
+/// Minting is for development: never with a production dashboard's environment (an https
+/// `NEXTAUTH_URL`), where a minted cookie would open every pod.
+fn development_secrets() -> anyhow::Result<Vec<Secret>> {
+    if std::env::var("NEXTAUTH_URL").is_ok_and(|url| url.starts_with("https://")) {
+        bail!(
+            "NEXTAUTH_URL is https: this looks like a production dashboard's environment, and \
+             minting is for development secrets only; unset NEXTAUTH_URL to mint"
+        );
+    }
+    required_secrets()
+}
+
 #[allow(clippy::print_stdout)] // printing the cookie is this command's job
 fn session_mint(user: &str, ttl_secs: i64, cookie_name: &str) -> anyhow::Result<ExitCode> {
-    let secrets = required_secrets()?;
+    let secrets = development_secrets()?;
     let user = pinacle_authz::UserId::new(user)?;
     if ttl_secs <= 0 {
         bail!("--ttl-secs must be positive");
@@ -346,7 +358,7 @@ fn proxy_token_mint(
     port: u16,
     ttl_secs: i64,
 ) -> anyhow::Result<ExitCode> {
-    let secrets = required_secrets()?;
+    let secrets = development_secrets()?;
     let user = pinacle_authz::UserId::new(user)?;
     let slug = pinacle_authz::PodSlug::parse(pod)?;
     let pod_id = pinacle_authz::PodId::new(pod_id)?;

@@ -273,6 +273,21 @@ impl Metrics {
         for route in RouteKind::ALL {
             self.series_for(route);
             self.connect_failures.with_label_values(&[route.as_str()]);
+            // Pod and callback requests carry a port label; the others none.
+            let ports: Vec<&str> = match route {
+                RouteKind::Pod | RouteKind::Callback => WELL_KNOWN_PORTS
+                    .iter()
+                    .map(|(_, label)| *label)
+                    .chain(["other"])
+                    .collect(),
+                RouteKind::Dashboard | RouteKind::Unrouted => vec![""],
+            };
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                for port in &ports {
+                    self.requests
+                        .with_label_values(&[route.as_str(), class, port]);
+                }
+            }
         }
         for result in ["hit", "miss"] {
             self.authz_cache.with_label_values(&[result]);
@@ -735,6 +750,8 @@ mod tests {
             "pinacle_ingress_directory_errors_total{kind=\"timeout\",query=\"session\"} 0",
             "pinacle_ingress_upstream_connect_failures_total{route=\"pod\"} 0",
             "pinacle_ingress_received_bytes_total{route=\"dashboard\"} 0",
+            "pinacle_ingress_requests_total{port=\"8726\",route=\"pod\",status_class=\"5xx\"} 0",
+            "pinacle_ingress_requests_total{port=\"\",route=\"dashboard\",status_class=\"2xx\"} 0",
         ] {
             assert!(text.contains(series), "{series} not in:\n{text}");
         }

@@ -23,6 +23,7 @@ fn ingress(args: &[&str], env: &[(&str, &str)]) -> Output {
         "NEXTAUTH_SECRET_FILE",
         "AUTH_SECRET_FILE",
         "DATABASE_URL",
+        "NEXTAUTH_URL",
     ] {
         cmd.env_remove(var);
     }
@@ -336,6 +337,16 @@ fn inspect_takes_a_cookie_line_a_bare_token_or_stdin() {
 #[test]
 fn mint_refuses_cookie_names_the_ingress_does_not_read() {
     let env = [("NEXTAUTH_SECRET", "dev-only")];
+    // Never with a production dashboard's environment.
+    let out = ingress(
+        &["session", "mint", "--user", "ada"],
+        &[
+            ("NEXTAUTH_SECRET", "prod"),
+            ("NEXTAUTH_URL", "https://pinacle.dev"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("development secrets only"));
     for name in [
         "session",
         "next-auth.session-token.0",
