@@ -1105,17 +1105,42 @@ impl PlainRequests for Ingress {
         }
         let intent = intent::classify(view.method, view.headers);
         let judged = self.judge_pod(&view, intent, &pod).await;
-        if judged.verdict.is_err() {
-            return Served::Declined;
-        }
-        // Served here from now on.
+        // Served here from now on, allowed or not: a request is judged once (a declined one
+        // would be judged again by Pingora's path: a second directory query, and with the
+        // database down a second timeout).
         self.identify(&mut ctx, &view, request.host.clone(), intent);
         ctx.in_flight = Some(counted);
         ctx.route = RouteKind::Pod;
         ctx.pod = Some(pod);
-        let Ok(target) = self.apply(&mut ctx, judged) else {
-            // Not reached: the verdict was checked above.
-            return Served::Declined;
+        let target = match self.apply(&mut ctx, judged) {
+            Ok(target) => target,
+            Err(answer) => {
+                conn.take_pending_head();
+                let status = self
+                    .answer_plain(conn, &mut ctx, &answer, &request.method)
+                    .await;
+                conn.request_done();
+                ctx.in_flight = None;
+                self.metrics.plain_request();
+                record(
+                    &self.metrics,
+                    &ctx,
+                    Facts::Plain {
+                        client,
+                        method: &request.method,
+                        uri: &request.uri,
+                    },
+                    &Ending {
+                        status,
+                        bytes_in: 0,
+                        bytes_out: 0,
+                        upgraded: false,
+                        idle_timeout: false,
+                        error: if status == 0 { "client_gone" } else { "" },
+                    },
+                );
+                return Served::Close;
+            }
         };
         let (addr, group) = match &target {
             Target::Pod { addr, pod_id, .. } => (*addr, upstream::group_key(pod_id)),

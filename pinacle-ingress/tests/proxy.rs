@@ -1400,3 +1400,46 @@ async fn plain_requests_relay_every_framing_on_kept_connections(pool: PgPool) {
     wait_for_metric(&w.ingress, all, 9.0).await;
     assert_eq!(metric_or_zero(&w.ingress, plain), before + 8.0);
 }
+
+/// A database that never answers costs a request one directory wait, not two: the plain path
+/// answers the 503 itself instead of handing the request to Pingora to be judged again.
+#[tokio::test]
+async fn a_directory_outage_costs_one_wait_per_request() {
+    let black_hole = upstream::silent().await;
+    let url = format!("postgres://postgres@{}/none", black_hole.addr);
+    let directory = pinacle_authz::PostgresDirectory::connect_lazy(
+        &url,
+        &pinacle_authz::PostgresOptions {
+            acquire_timeout: Duration::from_millis(300),
+            query_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dashboard = upstream::http_echo("dashboard").await;
+    let (ingress, addr) = start_ingress(Arc::new(directory), dashboard.addr, "").await;
+    let r = client::get(
+        addr,
+        "/",
+        &[
+            ("host", "localhost-3000-pod-demo.pinacle.test"),
+            ("cookie", &session_cookie("ada")),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert_ours(&r, "authorization-unavailable");
+    let errors: f64 = ingress
+        .metrics()
+        .unwrap()
+        .render()
+        .lines()
+        .filter(|l| {
+            l.starts_with("pinacle_ingress_directory_errors_total{")
+                && l.contains("query=\"pods_by_slug\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(errors, 1.0, "the request was judged more than once");
+    wait_for_metric(&ingress, "pinacle_ingress_plain_requests_total", 1.0).await;
+}
