@@ -296,8 +296,9 @@ async fn relay_refusal(
 const RELAY_BUFFER: usize = 4 * 1024;
 
 /// Runs an accepted tunnel on the client's raw connection: writes the `101` (and what the
-/// upstream sent behind it), then what the client sent early, then copies both ways until
-/// either side closes or both are silent for `idle`. Every write is bounded by `idle` too.
+/// upstream sent behind it), then what the client sent early, then copies both ways until the
+/// upstream closes (a client that half-closes still gets what the upstream sends until then),
+/// either side fails, or both are silent for `idle`. Every write is bounded by `idle` too.
 pub async fn relay(
     client: &mut Stream,
     early_up: &[u8],
@@ -339,6 +340,9 @@ pub async fn relay(
     let silence = tokio::time::sleep(idle);
     tokio::pin!(silence);
     let mut upstream_first = false;
+    // A client that has sent its FIN is done sending; the pod may still talk (a half-close,
+    // RFC 9293 §3.6), and is relayed until it closes.
+    let mut client_done = false;
     loop {
         // Both sides read into the one buffer by `poll_read`, which also tells tokio that a
         // socket is drained after a short read: waiting for readiness and then `try_read`
@@ -346,15 +350,19 @@ pub async fn relay(
         upstream_first = !upstream_first;
         let event = std::future::poll_fn(|cx| {
             let mut read = ReadBuf::new(&mut buf);
-            for up in [upstream_first, !upstream_first] {
-                let polled = if up {
-                    Pin::new(&mut upstream).poll_read(cx, &mut read)
-                } else {
-                    Pin::new(&mut *client).poll_read(cx, &mut read)
+            for from_upstream in [upstream_first, !upstream_first] {
+                let polled = match from_upstream {
+                    false if client_done => continue,
+                    true => Pin::new(&mut upstream).poll_read(cx, &mut read),
+                    false => Pin::new(&mut *client).poll_read(cx, &mut read),
                 };
                 if let Poll::Ready(result) = polled {
                     let n = result.map(|()| read.filled().len());
-                    return Poll::Ready(if up { Event::Up(n) } else { Event::Down(n) });
+                    return Poll::Ready(if from_upstream {
+                        Event::FromUpstream(n)
+                    } else {
+                        Event::FromClient(n)
+                    });
                 }
             }
             silence.as_mut().poll(cx).map(|()| Event::Silent)
@@ -370,18 +378,24 @@ pub async fn relay(
                 report.idle_timeout = true;
                 break;
             }
-            Event::Down(Ok(0) | Err(_)) => {
+            // The client is done sending (a half-close): the pod gets its FIN and may still
+            // answer, which is relayed until it closes (or the tunnel idles out).
+            Event::FromClient(Ok(0)) => {
+                client_done = true;
                 let _ = tokio::time::timeout(idle, upstream.shutdown()).await;
-                break;
+                true
             }
-            Event::Down(Ok(n)) => {
+            // The pod is done: nobody is left to talk to (a WebSocket server closes after the
+            // closing handshake), so the tunnel ends and the client gets its FIN below.
+            Event::FromUpstream(Ok(0)) => break,
+            Event::FromClient(Err(_)) | Event::FromUpstream(Err(_)) => break,
+            Event::FromClient(Ok(n)) => {
                 let data = buf.get(..n).unwrap_or_default();
                 let written = tokio::time::timeout(idle, upstream.write_all(data)).await;
                 report.bytes_up += n as u64;
                 matches!(written, Ok(Ok(())))
             }
-            Event::Up(Ok(0) | Err(_)) => break,
-            Event::Up(Ok(n)) => {
+            Event::FromUpstream(Ok(n)) => {
                 let data = buf.get(..n).unwrap_or_default();
                 let written = tokio::time::timeout(idle, async {
                     client.write_all(data).await?;
@@ -402,10 +416,10 @@ pub async fn relay(
     report
 }
 
+/// What the relay saw: bytes from the client (counted in `bytes_up`), bytes from the upstream
+/// (counted in `bytes_down`), or silence.
 enum Event {
-    /// Read from the client.
-    Down(std::io::Result<usize>),
-    /// Read from the upstream.
-    Up(std::io::Result<usize>),
+    FromClient(std::io::Result<usize>),
+    FromUpstream(std::io::Result<usize>),
     Silent,
 }

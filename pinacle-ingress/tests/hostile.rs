@@ -41,6 +41,7 @@ fn script(head: &[u8]) -> Reply {
     let raw = |text: &str| Reply::Bytes(text.as_bytes().to_vec());
     match path.as_str() {
         "/upgrade" => Reply::Upgrade,
+        "/half-close" => Reply::UpgradeThenLast(b"the pod's last words".to_vec()),
         "/switch" => Reply::Close(
             b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\nraw"
                 .to_vec(),
@@ -861,4 +862,35 @@ async fn answers_stay_with_their_requests_on_kept_connections() {
             );
         }
     }
+}
+
+/// A client that stops sending (half-closes its side of a WebSocket tunnel) still gets what the
+/// pod sends afterwards, until the pod closes too.
+#[tokio::test]
+async fn a_tunnel_relays_the_pods_data_after_the_client_half_closes() {
+    let w = world("half-close", "").await;
+    let token = material().proxy_token;
+    let mut stream = TcpStream::connect(w.plain).await.unwrap();
+    let request = format!(
+        "GET /half-close HTTP/1.1\r\nhost: {HOST}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         cookie: pinacle-proxy-token={token}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut stream).await;
+    assert_eq!(status, 101);
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the tunnel ends once the pod closes")
+    .unwrap();
+    assert_eq!(rest, b"the pod's last words");
 }

@@ -279,6 +279,9 @@ pub enum Reply {
     Close(Vec<u8>),
     /// `101 Switching Protocols`, then every byte received is echoed until the peer closes.
     Upgrade,
+    /// `101 Switching Protocols`, echo, and once the peer has half-closed (EOF), these bytes
+    /// before closing: what a server still says after its client stopped sending.
+    UpgradeThenLast(Vec<u8>),
 }
 
 /// A [`recording`] server's script: the reply to a request, given its head (request line and
@@ -352,7 +355,11 @@ pub async fn recording(script: Script) -> Recording {
                         let _ = stream.shutdown().await;
                         return;
                     }
-                    Reply::Upgrade => {
+                    Reply::Upgrade | Reply::UpgradeThenLast(_) => {
+                        let last = match script(&head) {
+                            Reply::UpgradeThenLast(last) => last,
+                            _ => Vec::new(),
+                        };
                         let answer = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
                         if stream.write_all(answer).await.is_err() {
                             return;
@@ -360,12 +367,21 @@ pub async fn recording(script: Script) -> Recording {
                         if !got.is_empty() && stream.write_all(&got).await.is_err() {
                             return;
                         }
-                        while let Ok(n) = stream.read(&mut buf).await {
-                            if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                                return;
+                        loop {
+                            match stream.read(&mut buf).await {
+                                Ok(0) => {
+                                    let _ = stream.write_all(&last).await;
+                                    let _ = stream.shutdown().await;
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if stream.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => return,
                             }
                         }
-                        return;
                     }
                 }
             }
