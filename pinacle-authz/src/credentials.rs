@@ -1,7 +1,7 @@
 //! Credentials from a `Cookie` header -> an [`Outcome`]: which cookie was presented, whether it is
 //! valid, expired, invalid (and why) or missing. Pure: no I/O, the clock is a parameter.
 //! Database session tokens and impersonation targets are resolved later by the
-//! [`Authenticator`](crate::Authenticator), which owns the directory.
+//! [`Authorizer::resolve`](crate::Authorizer::resolve), which owns the directory.
 
 use std::borrow::Cow;
 use std::fmt;

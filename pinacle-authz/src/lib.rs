@@ -107,7 +107,7 @@ mod secret;
 pub mod testing;
 
 pub use authorizer::{Authorizer, AuthorizerConfig, CacheLookup};
-pub use claims::{CLOCK_TOLERANCE_SECS, Claims};
+pub use claims::{CLOCK_TOLERANCE_SECS, Claims, NotANumber};
 pub use credentials::{
     CredentialConfig, CredentialConfigError, CredentialKind, CredentialVerifier,
     DECRYPTED_SESSION_TTL, DEFAULT_DECRYPTED_SESSIONS, Inspection, InvalidReason, MAX_CANDIDATES,

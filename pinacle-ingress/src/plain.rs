@@ -92,7 +92,7 @@ fn range_in(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
 
 impl PlainRequest {
     /// The request in `bytes` if it qualifies: HTTP/1.1, `GET` or `HEAD`, an origin-form target,
-    /// one `Host`, no field of [`NOT_PLAIN`], `Connection` absent or `keep-alive`, and nothing
+    /// one `Host`, no field that implies a body, an upgrade or hop-by-hop handling, `Connection` absent or `keep-alive`, and nothing
     /// behind the head (no pipelining). `None` sends it to Pingora's path.
     pub fn parse(bytes: &[u8], max_head_bytes: usize) -> Option<Self> {
         let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -214,7 +214,7 @@ pub struct ResponseHead {
 /// Why an upstream response cannot be relayed (answered `502`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BadResponse {
-    /// Not HTTP, or more fields than [`MAX_HEADERS`].
+    /// Not HTTP, or more fields than this path reads.
     #[error("unparsable response head")]
     Unparsable,
     /// `101` to a request that asked no upgrade.
@@ -238,7 +238,8 @@ pub struct ClientEdits<'a> {
 
 impl ResponseHead {
     /// Parses the head at the start of `buf` and writes the client's version of it to `out`
-    /// (see [`client_head`]); `Ok(None)` while the head is incomplete.
+    /// (the upstream's status and fields, the hop's own dropped, our request id added);
+    /// `Ok(None)` while the head is incomplete.
     ///
     /// # Errors
     /// [`BadResponse`] for a response that cannot be relayed safely.

@@ -547,7 +547,7 @@ fn capped_filter(directives: &str) -> tracing_subscriber::EnvFilter {
 
 /// Installs the global subscriber: `RUST_LOG` when set, else `filter` (the `log_filter` key;
 /// changeable later by [`set_log_filter`]); writes to stderr (text or JSON) and bridges
-/// Pingora's `log` records into tracing ([`LogBridge`]). Does nothing if a subscriber is
+/// Pingora's `log` records into tracing (target `pingora`). Does nothing if a subscriber is
 /// already set.
 pub fn init_logging(format: LogFormat, filter: &str) {
     use tracing_subscriber::layer::SubscriberExt;
