@@ -79,6 +79,9 @@ pub struct FileConfig {
     pub max_concurrent_requests: Option<usize>,
     /// Most client connections open at once (idle keep-alive ones included); more get 503.
     pub max_connections: Option<usize>,
+    /// Whether bodiless HTTP/1.1 GET/HEAD requests to pods are served by the ingress's own plain
+    /// path (true) or by Pingora's proxy loop like everything else (false).
+    pub plain_path: Option<bool>,
     /// `address:port` for HTTPS (needs `tls_cert_file` and `tls_key_file`).
     pub tls_listen: Option<String>,
     /// PEM certificate chain (the wildcard certificate).
@@ -145,6 +148,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("tls_key_file", Kind::Text),
     ("tls_certificates", Kind::FileOnly),
     ("http_redirect_to_https", Kind::Flag),
+    ("plain_path", Kind::Flag),
     ("upgrade_sock", Kind::Text),
 ];
 
@@ -234,6 +238,8 @@ pub struct IngressConfig {
     pub max_concurrent_requests: usize,
     /// Most client connections open (503 and close above).
     pub max_connections: usize,
+    /// Serve bodiless HTTP/1.1 GET/HEAD to pods on the plain path (else all on Pingora's).
+    pub plain_path: bool,
     /// HTTPS, if configured.
     pub tls: Option<TlsConfig>,
     /// The hand-over socket for `serve --upgrade`.
@@ -823,6 +829,7 @@ fn validate(
             max_request_header_bytes,
             max_concurrent_requests,
             max_connections,
+            plain_path: file.plain_path.unwrap_or(true),
             tls,
             upgrade_sock,
         }),

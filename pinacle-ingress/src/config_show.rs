@@ -185,6 +185,7 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
             c.max_concurrent_requests.to_string(),
         ),
         ("max_connections", c.max_connections.to_string()),
+        ("plain_path", c.plain_path.to_string()),
         (
             "upgrade_sock",
             quoted(&c.upgrade_sock.display().to_string()),

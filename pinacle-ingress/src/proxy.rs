@@ -153,6 +153,8 @@ pub struct RequestCtx {
     user_email: Option<String>,
     /// Why the directory could not answer, for the access line's `error`.
     directory_error: Option<&'static str>,
+    /// Which engine carried the request: `pingora`, `plain` or `tunnel` (the access line).
+    engine: &'static str,
     authz: &'static str,
     target: Option<Target>,
     forward_cookie: Option<Vec<u8>>,
@@ -184,6 +186,7 @@ impl RequestCtx {
             user: None,
             user_email: None,
             directory_error: None,
+            engine: "pingora",
             authz: "none",
             target: None,
             forward_cookie: None,
@@ -1077,6 +1080,9 @@ impl PlainRequests for Ingress {
     /// everything else, and every request the ingress would answer itself, untouched.
     async fn serve(&self, conn: &mut HeaderDeadline, stopping: bool) -> Served {
         let config = self.config();
+        if !config.plain_path {
+            return Served::Declined;
+        }
         if config.tls.as_ref().is_some_and(|t| t.redirect_http) && !conn.is_tls() {
             return Served::Declined;
         }
@@ -1112,6 +1118,7 @@ impl PlainRequests for Ingress {
         ctx.in_flight = Some(counted);
         ctx.route = RouteKind::Pod;
         ctx.pod = Some(pod);
+        ctx.engine = "plain";
         let target = match self.apply(&mut ctx, judged) {
             Ok(target) => target,
             Err(answer) => {
@@ -1338,6 +1345,7 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, facts: Facts<'_>, end: &Ending<'_
         client = %facts.client(),
         host = %ctx.host,
         route = ctx.route.as_str(),
+        engine = if end.upgraded { "tunnel" } else { ctx.engine },
         pod = ctx.pod.as_ref().map_or("", |p| p.slug.as_str()),
         port,
         user = ctx.user.as_ref().map_or("", UserId::as_str),

@@ -106,7 +106,13 @@ async fn world(tag: &str, extra: &str) -> World {
         "listen = \"{plain}\"\ntls_listen = \"{tls}\"\ndashboard_upstream = \"{dash}\"\n\
          admin_listen = \"off\"\nthreads = 2\nbase_domains = [\"pinacle.test\"]\n\
          shutdown_grace_period = \"1s\"\nupstream_read_timeout = \"5s\"\n\
-         tls_cert_file = \"{d}/wildcard.pem\"\ntls_key_file = \"{d}/wildcard.key\"\n{extra}\n",
+         tls_cert_file = \"{d}/wildcard.pem\"\ntls_key_file = \"{d}/wildcard.key\"\n\
+         {plain_path}{extra}\n",
+        plain_path = if extra.contains("plain_path") {
+            String::new()
+        } else {
+            format!("plain_path = {}\n", plain_path_on())
+        },
         dash = dashboard.upstream.addr,
     );
     let env: HashMap<&str, &str> = HashMap::from([
@@ -129,6 +135,13 @@ async fn world(tag: &str, extra: &str) -> World {
         dashboard,
         _dir: dir,
     }
+}
+
+/// Whether the ingresses here serve plain requests on the plain path: yes unless
+/// `PINACLE_TEST_PLAIN_PATH=false` (scripts/test runs these tests both ways). The engine names
+/// below say what carries a request when it is on.
+fn plain_path_on() -> bool {
+    std::env::var("PINACLE_TEST_PLAIN_PATH").as_deref() != Ok("false")
 }
 
 fn material() -> Material {
@@ -385,10 +398,15 @@ async fn the_reported_shadowing_is_stripped_on_every_engine() {
         }
     }
     // The engines are the ones named: the plain path served every bodiless GET.
+    let expected = if plain_path_on() {
+        cases.len() as f64
+    } else {
+        0.0
+    };
     assert_eq!(
         plain_requests(&w),
-        cases.len() as f64,
-        "the plain path served each plain GET"
+        expected,
+        "the plain path served each plain GET (when on)"
     );
     // Unrecognised bytes reach the pod untouched.
     for engine in ENGINES {
@@ -592,7 +610,7 @@ async fn response_framing_gets_one_treatment_on_every_engine() {
         // sends the head first, so there the response breaks off. Never a complete body.
         let r = fetch(&w, engine, "/bad-chunk").await;
         match engine {
-            Engine::Plain => assert_eq!(r.map(|r| r.status), Ok(502)),
+            Engine::Plain if plain_path_on() => assert_eq!(r.map(|r| r.status), Ok(502)),
             _ => assert!(r.is_err(), "{engine:?}"),
         }
         // Hop-by-hop fields of the upstream's are not forwarded.
@@ -893,4 +911,136 @@ async fn a_tunnel_relays_the_pods_data_after_the_client_half_closes() {
     .expect("the tunnel ends once the pod closes")
     .unwrap();
     assert_eq!(rest, b"the pod's last words");
+}
+
+/// One request, raw, on a fresh connection: the status, the response's fields that are not
+/// per hop or per request (sorted, names lowercased), and the body (chunked bodies de-chunked
+/// by their end marker).
+async fn plain_exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    head_request: bool,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("a response head within 5 s")
+            .unwrap();
+        assert_eq!(n, 1, "closed mid-head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut fields: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .filter(|(n, _)| {
+            !matches!(
+                n.as_str(),
+                "date" | "x-request-id" | "connection" | "server"
+            )
+        })
+        .collect();
+    fields.sort();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let bodiless = head_request || matches!(status, 100..=199 | 204 | 304);
+    let mut body = Vec::new();
+    if bodiless {
+    } else if field("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        let mut raw = Vec::new();
+        while !raw.ends_with(b"0\r\n\r\n") {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut byte))
+                .await
+                .expect("the chunked body within 5 s")
+                .unwrap();
+            assert_eq!(n, 1, "closed mid-body");
+            raw.push(byte[0]);
+        }
+        body = raw;
+    } else {
+        let length: usize = field("content-length").map_or(0, |v| v.parse().unwrap());
+        body = vec![0u8; length];
+        stream.read_exact(&mut body).await.unwrap();
+    }
+    (status, fields, body)
+}
+
+/// The differential suite: the same requests through an ingress with the plain path and one
+/// without (everything on Pingora's loop); what the pod receives and what the client gets must
+/// agree wherever the README promises they do.
+#[tokio::test]
+async fn both_engines_give_pods_and_clients_the_same_thing() {
+    let with = world("diff-plain", "plain_path = true").await;
+    let without = world("diff-pingora", "plain_path = false").await;
+    let token = material().proxy_token;
+    let requests: Vec<(String, bool)> = [
+        ("GET /", ""),
+        ("GET /a/b?c=1&d=%2F", "X-Custom: one\r\nx-custom: two\r\nAccept: text/html\r\n"),
+        ("GET /cl-twice", ""),
+        ("GET /te-cl", ""),
+        ("GET /hop", "Accept-Encoding: gzip\r\n"),
+        ("GET /204-body", ""),
+        ("HEAD /head-body", ""),
+        ("GET /", "Cookie: theme=dark; name=Jos\u{e9}\r\n"),
+        ("GET /", "X-Forwarded-For: 203.0.113.9\r\nForwarded: for=x\r\nX-Pinacle-User: a\r\n"),
+    ]
+    .iter()
+    .map(|(line, extra)| {
+        (
+            format!(
+                "{line} HTTP/1.1\r\nHost: {HOST}\r\ncookie: pinacle-proxy-token={token}\r\n{extra}\r\n"
+            ),
+            line.starts_with("HEAD"),
+        )
+    })
+    .collect();
+    for (request, head) in &requests {
+        with.pod.clear();
+        without.pod.clear();
+        let a = plain_exchange(with.plain, request.as_bytes(), *head).await;
+        let b = plain_exchange(without.plain, request.as_bytes(), *head).await;
+        assert_eq!(a, b, "the clients got different answers to {request:?}");
+        // What the pods got, but for the request id each ingress made. Pingora's header map
+        // groups fields by name, so the order of different names is not kept (RFC 9110 §5.3:
+        // it carries no meaning); the values of one name stay in order. Field names the
+        // ingress sets are in its own case on the plain path and in the client's on Pingora's.
+        let normalise = |heads: Vec<Vec<u8>>| -> Vec<(String, Vec<(String, String)>)> {
+            heads
+                .iter()
+                .map(|h| {
+                    let text = String::from_utf8_lossy(h).into_owned();
+                    let mut lines = text.lines();
+                    let line = lines.next().unwrap_or_default().to_owned();
+                    let mut fields: Vec<(String, String)> = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_owned()))
+                        .filter(|(n, _)| n != "x-request-id")
+                        .collect();
+                    fields.sort_by(|a, b| a.0.cmp(&b.0));
+                    (line, fields)
+                })
+                .collect()
+        };
+        let (pod_a, pod_b) = (normalise(with.pod.heads()), normalise(without.pod.heads()));
+        assert_eq!(pod_a.len(), 1, "{request:?}");
+        // The same request line and fields with the same values.
+        assert_eq!(
+            pod_a, pod_b,
+            "the pods got different requests for {request:?}"
+        );
+    }
+    // The requests really took both engines.
+    assert_eq!(plain_requests(&with), requests.len() as f64);
+    assert_eq!(plain_requests(&without), 0.0);
 }

@@ -418,6 +418,18 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
         .collect();
     assert_eq!(access.len(), 8, "{logs}");
     let callback = access.iter().find(|v| v["route"] == "callback").unwrap();
+    // Bodiless GETs to the pod went the plain path; the dashboard's through Pingora.
+    assert!(
+        access
+            .iter()
+            .any(|v| v["route"] == "pod" && v["engine"] == "plain")
+    );
+    assert!(
+        access
+            .iter()
+            .filter(|v| v["route"] == "dashboard")
+            .all(|v| v["engine"] == "pingora")
+    );
     assert_eq!(
         callback["path"],
         "/pinacle-proxy-callback?token=REDACTED&return_url=%2Fdocs"
@@ -435,6 +447,7 @@ async fn serve_runs_from_the_dashboards_environment_and_exits_0_on_sigterm() {
         "duration_us",
         "upstream",
         "authz",
+        "engine",
     ] {
         assert!(
             callback.get(field).is_some(),
