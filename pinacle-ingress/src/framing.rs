@@ -38,6 +38,25 @@ pub fn content_length<'a>(
 /// Response fields that belong to one hop whatever `Connection` says.
 const RESPONSE_HOP: [&[u8]; 3] = [b"connection", b"keep-alive", b"proxy-connection"];
 
+/// Request fields about this hop's framing and connection (RFC 9110 §7.6.1, RFC 9112 §6):
+/// never passed on as received. `Connection` and `Upgrade` are not listed: an upgrade keeps
+/// them (they are the switch), and every other request has its `Upgrade` removed before.
+const REQUEST_HOP: [&[u8]; 6] = [
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"content-length",
+];
+
+/// Whether a request field is the hop's own (any case): the tunnel drops these when it opens
+/// an upgrade upstream, and the plain path leaves any request that has one to Pingora, which
+/// frames bodies itself.
+pub fn is_request_hop(name: &[u8]) -> bool {
+    REQUEST_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
 /// The names a response's `Connection` values nominate (lowercase not required; compared
 /// without case).
 pub fn nominated<'a>(connection: impl IntoIterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
@@ -89,6 +108,22 @@ mod tests {
             &["99999999999999999999999"],
         ] {
             assert_eq!(length(bad), Err(BadLength), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn request_hop_fields_are_matched_in_any_case() {
+        for name in [
+            "Keep-Alive",
+            "TE",
+            "transfer-encoding",
+            "Content-Length",
+            "Trailer",
+        ] {
+            assert!(is_request_hop(name.as_bytes()), "{name}");
+        }
+        for name in ["connection", "upgrade", "host", "cookie"] {
+            assert!(!is_request_hop(name.as_bytes()), "{name}");
         }
     }
 

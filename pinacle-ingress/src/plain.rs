@@ -46,18 +46,14 @@ const COALESCE: usize = 16 * 1024;
 /// Idle connections kept per upstream address.
 const IDLE_PER_UPSTREAM: usize = 64;
 
-/// Request fields whose presence sends a request to Pingora's path: a body, an upgrade, an
-/// expectation, or hop-by-hop fields this path does not interpret.
-const NOT_PLAIN: &[&str] = &[
-    "content-length",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-    "te",
-    "trailer",
-    "proxy-connection",
-    "keep-alive",
-];
+/// Whether a request field sends the request to Pingora's path: a hop-by-hop field
+/// ([`framing::is_request_hop`]: a body, or framing this path does not interpret), an upgrade
+/// or an expectation.
+fn not_plain(name: &[u8]) -> bool {
+    framing::is_request_hop(name)
+        || name.eq_ignore_ascii_case(b"upgrade")
+        || name.eq_ignore_ascii_case(b"expect")
+}
 
 /// A bodiless HTTP/1.1 `GET` or `HEAD` whose head arrived whole.
 #[derive(Debug)]
@@ -128,7 +124,7 @@ impl PlainRequest {
                 range_in(bytes, field.value),
             ));
             let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-            if NOT_PLAIN.contains(&name.as_str()) {
+            if not_plain(name.as_str().as_bytes()) {
                 return None;
             }
             if name == http::header::CONNECTION && !field.value.eq_ignore_ascii_case(b"keep-alive")

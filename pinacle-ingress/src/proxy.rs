@@ -30,7 +30,7 @@ use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::plain::{self, Exchange, Failure, PlainRequest, UpstreamPool};
 use crate::request_id::RequestIds;
-use crate::responses::{Answer, Page, REQUEST_ID_HEADER};
+use crate::responses::{Answer, Page, REQUEST_ID_HEADER, UpstreamFailure};
 pub use crate::telemetry::RouteKind;
 use crate::telemetry::{self, FinishedRequest, Metrics};
 use crate::tunnel::{self, Opened, TunnelReport, TunnelSpec, Upgraded};
@@ -211,7 +211,9 @@ impl Default for RequestCtx {
 }
 
 /// A request counted under `max_concurrent_requests` until dropped (a WebSocket tunnel's lives
-/// with the tunnel).
+/// with the tunnel). A counter, not a tokio `Semaphore`: the limit changes on reload, which a
+/// semaphore's fixed permits cannot follow without forgetting or adding permits under load;
+/// this costs one atomic add and one subtract per request.
 #[derive(Debug)]
 struct InFlight(Arc<AtomicUsize>);
 
@@ -753,14 +755,16 @@ fn answer_for_error(e: &Error) -> Option<Answer> {
         (_, HTTPStatus(code)) if *code >= 500 => Answer::Internal,
         (_, HTTPStatus(_)) => Answer::BadRequest,
         (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
-            Answer::UpstreamTimeout
+            Answer::upstream(UpstreamFailure::TimedOut)
         }
-        (ErrorSource::Upstream, _) => Answer::UpstreamRefused,
+        (ErrorSource::Upstream, _) => Answer::upstream(UpstreamFailure::Refused),
         (ErrorSource::Downstream, WriteError | ReadError | ConnectionClosed) => return None,
         (ErrorSource::Downstream, _) => Answer::BadRequest,
-        (ErrorSource::Internal | ErrorSource::Unset, ConnectTimedout) => Answer::UpstreamTimeout,
+        (ErrorSource::Internal | ErrorSource::Unset, ConnectTimedout) => {
+            Answer::upstream(UpstreamFailure::TimedOut)
+        }
         (ErrorSource::Internal | ErrorSource::Unset, ConnectRefused | ConnectNoRoute) => {
-            Answer::UpstreamRefused
+            Answer::upstream(UpstreamFailure::Refused)
         }
         (ErrorSource::Internal | ErrorSource::Unset, _) => Answer::Internal,
     })
@@ -1175,10 +1179,10 @@ impl PlainRequests for Ingress {
         ctx.status = done.status;
         ctx.connect_failed = done.connect_failed;
         if let Some(failure) = done.failure.filter(|f| f.answerable()) {
-            let answer = match failure {
-                Failure::TimedOut => Answer::UpstreamTimeout,
-                _ => Answer::UpstreamRefused,
-            };
+            let answer = Answer::upstream(match failure {
+                Failure::TimedOut => UpstreamFailure::TimedOut,
+                _ => UpstreamFailure::Refused,
+            });
             done.status = self
                 .answer_plain(conn, &mut ctx, &answer, &request.method)
                 .await;

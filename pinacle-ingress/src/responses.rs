@@ -67,6 +67,16 @@ pub enum Answer {
     TooManyConnections,
 }
 
+/// How an upstream failed, as every engine reports it before any byte of an answer reached the
+/// client: the one mapping from upstream failures to our answers ([`Answer::upstream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Refused, reset, closed without an answer, or answered what cannot be relayed: 502.
+    Refused,
+    /// No connection or no answer in time: 504.
+    TimedOut,
+}
+
 /// A response ready to be written: header and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -125,6 +135,14 @@ impl Answer {
         "request-header-timeout",
         "too-many-connections",
     ];
+
+    /// Our answer to an upstream failure (every engine's).
+    pub fn upstream(failure: UpstreamFailure) -> Self {
+        match failure {
+            UpstreamFailure::Refused => Self::UpstreamRefused,
+            UpstreamFailure::TimedOut => Self::UpstreamTimeout,
+        }
+    }
 
     /// The stable name of the answer (the marker header's value and the logs' `answer`).
     pub fn name(&self) -> &'static str {

@@ -34,19 +34,9 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
-use crate::responses::{Answer, REQUEST_ID_HEADER};
+use crate::responses::{Answer, REQUEST_ID_HEADER, UpstreamFailure};
 use crate::telemetry::Metrics;
 use crate::upstream::{HeaderEdit, Target};
-
-/// Request fields that describe this hop only (the upgrade pair is kept).
-const HOP_BY_HOP: &[&str] = &[
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "content-length",
-];
 
 /// What happened, for the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,17 +83,17 @@ impl Drop for OpenTunnel<'_> {
 }
 
 fn upstream_error(e: &hyper::Error) -> Answer {
-    if e.is_timeout() {
-        Answer::UpstreamTimeout
+    Answer::upstream(if e.is_timeout() {
+        UpstreamFailure::TimedOut
     } else {
-        Answer::UpstreamRefused
-    }
+        UpstreamFailure::Refused
+    })
 }
 
 async fn within<T>(limit: Duration, fut: impl Future<Output = T>) -> Result<T, Answer> {
     tokio::time::timeout(limit, fut)
         .await
-        .map_err(|_| Answer::UpstreamTimeout)
+        .map_err(|_| Answer::upstream(UpstreamFailure::TimedOut))
 }
 
 /// Builds the upstream request from the client's, with the edits applied.
@@ -120,7 +110,7 @@ fn upstream_request(
     let headers = builder.headers_mut().ok_or(Answer::Internal)?;
     for (name, value) in &req.headers {
         let edited = edits.iter().any(|e| e.edits(name.as_str().as_bytes()));
-        if !edited && !HOP_BY_HOP.contains(&name.as_str()) {
+        if !edited && !crate::framing::is_request_hop(name.as_str().as_bytes()) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -218,7 +208,7 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
         tokio::net::TcpStream::connect(addr),
     )
     .await?
-    .map_err(|_| Answer::UpstreamRefused)?;
+    .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
     let _ = stream.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -232,7 +222,7 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
         .map_err(|e| upstream_error(&e))?;
     let status = response.status().as_u16();
     let header = response_header(&response, spec.strip_response_headers, spec.request_id)
-        .map_err(|_| Answer::UpstreamRefused)?;
+        .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
 
     if status != 101 {
         return Ok(Opened::Refused(
