@@ -616,6 +616,43 @@ async fn addresses_in_use_end_serve_with_their_name() {
         assert!(!stderr.contains('\u{1b}'), "{stderr}");
     }
     drop(taken);
+
+    // Two instances of ours on one admin address: the second refuses to start, instead of
+    // sharing it (SO_REUSEPORT) and answering half the health checks.
+    let admin = format!("127.0.0.1:{}", reserve_port());
+    let start_one = |log: &str| {
+        let listen = format!("127.0.0.1:{}", reserve_port());
+        let child = command(
+            &["serve"],
+            &[
+                ("NEXTAUTH_SECRET", SECRET),
+                ("PINACLE_INGRESS_LISTEN", listen.as_str()),
+                ("PINACLE_INGRESS_ADMIN_LISTEN", admin.as_str()),
+                (
+                    "PINACLE_INGRESS_DIRECTORY_FILE",
+                    directory.to_str().unwrap(),
+                ),
+                ("PINACLE_INGRESS_THREADS", "1"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(dir.join(log)).unwrap()))
+        .spawn()
+        .unwrap();
+        (Process(Some(child)), listen)
+    };
+    let (first, first_listen) = start_one("first.log");
+    wait_for_port(first_listen.parse().unwrap()).await;
+    let (second, _) = start_one("second.log");
+    let mut second = second.into_child();
+    let status = wait_exit(&mut second, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2));
+    let stderr = std::fs::read_to_string(dir.join("second.log")).unwrap();
+    assert!(
+        stderr.contains(&format!("admin_listen {admin}")),
+        "{stderr}"
+    );
+    drop(first);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
