@@ -44,22 +44,26 @@ fn trim(bytes: &[u8]) -> &[u8] {
 /// The non-empty segments of a `Cookie` header, in order. A segment's position in this
 /// iteration is its index for [`without_segments`].
 pub fn segments(header: &[u8]) -> impl Iterator<Item = Segment<'_>> {
+    raw_segments(header).map(|raw| {
+        let pair = raw.iter().position(|b| *b == b'=').and_then(|eq| {
+            let name = trim(raw.get(..eq).unwrap_or_default());
+            let value = trim(raw.get(eq + 1..).unwrap_or_default());
+            let value = value
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(value);
+            (!name.is_empty()).then_some(CookiePair { name, value })
+        });
+        Segment { raw, pair }
+    })
+}
+
+/// The segments' bytes alone (no pair parsing: what removal needs).
+fn raw_segments(header: &[u8]) -> impl Iterator<Item = &[u8]> {
     header
         .split(|b| *b == b';')
         .map(trim)
         .filter(|raw| !raw.is_empty())
-        .map(|raw| {
-            let pair = raw.iter().position(|b| *b == b'=').and_then(|eq| {
-                let name = trim(raw.get(..eq).unwrap_or_default());
-                let value = trim(raw.get(eq + 1..).unwrap_or_default());
-                let value = value
-                    .strip_prefix(b"\"")
-                    .and_then(|v| v.strip_suffix(b"\""))
-                    .unwrap_or(value);
-                (!name.is_empty()).then_some(CookiePair { name, value })
-            });
-            Segment { raw, pair }
-        })
 }
 
 /// The `name=value` pairs of a `Cookie` header (segments without `=` are skipped, as browsers
@@ -100,14 +104,14 @@ pub fn match_name(name: &[u8], base: &str) -> Option<NameMatch> {
 /// itself when nothing is removed; `None` when nothing is left (drop the field).
 pub fn without_segments<'h>(header: &'h [u8], remove: &[usize]) -> Option<Cow<'h, [u8]>> {
     if remove.is_empty() {
-        return segments(header)
+        return raw_segments(header)
             .next()
             .is_some()
             .then_some(Cow::Borrowed(header));
     }
     let mut out = Vec::with_capacity(header.len());
     let mut skip = remove.iter().peekable();
-    for (index, segment) in segments(header).enumerate() {
+    for (index, raw) in raw_segments(header).enumerate() {
         while skip.next_if(|r| **r < index).is_some() {}
         if skip.next_if_eq(&&index).is_some() {
             continue;
@@ -115,7 +119,7 @@ pub fn without_segments<'h>(header: &'h [u8], remove: &[usize]) -> Option<Cow<'h
         if !out.is_empty() {
             out.extend_from_slice(b"; ");
         }
-        out.extend_from_slice(segment.raw);
+        out.extend_from_slice(raw);
     }
     (!out.is_empty()).then_some(Cow::Owned(out))
 }

@@ -247,12 +247,18 @@ pub struct Inspection {
     /// forwarded: every proxy token, every cookie that is the dashboard's, every chunk that cannot
     /// be attributed to one cookie.
     stripped: Vec<usize>,
+    /// How many segments the header had.
+    segments: usize,
 }
 
 impl Inspection {
     /// The `Cookie` header to forward upstream: the header inspected without its credential
     /// segments, everything else byte for byte. `None` when nothing is left (drop the field).
     pub fn forwardable_cookie_header<'h>(&self, header: &'h [u8]) -> Option<Cow<'h, [u8]>> {
+        if self.segments > 0 && self.stripped.len() == self.segments {
+            // Only credentials (the usual header of a tab that has just one): nothing left.
+            return None;
+        }
         cookies::without_segments(header, &self.stripped)
     }
 
@@ -560,7 +566,9 @@ impl CredentialVerifier {
     pub fn inspect(&self, cookie_header: impl AsRef<[u8]>, now: i64) -> Inspection {
         let header = cookie_header.as_ref();
         let mut found: Vec<Found<'_>> = Vec::new();
+        let mut segments = 0;
         for (index, segment) in cookies::segments(header).enumerate() {
+            segments = index + 1;
             let Some(pair) = segment.pair else { continue };
             if let Some(m) = cookies::match_name(pair.name, &self.proxy_cookie) {
                 found.push(Found {
@@ -583,6 +591,7 @@ impl CredentialVerifier {
             return Inspection {
                 verification: Verification::Decided(Outcome::Missing),
                 stripped: Vec::new(),
+                segments,
             };
         }
         let mut choice = Choice::default();
@@ -596,6 +605,7 @@ impl CredentialVerifier {
         Inspection {
             verification: choice.verdict(),
             stripped,
+            segments,
         }
     }
 
