@@ -1130,26 +1130,8 @@ impl PlainRequests for Ingress {
                 let status = self
                     .answer_plain(conn, &mut ctx, &answer, &request.method)
                     .await;
-                conn.request_done();
-                ctx.in_flight = None;
-                self.metrics.plain_request();
-                record(
-                    &self.metrics,
-                    &ctx,
-                    Facts::Plain {
-                        client,
-                        method: &request.method,
-                        uri: &request.uri,
-                    },
-                    &Ending {
-                        status,
-                        bytes_in: 0,
-                        bytes_out: 0,
-                        upgraded: false,
-                        idle_timeout: false,
-                        error: if status == 0 { "client_gone" } else { "" },
-                    },
-                );
+                let error = if status == 0 { "client_gone" } else { "" };
+                self.finish_plain(conn, ctx, &request, client, (status, 0, error));
                 return Served::Close;
             }
         };
@@ -1187,6 +1169,33 @@ impl PlainRequests for Ingress {
                 .answer_plain(conn, &mut ctx, &answer, &request.method)
                 .await;
         }
+        let error = done.failure.map_or("", Failure::as_str);
+        self.finish_plain(
+            conn,
+            ctx,
+            &request,
+            client,
+            (done.status, done.body_bytes, error),
+        );
+        if done.keep_client {
+            Served::KeepAlive
+        } else {
+            Served::Close
+        }
+    }
+}
+
+impl Ingress {
+    /// Ends a request the plain path served: frees its place, counts and logs it with its
+    /// `(status, body bytes sent, error)`.
+    fn finish_plain(
+        &self,
+        conn: &mut HeaderDeadline,
+        mut ctx: RequestCtx,
+        request: &PlainRequest,
+        client: Option<std::net::SocketAddr>,
+        (status, bytes_out, error): (u16, u64, &str),
+    ) {
         conn.request_done();
         ctx.in_flight = None;
         self.metrics.plain_request();
@@ -1199,23 +1208,16 @@ impl PlainRequests for Ingress {
                 uri: &request.uri,
             },
             &Ending {
-                status: done.status,
+                status,
                 bytes_in: 0,
-                bytes_out: done.body_bytes,
+                bytes_out,
                 upgraded: false,
                 idle_timeout: false,
-                error: done.failure.map_or("", Failure::as_str),
+                error,
             },
         );
-        if done.keep_client {
-            Served::KeepAlive
-        } else {
-            Served::Close
-        }
     }
-}
 
-impl Ingress {
     /// Writes one of our answers on the plain path (the connection then closes); its status,
     /// or 0 when the client is gone.
     async fn answer_plain(

@@ -1011,21 +1011,26 @@ async fn upstream_refused_is_502_and_silence_is_504(pool: PgPool) {
     );
 }
 
-#[tokio::test]
-async fn an_unreachable_directory_is_503_never_a_denial() {
-    // Nothing listens on this port: every lookup fails.
-    let url = format!("postgres://postgres@127.0.0.1:{}/none", reserve_port());
+/// An ingress whose directory is a database at `url` that cannot answer (waits bounded at
+/// 300 ms), and its dashboard.
+async fn without_database(url: &str) -> (Running, SocketAddr, upstream::Upstream) {
     let directory = pinacle_authz::PostgresDirectory::connect_lazy(
-        &url,
+        url,
         &pinacle_authz::PostgresOptions {
-            acquire_timeout: Duration::from_millis(500),
+            acquire_timeout: Duration::from_millis(300),
+            query_timeout: Duration::from_millis(300),
             ..Default::default()
         },
     )
     .unwrap();
     let dashboard = upstream::http_echo("dashboard").await;
-    let (_ingress, addr) = start_ingress(Arc::new(directory), dashboard.addr, "").await;
-    let r = client::get(
+    let (ingress, addr) = start_ingress(Arc::new(directory), dashboard.addr, "").await;
+    (ingress, addr, dashboard)
+}
+
+/// `GET /` to pod `demo` with ada's session.
+async fn demo_as_ada(addr: SocketAddr) -> Collected {
+    client::get(
         addr,
         "/",
         &[
@@ -1033,7 +1038,15 @@ async fn an_unreachable_directory_is_503_never_a_denial() {
             ("cookie", &session_cookie("ada")),
         ],
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn an_unreachable_directory_is_503_never_a_denial() {
+    // Nothing listens on this port: every lookup fails.
+    let url = format!("postgres://postgres@127.0.0.1:{}/none", reserve_port());
+    let (_ingress, addr, _dashboard) = without_database(&url).await;
+    let r = demo_as_ada(addr).await;
     assert_eq!(r.status, 503);
     assert_ours(&r, "authorization-unavailable");
     // Without credentials it is still a plain 401: nothing needed the directory.
@@ -1435,26 +1448,8 @@ async fn plain_requests_relay_every_framing_on_kept_connections(pool: PgPool) {
 async fn a_directory_outage_costs_one_wait_per_request() {
     let black_hole = upstream::silent().await;
     let url = format!("postgres://postgres@{}/none", black_hole.addr);
-    let directory = pinacle_authz::PostgresDirectory::connect_lazy(
-        &url,
-        &pinacle_authz::PostgresOptions {
-            acquire_timeout: Duration::from_millis(300),
-            query_timeout: Duration::from_millis(300),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let dashboard = upstream::http_echo("dashboard").await;
-    let (ingress, addr) = start_ingress(Arc::new(directory), dashboard.addr, "").await;
-    let r = client::get(
-        addr,
-        "/",
-        &[
-            ("host", "localhost-3000-pod-demo.pinacle.test"),
-            ("cookie", &session_cookie("ada")),
-        ],
-    )
-    .await;
+    let (ingress, addr, _dashboard) = without_database(&url).await;
+    let r = demo_as_ada(addr).await;
     assert_eq!(r.status, 503);
     assert_ours(&r, "authorization-unavailable");
     let errors: f64 = ingress

@@ -90,6 +90,30 @@ fn keep_requesting(listen: SocketAddr) -> (Arc<AtomicBool>, tokio::task::JoinHan
     (stop, load)
 }
 
+/// The old process exits 0 (bounded), then the requests stop: none failed, and answers came
+/// from two processes.
+async fn old_exits_and_no_request_failed(
+    old: &mut Killed,
+    stop: Arc<AtomicBool>,
+    load: tokio::task::JoinHandle<Seen>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = old.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed, processes) = load.await.unwrap();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(ok > 50, "only {ok} requests");
+    assert_eq!(processes.len(), 2, "answers came from {processes:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_takes_over_without_a_failed_request() {
     let dashboard = upstream::http_echo("dashboard").await;
@@ -120,21 +144,7 @@ async fn a_new_process_takes_over_without_a_failed_request() {
     // The new process waits on the upgrade socket; the old one hands its listener over.
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(&old.0, "QUIT");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = old.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let (ok, failed, processes) = load.await.unwrap();
-    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
-    assert!(ok > 50, "only {ok} requests");
-    assert_eq!(processes.len(), 2, "answers came from {processes:?}");
+    old_exits_and_no_request_failed(&mut old, stop, load).await;
     drop(new);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -204,21 +214,7 @@ async fn sigusr2_upgrades_in_place_and_tells_systemd_the_new_main_pid() {
     }
     let successor = Successor(new_pid);
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = old.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let (ok, failed, processes) = load.await.unwrap();
-    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
-    assert!(ok > 50, "only {ok} requests");
-    assert_eq!(processes.len(), 2, "answers came from {processes:?}");
+    old_exits_and_no_request_failed(&mut old, stop, load).await;
     drop(successor);
     // Gone within a few seconds of SIGINT.
     let proc_dir = std::path::PathBuf::from(format!("/proc/{new_pid}"));
