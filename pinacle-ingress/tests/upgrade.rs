@@ -90,6 +90,27 @@ fn keep_requesting(listen: SocketAddr) -> (Arc<AtomicBool>, tokio::task::JoinHan
     (stop, load)
 }
 
+/// The environment of a `serve` on `listen` routing everything to `dashboard`, its upgrade
+/// socket in `dir`.
+fn serve_env(
+    listen: SocketAddr,
+    dashboard: SocketAddr,
+    dir: &std::path::Path,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("NEXTAUTH_SECRET", "upgrade-test-secret".to_owned()),
+        ("PINACLE_INGRESS_LISTEN", listen.to_string()),
+        ("PINACLE_INGRESS_DASHBOARD_UPSTREAM", dashboard.to_string()),
+        ("PINACLE_INGRESS_ADMIN_LISTEN", "off".to_owned()),
+        ("PINACLE_INGRESS_THREADS", "1".to_owned()),
+        ("PINACLE_INGRESS_SHUTDOWN_GRACE_PERIOD", "1s".to_owned()),
+        (
+            "PINACLE_INGRESS_UPGRADE_SOCK",
+            dir.join("upgrade.sock").display().to_string(),
+        ),
+    ]
+}
+
 /// The old process exits 0 (bounded), then the requests stop: none failed, and answers came
 /// from two processes.
 async fn old_exits_and_no_request_failed(
@@ -120,21 +141,7 @@ async fn a_new_process_takes_over_without_a_failed_request() {
     let dir = std::env::temp_dir().join(format!("pinacle-upgrade-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
-    let env = vec![
-        ("NEXTAUTH_SECRET", "upgrade-test-secret".to_owned()),
-        ("PINACLE_INGRESS_LISTEN", listen.to_string()),
-        (
-            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
-            dashboard.addr.to_string(),
-        ),
-        ("PINACLE_INGRESS_ADMIN_LISTEN", "off".to_owned()),
-        ("PINACLE_INGRESS_THREADS", "1".to_owned()),
-        ("PINACLE_INGRESS_SHUTDOWN_GRACE_PERIOD", "1s".to_owned()),
-        (
-            "PINACLE_INGRESS_UPGRADE_SOCK",
-            dir.join("upgrade.sock").display().to_string(),
-        ),
-    ];
+    let env = serve_env(listen, dashboard.addr, &dir);
     let mut old = start(&env, false);
     wait_for_port(listen).await;
 
@@ -169,22 +176,8 @@ async fn sigusr2_upgrades_in_place_and_tells_systemd_the_new_main_pid() {
     let notify_path = dir.join("notify.sock");
     let notifications = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
     let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
-    let env = vec![
-        ("NEXTAUTH_SECRET", "upgrade-test-secret".to_owned()),
-        ("NOTIFY_SOCKET", notify_path.display().to_string()),
-        ("PINACLE_INGRESS_LISTEN", listen.to_string()),
-        (
-            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
-            dashboard.addr.to_string(),
-        ),
-        ("PINACLE_INGRESS_ADMIN_LISTEN", "off".to_owned()),
-        ("PINACLE_INGRESS_THREADS", "1".to_owned()),
-        ("PINACLE_INGRESS_SHUTDOWN_GRACE_PERIOD", "1s".to_owned()),
-        (
-            "PINACLE_INGRESS_UPGRADE_SOCK",
-            dir.join("upgrade.sock").display().to_string(),
-        ),
-    ];
+    let mut env = serve_env(listen, dashboard.addr, &dir);
+    env.push(("NOTIFY_SOCKET", notify_path.display().to_string()));
     let mut old = start(&env, false);
     let old_pid = old.0.id();
     assert_eq!(
