@@ -51,6 +51,8 @@ PROXY_CPU = "0"
 LOAD_CPU = "1" if (os.cpu_count() or 1) >= 2 else "0"
 
 WORK = tempfile.mkdtemp(prefix="pinacle-load-")
+# The rows that also get a POST with a 1 KiB body (Pingora's path in the ingress).
+POST_ROWS = ("nginx", "pingora-floor", "ingress-dashboard", "pinacle-ingress", "ingress-baseline")
 # nginx workers started by root run as nobody: they must be able to read the files.
 os.chmod(WORK, 0o755)
 PROCS = []
@@ -161,11 +163,21 @@ def to_ms(value):
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(port, host, cookie, path, pids):
+# wrk's script for the POST row: a 1 KiB body on every request.
+POST_SCRIPT = 'wrk.method = "POST"\nwrk.body = string.rep("x", 1024)\n' \
+    'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+
+
+def wrk(port, host, cookie, path, pids, post=False):
     cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s",
            "--latency", "--timeout", "10s", "-H", f"Host: {host}"]
     if cookie:
         cmd += ["-H", f"Cookie: {cookie}"]
+    if post:
+        script = os.path.join(WORK, "post.lua")
+        if not os.path.exists(script):
+            write(script, POST_SCRIPT)
+        cmd += ["-s", script]
     cmd.append(f"http://127.0.0.1:{port}{path}")
     before = cpu_seconds(pids)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 60).stdout
@@ -287,7 +299,8 @@ events {{ worker_connections 8192; }}
 http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
   client_body_temp_path {WORK}/ob; proxy_temp_path {WORK}/op; fastcgi_temp_path {WORK}/of;
   uwsgi_temp_path {WORK}/ou; scgi_temp_path {WORK}/os;
-  server {{ listen 127.0.0.1:{port}; root {www}; location / {{ }} }} }}
+  server {{ listen 127.0.0.1:{port}; root {www}; location / {{ }}
+    location = /post {{ client_body_buffer_size 64k; return 200 "ok"; }} }} }}
 """)
     start("origin", [NGINX, "-c", conf, "-p", WORK], LOAD_CPU)
     wait_port(port)
@@ -573,6 +586,10 @@ def main():
                 log(f"round {round_no}/{ROUNDS} {name}: HTTP {label}")
                 runs[name].setdefault(label, []).append(
                     wrk(port, host, cookie_value, path, pids))
+            if name in POST_ROWS:
+                log(f"round {round_no}/{ROUNDS} {name}: POST 1 KiB")
+                runs[name].setdefault("post1k", []).append(
+                    wrk(port, host, cookie_value, "/post", pids, post=True))
             if ws_port is not None:
                 log(f"round {round_no}/{ROUNDS} {name}: WebSocket echo")
                 ws_host = "ws" if name == "direct" else WS_HOST
@@ -582,6 +599,8 @@ def main():
     for name, port, host, cookie_value, ws_port, ws_cookie, proc in targets:
         entry = {"1k": median_round(runs[name]["1k"], "rps"),
                  "100k": median_round(runs[name]["100k"], "rps")}
+        if "post1k" in runs[name]:
+            entry["post1k"] = median_round(runs[name]["post1k"], "rps")
         if "ws" in runs[name]:
             entry["ws"] = median_round(runs[name]["ws"], "per_second")
         if proc:
@@ -680,6 +699,16 @@ def render(meta, r):
                 f"{ratio(m['rps'], nginx[body]['rps'])} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
                 f"{ratio(m['p99_ms'], nginx[body]['p99_ms'])} | "
                 f"{'n/a (origin)' if cpu is None or name == 'direct' else f'{cpu:.1f}'} |")
+    lines += ["", "## POST with a 1 KiB body (the ingress: Pingora's path)", "",
+              "| proxy | requests/s | ratio | p99 ms | CPU µs/request |", "|---|---|---|---|---|"]
+    for name in ("nginx", "pingora-floor", "ingress-dashboard", "pinacle-ingress", "ingress-baseline"):
+        if name not in r or "post1k" not in r[name]:
+            continue
+        m = r[name]["post1k"]
+        cpu = m.get("cpu_us_per_request")
+        errors = f" ({m['errors']} errors)" if m.get("errors") else ""
+        lines.append(f"| {name} | {m['rps']:,.0f}{errors} | {ratio(m['rps'], nginx.get('post1k', {}).get('rps'))} | "
+                     f"{m['p99_ms']:.2f} | {'n/a' if cpu is None else f'{cpu:.1f}'} |")
     lines += ["", "## WebSocket echo", "",
               "| proxy | messages/s | ratio | p50 µs | p99 µs | p99 ratio | CPU µs/message |",
               "|---|---|---|---|---|---|---|"]
