@@ -328,7 +328,9 @@ async fn refuse(shared: &Shared, mut stream: Stream) {
     }
     let mut scratch = [0u8; 4096];
     let _ = tokio::time::timeout(ANSWER_GRACE, stream.read(&mut scratch)).await;
-    let bytes = answer.reply(false).http1_bytes(answer.name(), &request_id);
+    let bytes = answer
+        .reply(false)
+        .http1_bytes(answer.name(), &request_id, true);
     let sent = tokio::time::timeout(ANSWER_GRACE, async {
         stream.write_all(&bytes).await?;
         stream.flush().await
@@ -503,7 +505,9 @@ impl HeaderDeadline {
             "request head too slow"
         );
         self.late = Some(LateAnswer {
-            bytes: answer.reply(false).http1_bytes(answer.name(), &request_id),
+            bytes: answer
+                .reply(false)
+                .http1_bytes(answer.name(), &request_id, true),
             written: 0,
         });
         self.deadline.as_mut().reset(Instant::now() + ANSWER_GRACE);

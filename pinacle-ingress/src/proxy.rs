@@ -1127,12 +1127,18 @@ impl PlainRequests for Ingress {
             Ok(target) => target,
             Err(answer) => {
                 conn.take_pending_head();
+                // The request had no body and asked for keep-alive: the connection stays
+                // open as on Pingora's path, unless the ingress is stopping.
                 let status = self
-                    .answer_plain(conn, &mut ctx, &answer, &request.method)
+                    .answer_plain(conn, &mut ctx, &answer, &request.method, stopping)
                     .await;
                 let error = if status == 0 { "client_gone" } else { "" };
                 self.finish_plain(conn, ctx, &request, client, (status, 0, error));
-                return Served::Close;
+                return if status == 0 || stopping {
+                    Served::Close
+                } else {
+                    Served::KeepAlive
+                };
             }
         };
         let (addr, group) = match &target {
@@ -1166,7 +1172,7 @@ impl PlainRequests for Ingress {
                 _ => UpstreamFailure::Refused,
             });
             done.status = self
-                .answer_plain(conn, &mut ctx, &answer, &request.method)
+                .answer_plain(conn, &mut ctx, &answer, &request.method, true)
                 .await;
         }
         let error = done.failure.map_or("", Failure::as_str);
@@ -1218,21 +1224,22 @@ impl Ingress {
         );
     }
 
-    /// Writes one of our answers on the plain path (the connection then closes); its status,
-    /// or 0 when the client is gone.
+    /// Writes one of our answers on the plain path, with `connection: close` when `close`;
+    /// its status, or 0 when the client is gone.
     async fn answer_plain(
         &self,
         conn: &mut HeaderDeadline,
         ctx: &mut RequestCtx,
         answer: &Answer,
         method: &http::Method,
+        close: bool,
     ) -> u16 {
         use tokio::io::AsyncWriteExt;
 
         let config = self.config();
         let reply = answer.reply_for(&Self::page(&config, ctx));
         ctx.answer = Some(answer.name());
-        let mut bytes = reply.http1_bytes(answer.name(), &ctx.request_id);
+        let mut bytes = reply.http1_bytes(answer.name(), &ctx.request_id, close);
         if *method == http::Method::HEAD {
             bytes.truncate(bytes.len().saturating_sub(reply.body.len()));
         }

@@ -407,9 +407,9 @@ impl Reply {
 }
 
 impl Reply {
-    /// The whole HTTP/1.1 response as bytes, with `connection: close`, for answers written
-    /// before Pingora has a request (the connection limits).
-    pub fn http1_bytes(&self, marker: &'static str, request_id: &str) -> Vec<u8> {
+    /// The whole HTTP/1.1 response as bytes, for answers written outside Pingora (the
+    /// connection limits, the plain path's denials); `close` adds `connection: close`.
+    pub fn http1_bytes(&self, marker: &'static str, request_id: &str, close: bool) -> Vec<u8> {
         let reason = http::StatusCode::from_u16(self.status)
             .ok()
             .and_then(|s| s.canonical_reason())
@@ -420,7 +420,8 @@ impl Reply {
         }
         head.push_str(&format!(
             "{MARKER_HEADER}: {marker}\r\n{REQUEST_ID_HEADER}: {request_id}\r\n\
-             cache-control: no-store\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+             cache-control: no-store\r\n{}content-length: {}\r\n\r\n",
+            if close { "connection: close\r\n" } else { "" },
             self.body.len()
         ));
         let mut bytes = head.into_bytes();
@@ -694,7 +695,9 @@ mod tests {
     #[test]
     fn raw_answers_are_complete_http1_responses() {
         let answer = Answer::TooManyConnections;
-        let bytes = answer.reply(false).http1_bytes(answer.name(), "req-2");
+        let bytes = answer
+            .reply(false)
+            .http1_bytes(answer.name(), "req-2", true);
         let text = String::from_utf8(bytes).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(
@@ -713,10 +716,18 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())));
         assert_eq!(body, r#"{"error":"Too many connections"}"#);
         let timeout = Answer::RequestHeaderTimeout.reply(false);
-        let text = String::from_utf8(timeout.http1_bytes("request-header-timeout", "r")).unwrap();
+        let text =
+            String::from_utf8(timeout.http1_bytes("request-header-timeout", "r", true)).unwrap();
         assert!(
             text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
             "{text}"
+        );
+        let kept =
+            String::from_utf8(answer.reply(false).http1_bytes(answer.name(), "r", false)).unwrap();
+        assert!(!kept.to_ascii_lowercase().contains("connection:"), "{kept}");
+        assert!(
+            kept.ends_with(r#"{"error":"Too many connections"}"#),
+            "{kept}"
         );
     }
 

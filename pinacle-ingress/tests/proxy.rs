@@ -334,6 +334,42 @@ async fn stranger_and_pending_invitee_get_403(pool: PgPool) {
     assert_eq!(w.echo.connection_count(), 0);
 }
 
+/// A denial keeps the client's connection open on both engines: a tab that met a 401 or a
+/// 403 goes on to use the same connection once it has a credential.
+#[sqlx::test(migrations = "../migrations")]
+async fn denials_keep_the_connection_alive(pool: PgPool) {
+    let w = world(pool).await;
+    let host = w.app_host("demo");
+    let plain = "pinacle_ingress_plain_requests_total";
+    let before = metric_or_zero(&w.ingress, plain);
+    let ada = session_cookie("ada");
+    let mal = session_cookie("mal");
+    let mut conn = Connection::open(w.addr).await;
+    let steps: [(&[(&str, &str)], u16); 5] = [
+        (&[("sec-fetch-mode", "cors")], 401),
+        (&[("cookie", &mal)], 403),
+        (&[("cookie", &ada)], 200),
+        (&[("cookie", &mal)], 403),
+        (&[("cookie", &ada)], 200),
+    ];
+    for (i, (extra, status)) in steps.iter().enumerate() {
+        let mut headers = vec![("host", host.as_str())];
+        headers.extend_from_slice(extra);
+        let method = if i == 3 { "HEAD" } else { "GET" };
+        let r = conn.request(method, "/", &headers).await;
+        assert_eq!(r.status, *status, "step {i}: {}", r.text());
+        // Pingora says `keep-alive`, the plain path nothing: HTTP/1.1's default.
+        assert_ne!(r.header("connection"), Some("close"), "step {i}");
+        if *status != 200 {
+            assert!(r.header("x-pinacle-ingress").is_some(), "step {i}");
+        }
+        if method == "HEAD" {
+            assert_eq!(r.text(), "", "a HEAD answer has no body");
+        }
+    }
+    wait_for_metric(&w.ingress, plain, before + served_plain(5.0)).await;
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn archived_pod_is_unreachable_and_stopped_pod_is_503(pool: PgPool) {
     let w = world(pool).await;
