@@ -68,6 +68,8 @@ struct Shared {
     /// Swapped by a reload (SIGHUP).
     limits: Arc<ArcSwap<Limits>>,
     open: AtomicUsize,
+    /// HTTP/1 connections not idle between requests (see [`Busy`]).
+    busy: Arc<AtomicUsize>,
     metrics: Metrics,
     ids: RequestIds,
 }
@@ -115,6 +117,7 @@ impl<A> Gate<A> {
             shared: Arc::new(Shared {
                 limits: Arc::new(ArcSwap::from_pointee(limits)),
                 open: AtomicUsize::new(0),
+                busy: Arc::new(AtomicUsize::new(0)),
                 metrics,
                 ids: RequestIds::new(),
             }),
@@ -126,6 +129,13 @@ impl<A> Gate<A> {
     /// that follow.
     pub fn limits(&self) -> Arc<ArcSwap<Limits>> {
         self.shared.limits.clone()
+    }
+
+    /// How many HTTP/1 connections are accepted and not idle between requests: waiting for
+    /// their first request or serving one. A graceful stop waits for these as well as for the
+    /// requests in flight (a request is only counted once its head is read).
+    pub fn busy(&self) -> Arc<AtomicUsize> {
+        self.shared.busy.clone()
     }
 
     /// Lets `plain` serve the requests it takes before the app sees them.
@@ -150,6 +160,22 @@ impl Slot {
             .ok()?;
         shared.metrics.connections(1);
         Some(Self(shared.clone()))
+    }
+}
+
+/// A connection counted in [`Gate::busy`] while it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -223,11 +249,19 @@ impl<A: HttpServerApp + Send + Sync + 'static> Gate<A> {
                 .is_none()
         });
         let mut first = true;
+        // Busy from the accept (a request is on its way) until idle after a request.
+        let mut busy = Some(Busy::enter(&self.shared.busy));
         loop {
+            if !first {
+                busy = None;
+            }
             // The first head's deadline runs from the connection's start.
             let arrived = conn.wait_for_request((!first).then_some(shutdown)).await;
             if !arrived {
                 return None;
+            }
+            if busy.is_none() {
+                busy = Some(Busy::enter(&self.shared.busy));
             }
             first = false;
             if let Some(plain) = plain {

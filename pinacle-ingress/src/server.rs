@@ -194,10 +194,21 @@ fn notify_when_serving(side: &tokio::runtime::Runtime, server: &Server) {
     });
 }
 
+/// How often a graceful stop checks whether the process is idle.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Once a graceful stop has begun, ends the process as soon as no request or tunnel is in
-/// flight. Pingora sleeps the whole grace period unconditionally (`Server::run_server` in
-/// pingora-core 0.9.1, `thread::sleep(grace_period_seconds)`); remove this once it stops early.
-fn exit_when_idle(side: &tokio::runtime::Runtime, server: &Server, in_flight: Arc<AtomicUsize>) {
+/// flight and no HTTP/1 connection is busy (accepted with its request on the way, or serving
+/// one), on two checks [`IDLE_CHECK`] apart: a connection accepted just before the stop reaches
+/// the gate in between (exiting under it would reset it). Pingora sleeps the whole grace
+/// period unconditionally (`Server::run_server` in pingora-core 0.9.1,
+/// `thread::sleep(grace_period_seconds)`); remove this once it stops early.
+fn exit_when_idle(
+    side: &tokio::runtime::Runtime,
+    server: &Server,
+    in_flight: Arc<AtomicUsize>,
+    busy: Arc<AtomicUsize>,
+) {
     let mut phases = server.watch_execution_phase();
     side.spawn(async move {
         loop {
@@ -209,12 +220,16 @@ fn exit_when_idle(side: &tokio::runtime::Runtime, server: &Server, in_flight: Ar
                 Err(_) => return,
             }
         }
+        let idle = || in_flight.load(Ordering::SeqCst) == 0 && busy.load(Ordering::SeqCst) == 0;
+        let mut idle_before = false;
         loop {
-            if in_flight.load(Ordering::SeqCst) == 0 {
+            let now = idle();
+            if now && idle_before {
                 tracing::info!("graceful stop: nothing in flight, exiting");
                 std::process::exit(0);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            idle_before = now;
+            tokio::time::sleep(IDLE_CHECK).await;
         }
     });
 }
@@ -307,6 +322,7 @@ pub fn build(
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
     let gate = Gate::new(proxy, limits, prepared.metrics.clone()).with_plain_requests(plain);
     let limits = gate.limits();
+    let busy = gate.busy();
     let mut service = Service::new("pinacle-ingress".to_owned(), gate);
     service.add_listener(ListenerConfig::tcp(listen).l4_buffer(plain_buffers()));
     if let (Some(tls), Some(certs)) = (tls, &prepared.certs) {
@@ -334,6 +350,7 @@ pub fn build(
         server,
         authorizer,
         in_flight,
+        busy,
         state,
         limits,
     })
@@ -347,6 +364,8 @@ pub struct Built {
     pub authorizer: Arc<Authorizer>,
     /// Requests and tunnels in flight.
     pub in_flight: Arc<AtomicUsize>,
+    /// HTTP/1 connections accepted and not idle ([`crate::connections::Gate::busy`]).
+    pub busy: Arc<AtomicUsize>,
     /// The proxy's state (a reload swaps its configuration).
     pub state: Arc<crate::proxy::State>,
     /// The connection gate's limits (a reload swaps them).
@@ -401,7 +420,7 @@ pub fn serve(
             metrics: prepared.metrics.clone(),
         },
     );
-    exit_when_idle(&prepared.side, &built.server, built.in_flight);
+    exit_when_idle(&prepared.side, &built.server, built.in_flight, built.busy);
     notify_when_serving(&prepared.side, &built.server);
     built.server.run(RunArgs {
         shutdown_signal: Box::new(Signals {

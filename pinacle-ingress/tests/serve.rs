@@ -656,8 +656,9 @@ async fn addresses_in_use_end_serve_with_their_name() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A graceful stop drains what is in flight (`/readyz` says so) and then ends at once, not
-/// after the whole grace period.
+/// A graceful stop drains what is in flight (`/readyz` says so), including a connection
+/// accepted whose request has not arrived yet, and then ends at once, not after the whole
+/// grace period.
 #[tokio::test]
 async fn a_graceful_stop_drains_then_exits_at_once() {
     let events = upstream::sse().await;
@@ -712,6 +713,20 @@ async fn a_graceful_stop_drains_then_exits_at_once() {
         client::next_chunk(&mut body).await.unwrap(),
         "data: first\n\n"
     );
+    // A second connection, accepted (the gate counts it open) before its request is sent.
+    let mut late = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client::get(admin, "/metrics", &[])
+        .await
+        .text()
+        .contains("\npinacle_ingress_client_connections_open 2\n")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the second connection was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let mut child = process.into_child();
     let started = Instant::now();
@@ -736,6 +751,30 @@ async fn a_graceful_stop_drains_then_exits_at_once() {
     events.release.notify_one();
     while client::next_chunk(&mut body).await.is_some() {}
     drop(conn);
+    // The accepted connection still counts: its request, sent now, is answered (exiting
+    // under it used to reset it), and the connection then closes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with an accepted connection waiting for its request"
+    );
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        late.write_all(
+            b"GET / HTTP/1.1\r\nHost: localhost-3000-pod-proj.pinacle.test\r\n\
+              sec-fetch-mode: cors\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), late.read_to_end(&mut answer))
+            .await
+            .expect("the answer and the close within 10 s")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    }
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
     assert!(
