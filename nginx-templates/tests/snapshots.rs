@@ -1,5 +1,6 @@
-//! Rendered output is pinned byte for byte, and real nginx accepts every snapshot (`nginx -t`).
-//! Refresh after an intended change with `UPDATE_SNAPSHOTS=1 cargo test -p nginx-templates`.
+//! Rendered output is pinned byte for byte (`insta`), and real nginx accepts every rendered
+//! config (`nginx -t`). After an intended change: `cargo insta review`, or
+//! `INSTA_UPDATE=always cargo test -p nginx-templates` and review the diff.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -28,7 +29,11 @@ fn cases() -> Vec<(&'static str, String)> {
 
 #[test]
 fn rendered_configs_match_their_snapshots_and_pass_nginx_t() {
-    let update = std::env::var_os("UPDATE_SNAPSHOTS").is_some();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nginx-templates-snapshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The configs use the pod's real paths (/run, /var/log/nginx, /var/lib/nginx).
+    std::fs::create_dir_all("/var/log/nginx").ok();
+    std::fs::create_dir_all("/var/lib/nginx").ok();
     for (name, input) in cases() {
         let rendered =
             nginx_templates::render_text(&input).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -37,21 +42,11 @@ fn rendered_configs_match_their_snapshots_and_pass_nginx_t() {
             nginx_templates::render_text(&input).unwrap(),
             "{name}: not deterministic"
         );
-        let path = root().join("tests/snapshots").join(format!("{name}.conf"));
-        if update {
-            std::fs::write(&path, &rendered).unwrap();
-        }
-        let expected = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_SNAPSHOTS=1)", path.display()));
-        assert_eq!(
-            rendered, expected,
-            "{name}: output changed; review and UPDATE_SNAPSHOTS=1"
-        );
-        // The snapshot uses the pod's real paths (/run, /var/log/nginx, /var/lib/nginx).
-        std::fs::create_dir_all("/var/log/nginx").ok();
-        std::fs::create_dir_all("/var/lib/nginx").ok();
+        insta::assert_snapshot!(name, rendered);
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, &rendered).unwrap();
         if let Err(e) = pinacle_testkit::nginx::check(&path) {
-            panic!("nginx -t rejects snapshot {name}: {e}");
+            panic!("nginx -t rejects {name}: {e}");
         }
     }
 }
