@@ -14,7 +14,10 @@
 //! - [`upstream`]: the peer (pooled per pod) and the `Host` sent to a pod.
 //! - [`responses`]: every response the ingress makes itself.
 //! - [`tunnel`]: WebSocket tunnels (works around a Pingora 0.9.1 upgrade race).
-//! - [`proxy`]: the `ProxyHttp` implementation that wires the above together.
+//! - [`policy`]: every decision about a request, made once ([`policy::Verdict`]: our answer or
+//!   a [`policy::Plan`] to forward); [`access`]: the one record and access line.
+//! - [`proxy`]: the shared state; the engines that carry a verdict out: [`plain_engine`],
+//!   [`pingora_engine`] (the `ProxyHttp` implementation) and [`tunnel`].
 //! - [`framing`]: `Content-Length` values and hop-by-hop response fields, one rule for every
 //!   engine.
 //! - [`plain`]: bodiless `GET`/`HEAD` requests to pods served without Pingora's proxy loop.
@@ -46,6 +49,7 @@ pub const LONG_VERSION: &str = concat!(
     ")"
 );
 
+pub mod access;
 pub mod admin;
 pub mod callback;
 pub mod cli;
@@ -57,7 +61,10 @@ pub mod framing;
 pub mod host;
 pub mod inspect;
 pub mod intent;
+pub mod pingora_engine;
 pub mod plain;
+pub mod plain_engine;
+pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod request_id;

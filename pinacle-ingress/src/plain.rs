@@ -136,7 +136,13 @@ impl PlainRequest {
                 if host.is_some() {
                     return None;
                 }
-                host = Some(value.to_str().ok()?.to_owned());
+                let text = value.to_str().ok()?;
+                // `host[:port]` only (no userinfo, nothing a URI authority refuses): anything
+                // else is Pingora's to refuse, as for every engine.
+                if text.contains('@') || text.parse::<http::uri::Authority>().is_err() {
+                    return None;
+                }
+                host = Some(text.to_owned());
             }
             headers.append(name, value);
         }
@@ -931,6 +937,8 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@x\r\n\r\n", // userinfo
+            "GET / HTTP/1.1\r\nHost: x y\r\n\r\n",    // not an authority
         ] {
             assert!(parse(refused).is_none(), "{refused:?}");
         }

@@ -950,6 +950,13 @@ async fn plain_exchange(
     }
     let head = String::from_utf8_lossy(&head).into_owned();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let request_id = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case("x-request-id"))
+        })
+        .map(|(_, v)| v.trim().to_owned());
     let mut fields: Vec<(String, String)> = head
         .lines()
         .skip(1)
@@ -988,6 +995,12 @@ async fn plain_exchange(
         body = vec![0u8; length];
         stream.read_exact(&mut body).await.unwrap();
     }
+    // Our own pages and JSON name the request id, which each ingress makes for itself.
+    if let Some(id) = request_id.filter(|id| !id.is_empty()) {
+        body = String::from_utf8_lossy(&body)
+            .replace(&id, "<request id>")
+            .into_bytes();
+    }
     (status, fields, body)
 }
 
@@ -1020,6 +1033,23 @@ async fn both_engines_give_pods_and_clients_the_same_thing() {
         )
     })
     .collect();
+    let normalise = |heads: Vec<Vec<u8>>| -> Vec<(String, Vec<(String, String)>)> {
+        heads
+            .iter()
+            .map(|h| {
+                let text = String::from_utf8_lossy(h).into_owned();
+                let mut lines = text.lines();
+                let line = lines.next().unwrap_or_default().to_owned();
+                let mut fields: Vec<(String, String)> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_owned()))
+                    .filter(|(n, _)| n != "x-request-id")
+                    .collect();
+                fields.sort_by(|a, b| a.0.cmp(&b.0));
+                (line, fields)
+            })
+            .collect()
+    };
     for (request, head) in &requests {
         with.pod.clear();
         without.pod.clear();
@@ -1030,23 +1060,6 @@ async fn both_engines_give_pods_and_clients_the_same_thing() {
         // groups fields by name, so the order of different names is not kept (RFC 9110 §5.3:
         // it carries no meaning); the values of one name stay in order. Field names the
         // ingress sets are in its own case on the plain path and in the client's on Pingora's.
-        let normalise = |heads: Vec<Vec<u8>>| -> Vec<(String, Vec<(String, String)>)> {
-            heads
-                .iter()
-                .map(|h| {
-                    let text = String::from_utf8_lossy(h).into_owned();
-                    let mut lines = text.lines();
-                    let line = lines.next().unwrap_or_default().to_owned();
-                    let mut fields: Vec<(String, String)> = lines
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_owned()))
-                        .filter(|(n, _)| n != "x-request-id")
-                        .collect();
-                    fields.sort_by(|a, b| a.0.cmp(&b.0));
-                    (line, fields)
-                })
-                .collect()
-        };
         let (pod_a, pod_b) = (normalise(with.pod.heads()), normalise(without.pod.heads()));
         assert_eq!(pod_a.len(), 1, "{request:?}");
         // The same request line and fields with the same values.
@@ -1055,8 +1068,40 @@ async fn both_engines_give_pods_and_clients_the_same_thing() {
             "the pods got different requests for {request:?}"
         );
     }
+    // The ingress's own answers, and the dashboard's route, without a credential: the same
+    // answers (our pages and JSON, the sign-in redirect, the callback's refusal) and the same
+    // request at the dashboard.
+    let answered = [
+        "GET /app?x=1 HTTP/1.1\r\nHost: pinacle.test\r\nCookie: theme=1\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n".to_owned(),
+        format!("GET /page HTTP/1.1\r\nHost: {HOST}\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-Dest: document\r\n\r\n"),
+        format!("GET /api HTTP/1.1\r\nHost: {HOST}\r\nAccept: application/json\r\n\r\n"),
+        format!("HEAD /api HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        format!("GET /pinacle-proxy-callback?token=forged&return_url=%2F HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        "GET / HTTP/1.1\r\nHost: localhost-99999-pod-demo.pinacle.test\r\n\r\n".to_owned(),
+        "GET / HTTP/1.1\r\nHost: localhost-3000-pod-.pinacle.test\r\n\r\n".to_owned(),
+    ];
+    for request in &answered {
+        with.dashboard.clear();
+        without.dashboard.clear();
+        with.pod.clear();
+        let head = request.starts_with("HEAD");
+        let a = plain_exchange(with.plain, request.as_bytes(), head).await;
+        let b = plain_exchange(without.plain, request.as_bytes(), head).await;
+        assert_eq!(a, b, "the clients got different answers to {request:?}");
+        assert!(with.pod.heads().is_empty(), "{request:?} reached the pod");
+        let (dash_a, dash_b) = (
+            normalise(with.dashboard.heads()),
+            normalise(without.dashboard.heads()),
+        );
+        let to_dashboard = usize::from(request.contains("Host: pinacle.test"));
+        assert_eq!(dash_a.len(), to_dashboard, "{request:?}");
+        assert_eq!(
+            dash_a, dash_b,
+            "the dashboard got different requests for {request:?}"
+        );
+    }
     // The requests really took both engines.
-    let all = requests.len() as f64;
+    let all = (requests.len() + answered.len()) as f64;
     assert_eq!(plain_requests(&with, all).await, all);
     assert_eq!(plain_requests(&without, 0.0).await, 0.0);
 }

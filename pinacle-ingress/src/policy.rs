@@ -1,0 +1,538 @@
+//! Every decision about a request, made once: [`State::decide`] reads a [`RequestView`] and
+//! the connection's [`ConnInfo`] and returns a [`Judgement`]: the request's [`Record`] so far
+//! and a [`Verdict`], either an [`Answer`] of ours or a [`Plan`] to forward. The engines (the
+//! plain path, Pingora's loop, the tunnel) only carry the verdict out; none of them decides.
+//!
+//! The order of the checks: a head the engine could not normalise, the head's size, the
+//! in-flight limit, the https redirect, the host's route, the proxy-token callback, then the
+//! credentials and the owner-or-team rule (the only step that may wait, on the directory).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::header;
+use pinacle_authz::{Decision, DirectoryError, Outcome, Principal, UserId, Verification};
+
+use crate::access::Record;
+use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
+use crate::config::{IngressConfig, Timeouts};
+use crate::host::{self, PodHost, Route};
+use crate::intent::{self, Intent};
+use crate::proxy::State;
+use crate::responses::{Answer, Page, REQUEST_ID_HEADER};
+use crate::telemetry::RouteKind;
+use crate::upstream::{self, Forwarding, HeaderEdit, Target};
+
+/// The parts of a request the decisions read, as either engine parsed them.
+#[derive(Debug, Clone)]
+pub struct RequestView<'a> {
+    /// The method.
+    pub method: &'a http::Method,
+    /// The target, in origin form.
+    pub uri: &'a http::Uri,
+    /// The header fields.
+    pub headers: &'a http::HeaderMap,
+    /// The `Host` (or HTTP/2 `:authority`).
+    pub host: &'a str,
+    /// The size of the head as received.
+    pub head_bytes: usize,
+    /// An HTTP/2 request (never tunnelled: no extended CONNECT yet).
+    pub http2: bool,
+    /// The engine found the head malformed: this answer, once the request is identified.
+    pub malformed: Option<Answer>,
+}
+
+/// What the decisions read about the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub client: Option<SocketAddr>,
+    /// Whether it came over TLS.
+    pub tls: bool,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The ingress answers itself.
+    Answer(Answer),
+    /// Forward it.
+    Forward(Plan),
+}
+
+/// A request to forward: where, with which header edits, and how to treat the response.
+#[derive(Debug)]
+pub struct Plan {
+    /// Where to.
+    pub target: Target,
+    /// The request's header edits (Host, Cookie, X-Forwarded-*, request id).
+    pub edits: Vec<HeaderEdit>,
+    /// An HTTP/1.1 upgrade: the tunnel carries it.
+    pub tunnel: bool,
+    /// The configuration the request was judged under.
+    config: Arc<IngressConfig>,
+}
+
+impl Plan {
+    /// Response fields removed before the client sees them (lowercase; a pod's only).
+    pub fn strip_response_headers(&self) -> &[String] {
+        match self.target {
+            Target::Pod { .. } => &self.config.strip_response_headers,
+            Target::Dashboard { .. } => &[],
+        }
+    }
+
+    /// The timeouts that apply.
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.config.timeouts
+    }
+}
+
+/// A decided request.
+#[derive(Debug)]
+pub struct Judgement {
+    /// The record so far (identity, route, user, authorization).
+    pub record: Record,
+    /// Its place under `max_concurrent_requests` (none when refused before counting).
+    pub in_flight: Option<InFlight>,
+    /// What to do.
+    pub verdict: Verdict,
+}
+
+/// A request counted under `max_concurrent_requests` until dropped (a WebSocket tunnel's lives
+/// with the tunnel). A counter, not a tokio `Semaphore`: the limit changes on reload, which a
+/// semaphore's fixed permits cannot follow without forgetting or adding permits under load;
+/// this costs one atomic add and one subtract per request.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more; also returns how many were in flight before.
+    fn enter(counter: &Arc<AtomicUsize>) -> (Self, usize) {
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        (Self(counter.clone()), before)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a page of ours may say about this request.
+pub fn page<'a>(config: &'a IngressConfig, record: &'a Record) -> Page<'a> {
+    Page {
+        navigation: record.intent.navigation,
+        pod: record.pod.as_ref().map(|p| (p.slug.as_str(), p.port)),
+        dashboard_route: record.route == RouteKind::Dashboard,
+        user_email: record.user_email.as_deref(),
+        request_id: &record.request_id,
+        dashboard_url: &config.dashboard_url,
+    }
+}
+
+/// Every `Cookie` field joined as one, as bytes (HTTP/2 clients send one field per cookie;
+/// values may hold any byte a server set).
+fn cookie_header(headers: &http::HeaderMap) -> std::borrow::Cow<'_, [u8]> {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    let Some(first) = fields.next() else {
+        return std::borrow::Cow::Borrowed(&[]);
+    };
+    let Some(second) = fields.next() else {
+        return std::borrow::Cow::Borrowed(first.as_bytes());
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in std::iter::once(second).chain(fields) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    std::borrow::Cow::Owned(joined)
+}
+
+/// An incoming request id we may keep: short, printable, no separators that break log lines.
+fn acceptable_request_id(value: &str) -> bool {
+    (1..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// The host without a numeric port.
+fn host_without_port(host: &str) -> &str {
+    host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
+}
+
+impl State {
+    /// Judges a request, once. The only step that waits is the directory's (bounded by
+    /// `directory_query_timeout`); it records the cache lookup in the metrics and a directory
+    /// failure in the log, nothing else.
+    pub async fn decide(&self, view: &RequestView<'_>, conn: ConnInfo) -> Judgement {
+        let config = self.config.load_full();
+        let mut record = self.identify(&config, view, conn);
+        let mut in_flight = None;
+        let verdict = self
+            .verdict(&config, view, conn, &mut record, &mut in_flight)
+            .await;
+        Judgement {
+            record,
+            in_flight,
+            verdict,
+        }
+    }
+
+    /// The request's client trust, id, span, host and intent.
+    fn identify(&self, config: &IngressConfig, view: &RequestView<'_>, conn: ConnInfo) -> Record {
+        let trusted_client = conn.client.is_some_and(|a| {
+            config
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(a.ip()))
+        });
+        let request_id = match view
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if trusted_client && acceptable_request_id(id) => id.to_owned(),
+            _ => self.ids.next_id(),
+        };
+        Record {
+            span: tracing::info_span!("request", request_id = %request_id),
+            request_id,
+            client: conn.client,
+            method: view.method.clone(),
+            uri: view.uri.clone(),
+            host: view.host.to_owned(),
+            trusted_client,
+            intent: intent::classify(view.method, view.headers),
+            ..Record::default()
+        }
+    }
+
+    async fn verdict(
+        &self,
+        config: &Arc<IngressConfig>,
+        view: &RequestView<'_>,
+        conn: ConnInfo,
+        record: &mut Record,
+        in_flight: &mut Option<InFlight>,
+    ) -> Verdict {
+        if let Some(answer) = &view.malformed {
+            return Verdict::Answer(answer.clone());
+        }
+        if view.head_bytes > config.max_request_header_bytes {
+            return Verdict::Answer(Answer::HeaderTooLarge);
+        }
+        let (counted, before) = InFlight::enter(&self.in_flight);
+        *in_flight = Some(counted);
+        if before >= config.max_concurrent_requests {
+            return Verdict::Answer(Answer::Overloaded);
+        }
+        if let Some(answer) = https_redirect(config, view, conn) {
+            return Verdict::Answer(answer);
+        }
+        let pod = match host::route(view.host, &config.base_domains) {
+            Route::Dashboard => {
+                record.route = RouteKind::Dashboard;
+                let target = Target::Dashboard {
+                    addr: config.dashboard_upstream,
+                };
+                return Verdict::Forward(plan(config, view, conn, record, target, None));
+            }
+            Route::BadPort(digits) => {
+                record.route = RouteKind::Pod;
+                return Verdict::Answer(Answer::BadPort(digits));
+            }
+            Route::BadSlug => {
+                record.route = RouteKind::Pod;
+                return Verdict::Answer(Answer::BadHost);
+            }
+            Route::Pod(pod) => pod,
+        };
+        record.pod = Some(pod.clone());
+        if view.uri.path() == CALLBACK_PATH {
+            record.route = RouteKind::Callback;
+            let query = CallbackQuery::parse(view.uri.query().unwrap_or(""));
+            let secure = conn.tls || config.dashboard_https;
+            let answer = callback::answer(&self.verifier, &pod, &query, secure, (self.clock)());
+            return Verdict::Answer(Answer::Callback(answer));
+        }
+        record.route = RouteKind::Pod;
+        let judged = self.judge_pod(config, view, record.intent, &pod).await;
+        match self.apply(record, judged) {
+            Ok(allowed) => Verdict::Forward(plan(
+                config,
+                view,
+                conn,
+                record,
+                allowed.target,
+                allowed.forward_cookie.as_deref(),
+            )),
+            Err(answer) => Verdict::Answer(answer),
+        }
+    }
+
+    /// The answer to a pod request without usable credentials.
+    fn unauthenticated(
+        config: &IngressConfig,
+        pod: &PodHost,
+        uri: &http::Uri,
+        intent: Intent,
+    ) -> Answer {
+        if intent.navigation {
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+            Answer::SignIn {
+                location: callback::sign_in_location(&config.dashboard_url, pod, path_and_query),
+            }
+        } else {
+            Answer::Unauthenticated
+        }
+    }
+
+    /// Authenticates and authorizes a pod request (cache fills aside, no side effects;
+    /// [`Self::apply`] records it).
+    async fn judge_pod(
+        &self,
+        config: &IngressConfig,
+        view: &RequestView<'_>,
+        intent: Intent,
+        pod: &PodHost,
+    ) -> Judged {
+        let now = (self.clock)();
+        let cookies = cookie_header(view.headers);
+        let mut inspection = self.verifier.inspect(&cookies, now);
+        // Moved out (not cloned): only the credential cookie names are needed afterwards.
+        let verification = std::mem::replace(
+            &mut inspection.verification,
+            Verification::Decided(Outcome::Missing),
+        );
+        let mut judged = Judged {
+            verdict: Err(Answer::Internal),
+            authz: "none",
+            user: None,
+            user_email: None,
+            lookup: None,
+            directory_error: None,
+        };
+        let outcome = match self.authorizer.resolve(verification, now).await {
+            Ok(outcome) => outcome,
+            Err(e) => return judged.directory_failed("session lookup", e),
+        };
+        let principal: Principal = match outcome {
+            Outcome::Valid(p) => p,
+            other => {
+                judged.authz = match other {
+                    Outcome::Expired { .. } => "expired",
+                    Outcome::Invalid { .. } => "invalid",
+                    _ => "missing",
+                };
+                judged.verdict = Err(Self::unauthenticated(config, pod, view.uri, intent));
+                return judged;
+            }
+        };
+        judged.user = Some(principal.user_id.clone());
+        judged.user_email = principal
+            .claims
+            .0
+            .get("email")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        if let Some(scope) = &principal.scope
+            && (scope.pod_slug != pod.slug || scope.target_port != pod.port)
+        {
+            judged.authz = "token_for_other_pod";
+            judged.verdict = Err(Self::unauthenticated(config, pod, view.uri, intent));
+            return judged;
+        }
+        let decision = match self
+            .authorizer
+            .authorize_with_lookup(&principal.user_id, &pod.slug)
+            .await
+        {
+            Ok((d, lookup)) => {
+                judged.lookup = Some(lookup);
+                d
+            }
+            Err(e) => return judged.directory_failed("authorization lookup", e),
+        };
+        let (authz, verdict) = match decision {
+            Decision::Allow {
+                pod_id, upstream, ..
+            } => {
+                if let Some(scope) = &principal.scope
+                    && scope.pod_id != pod_id
+                {
+                    // A token for an earlier pod with this slug: get a fresh one.
+                    (
+                        "token_for_replaced_pod",
+                        Err(Self::unauthenticated(config, pod, view.uri, intent)),
+                    )
+                } else {
+                    let domain = config
+                        .upstream_domain
+                        .as_ref()
+                        .or_else(|| config.base_domains.get(pod.base));
+                    let host =
+                        domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
+                    (
+                        "allow",
+                        Ok(Allowed {
+                            target: Target::Pod {
+                                addr: upstream,
+                                pod_id,
+                                host,
+                            },
+                            forward_cookie: inspection
+                                .forwardable_cookie_header(&cookies)
+                                .map(std::borrow::Cow::into_owned),
+                        }),
+                    )
+                }
+            }
+            Decision::Unavailable { status, reason, .. } => (
+                "allow_unavailable",
+                Err(Answer::PodUnavailable {
+                    status: status.as_str().to_owned(),
+                    reason: reason.as_str(),
+                }),
+            ),
+            Decision::Deny(reason) => (reason.as_str(), Err(Answer::Forbidden)),
+        };
+        judged.authz = authz;
+        judged.verdict = verdict;
+        judged
+    }
+
+    /// Records a judgement in the request's record, the metrics and the log.
+    fn apply(&self, record: &mut Record, judged: Judged) -> Result<Allowed, Answer> {
+        record.authz = judged.authz;
+        record.user = judged.user;
+        record.user_email = judged.user_email;
+        if let Some(lookup) = judged.lookup {
+            self.metrics
+                .authz_lookup(lookup == pinacle_authz::CacheLookup::Hit);
+        }
+        if let Some((what, e)) = &judged.directory_error {
+            record.directory_error = Some(match e {
+                DirectoryError::Unavailable(_) => "directory_unavailable",
+                DirectoryError::Timeout => "directory_timeout",
+                DirectoryError::Query(_) => "directory_query",
+            });
+            tracing::warn!(parent: &record.span, request_id = %record.request_id, error = %e, "{what} failed");
+        }
+        judged.verdict
+    }
+}
+
+/// On the plain listener with TLS configured and `http_redirect_to_https`: 308 to https,
+/// except health checks.
+fn https_redirect(
+    config: &IngressConfig,
+    view: &RequestView<'_>,
+    conn: ConnInfo,
+) -> Option<Answer> {
+    let tls = config.tls.as_ref().filter(|t| t.redirect_http)?;
+    if conn.tls {
+        return None;
+    }
+    if matches!(view.uri.path(), "/healthz" | "/readyz") {
+        return Some(Answer::Health);
+    }
+    let port = match tls.listen.port() {
+        443 => String::new(),
+        p => format!(":{p}"),
+    };
+    let path = view.uri.path_and_query().map_or("/", |p| p.as_str());
+    Some(Answer::HttpsRedirect {
+        location: format!("https://{}{port}{path}", host_without_port(view.host)),
+    })
+}
+
+/// The plan for a request allowed to `target`: its header edits and what applies to the
+/// response.
+fn plan(
+    config: &Arc<IngressConfig>,
+    view: &RequestView<'_>,
+    conn: ConnInfo,
+    record: &mut Record,
+    target: Target,
+    forward_cookie: Option<&[u8]>,
+) -> Plan {
+    let edits = upstream::forwarding_edits(&Forwarding {
+        target: &target,
+        cookie: forward_cookie,
+        client_ip: conn.client.map(|a| a.ip()),
+        trusted_client: record.trusted_client,
+        trusted_forwarded_for: if record.trusted_client {
+            view.headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+        } else {
+            None
+        },
+        tls: conn.tls,
+        original_host: view.host,
+        request_id: &record.request_id,
+    });
+    record.upstream = Some(target.addr());
+    Plan {
+        tunnel: record.intent.upgrade && !view.http2,
+        target,
+        edits,
+        config: config.clone(),
+    }
+}
+
+/// A pod request's judgement, not yet recorded.
+struct Judged {
+    verdict: Result<Allowed, Answer>,
+    authz: &'static str,
+    user: Option<UserId>,
+    user_email: Option<String>,
+    lookup: Option<pinacle_authz::CacheLookup>,
+    directory_error: Option<(&'static str, DirectoryError)>,
+}
+
+/// Where an allowed pod request goes, and the `Cookie` left for it.
+struct Allowed {
+    target: Target,
+    forward_cookie: Option<Vec<u8>>,
+}
+
+impl Judged {
+    /// The directory could not answer: fail closed (503), and say why in the log.
+    fn directory_failed(mut self, what: &'static str, e: DirectoryError) -> Self {
+        self.authz = "directory_error";
+        self.verdict = Err(Answer::AuthorizationUnavailable);
+        self.directory_error = Some((what, e));
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_from_trusted_proxies_must_be_short_and_printable() {
+        assert!(acceptable_request_id("abc-123_x.y:z"));
+        assert!(!acceptable_request_id(""));
+        assert!(!acceptable_request_id("has space"));
+        assert!(!acceptable_request_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn the_redirect_host_loses_only_a_numeric_port() {
+        assert_eq!(host_without_port("a.example:8080"), "a.example");
+        assert_eq!(host_without_port("a.example"), "a.example");
+        assert_eq!(host_without_port("[::1]:80"), "[::1]");
+    }
+}
