@@ -1,6 +1,48 @@
 //! HTTP/1.1 message rules every engine applies the same way (RFC 9110 §7.6.1, §8.6; RFC 9112
-//! §6.3): what a `Content-Length` says, and which response fields are the hop's own (fixed ones
-//! and those a `Connection` field nominates). Pure.
+//! §6.3): what a `Content-Length` says, which response fields are the hop's own (fixed ones
+//! and those a `Connection` field nominates), and the one writer of the response heads we write
+//! ourselves ([`status_line`], [`field`], [`response_head`]: the plain path's relayed heads,
+//! our answers outside Pingora, a tunnel's `101` or refusal). Pure.
+
+/// Starts an HTTP/1.1 response head in `out`: `HTTP/1.1 <status> <reason>`.
+pub fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    let mut code = itoa::Buffer::new();
+    for part in [
+        b"HTTP/1.1 ",
+        code.format(status).as_bytes(),
+        b" ",
+        reason,
+        b"\r\n",
+    ] {
+        out.extend_from_slice(part);
+    }
+}
+
+/// One field line of a head.
+pub fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    for part in [name, b": ", value, b"\r\n"] {
+        out.extend_from_slice(part);
+    }
+}
+
+/// A whole response head: the status line with the canonical reason, every field in order,
+/// the blank line.
+pub fn response_head<'a>(
+    status: http::StatusCode,
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    status_line(
+        &mut out,
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("").as_bytes(),
+    );
+    for (name, value) in fields {
+        field(&mut out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
 
 /// A `Content-Length` that cannot be relied on: not digits, or values that disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -167,21 +167,15 @@ impl PlainRequest {
         for (name, value) in &self.raw.fields {
             let name = part(name);
             if !edited(name) {
-                put_field(out, name, part(value));
+                framing::field(out, name, part(value));
             }
         }
         for edit in edits {
             if let HeaderEdit::Set(name, value) = edit {
-                put_field(out, name.as_str().as_bytes(), value);
+                framing::field(out, name.as_str().as_bytes(), value);
             }
         }
         out.extend_from_slice(b"\r\n");
-    }
-}
-
-fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    for part in [name, b": ", value, b"\r\n"] {
-        out.extend_from_slice(part);
     }
 }
 
@@ -329,16 +323,7 @@ fn client_head(
     out: &mut Vec<u8>,
 ) {
     out.clear();
-    let mut code = itoa::Buffer::new();
-    for part in [
-        b"HTTP/1.1 ".as_slice(),
-        code.format(head.status).as_bytes(),
-        b" ",
-        reason.as_bytes(),
-        b"\r\n",
-    ] {
-        out.extend_from_slice(part);
-    }
+    framing::status_line(out, head.status, reason.as_bytes());
     let nominated = framing::nominated(
         fields
             .iter()
@@ -353,7 +338,7 @@ fn client_head(
         if name.eq_ignore_ascii_case("content-length") {
             // Once, as a plain number (`5, 5` is 5).
             if let Some(n) = length.take() {
-                put_field(
+                framing::field(
                     out,
                     name.as_bytes(),
                     itoa::Buffer::new().format(n).as_bytes(),
@@ -365,17 +350,17 @@ fn client_head(
             || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)
             || edits.strip.iter().any(|s| s.eq_ignore_ascii_case(name));
         if !dropped {
-            put_field(out, name.as_bytes(), field.value);
+            framing::field(out, name.as_bytes(), field.value);
         }
     }
     if head.status >= 200 {
-        put_field(
+        framing::field(
             out,
             REQUEST_ID_HEADER.as_bytes(),
             edits.request_id.as_bytes(),
         );
         if edits.close || head.framing == Framing::UntilClose {
-            put_field(out, b"connection", b"close");
+            framing::field(out, b"connection", b"close");
         }
     }
     out.extend_from_slice(b"\r\n");

@@ -384,8 +384,30 @@ impl Answer {
 }
 
 impl Reply {
-    /// The response header: status, the reply's fields, then the marker, the request id,
-    /// `cache-control: no-store` and the content length.
+    /// Every field of the answer, in order: the reply's own, then the marker, the request id,
+    /// `cache-control: no-store`, `connection: close` when `close`, and the content length.
+    /// Both ways of writing an answer (Pingora's [`Self::header`], the raw
+    /// [`Self::http1_bytes`]) take their fields from here.
+    fn fields<'a>(
+        &'a self,
+        marker: &'static str,
+        request_id: &'a str,
+        close: bool,
+        length: &'a str,
+    ) -> impl Iterator<Item = (&'static str, &'a str)> {
+        self.headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .chain([
+                (MARKER_HEADER, marker),
+                (REQUEST_ID_HEADER, request_id),
+                ("cache-control", "no-store"),
+            ])
+            .chain(close.then_some(("connection", "close")))
+            .chain([("content-length", length)])
+    }
+
+    /// The response header for Pingora to write (see [`Self::fields`]).
     ///
     /// # Errors
     /// Only if a field value is not a valid header value (never for the values built here).
@@ -395,36 +417,25 @@ impl Reply {
         request_id: &str,
     ) -> pingora::Result<ResponseHeader> {
         let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 4))?;
-        for (name, value) in &self.headers {
-            header.append_header(*name, value.as_str())?;
+        let length = self.body.len().to_string();
+        for (name, value) in self.fields(marker, request_id, false, &length) {
+            header.append_header(name, value)?;
         }
-        header.insert_header(MARKER_HEADER, marker)?;
-        header.insert_header(REQUEST_ID_HEADER, request_id)?;
-        header.insert_header("cache-control", "no-store")?;
-        header.insert_header("content-length", self.body.len().to_string())?;
         Ok(header)
     }
-}
 
-impl Reply {
     /// The whole HTTP/1.1 response as bytes, for answers written outside Pingora (the
-    /// connection limits, the plain path's denials); `close` adds `connection: close`.
+    /// connection limits, the plain path's answers) by [`crate::framing::response_head`];
+    /// `close` adds `connection: close`.
     pub fn http1_bytes(&self, marker: &'static str, request_id: &str, close: bool) -> Vec<u8> {
-        let reason = http::StatusCode::from_u16(self.status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("");
-        let mut head = format!("HTTP/1.1 {} {reason}\r\n", self.status);
-        for (name, value) in &self.headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str(&format!(
-            "{MARKER_HEADER}: {marker}\r\n{REQUEST_ID_HEADER}: {request_id}\r\n\
-             cache-control: no-store\r\n{}content-length: {}\r\n\r\n",
-            if close { "connection: close\r\n" } else { "" },
-            self.body.len()
-        ));
-        let mut bytes = head.into_bytes();
+        let status = http::StatusCode::from_u16(self.status)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let length = self.body.len().to_string();
+        let mut bytes = crate::framing::response_head(
+            status,
+            self.fields(marker, request_id, close, &length)
+                .map(|(name, value)| (name.as_bytes(), value.as_bytes())),
+        );
         bytes.extend_from_slice(&self.body);
         bytes
     }

@@ -176,21 +176,13 @@ pub struct Upgraded {
 
 /// Serialises a response head (status line, fields, blank line) for a raw HTTP/1.1 write.
 fn head_bytes(header: &ResponseHeader) -> Vec<u8> {
-    let status = header.status;
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &header.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
+    crate::framing::response_head(
+        header.status,
+        header
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
+    )
 }
 
 /// Opens the upstream side of a tunnel. An upstream that refuses the upgrade has its answer
