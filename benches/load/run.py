@@ -53,6 +53,10 @@ LOAD_CPU = "1" if (os.cpu_count() or 1) >= 2 else "0"
 WORK = tempfile.mkdtemp(prefix="pinacle-load-")
 # The rows that also get a POST with a 1 KiB body (Pingora's path in the ingress).
 POST_ROWS = ("nginx", "pingora-floor", "ingress-dashboard", "pinacle-ingress", "ingress-baseline")
+# Rows of the HTTP table, in order (a row absent from a run is skipped).
+HTTP_ROWS = ("direct", "nginx", "haproxy", "pingora-floor", "tokio-floor", "ingress-dashboard",
+             "pingora-only-dashboard", "baseline-dashboard", "pinacle-ingress", "pingora-only",
+             "ingress-baseline", "old-ingress")
 # nginx workers started by root run as nobody: they must be able to read the files.
 os.chmod(WORK, 0o755)
 PROCS = []
@@ -568,12 +572,26 @@ def main():
     if old:
         old_port, old_proc, old_http, old_ws = old
         targets.append(("old-ingress", old_port, POD_HOST, old_http, old_port, old_ws, old_proc))
+    # The same ingress with every request on Pingora's loop (`plain_path = false`): the plain
+    # engine (our HTTP/1 exchange and upstream pool) against Pingora's (its loop, pingora-pool)
+    # on the same decisions.
+    pingora_only_port = free_port()
+    pingora_only = start_ingress("pingora-only", pingora_only_port, {
+        "PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws),
+        "PINACLE_INGRESS_PLAIN_PATH": "false",
+        "PINACLE_INGRESS_DASHBOARD_UPSTREAM": f"127.0.0.1:{origin}"})
+    targets += [
+        ("pingora-only-dashboard", pingora_only_port, "pinacle.bench", "", None, "", pingora_only),
+        ("pingora-only", pingora_only_port, POD_HOST, cookie, None, "", pingora_only),
+    ]
     baseline = None
     if BASELINE:
         baseline_port = free_port()
         baseline = start_ingress("ingress-baseline", baseline_port, {
             "PINACLE_INGRESS_DIRECTORY_FILE": directory_file(origin, ws),
             "PINACLE_INGRESS_DASHBOARD_UPSTREAM": f"127.0.0.1:{origin}"}, binary=BASELINE)
+        targets.append(("baseline-dashboard", baseline_port, "pinacle.bench", "", None, "",
+                        baseline))
         targets.append(("ingress-baseline", baseline_port, POD_HOST, cookie, baseline_port, cookie,
                         baseline))
     # Interleaved rounds, the median round reported: a burst from the VM's neighbours then
@@ -608,6 +626,7 @@ def main():
         results[name] = entry
     stop(floor_proc)
     stop(tokio_proc)
+    stop(pingora_only)
     if baseline:
         stop(baseline)
     if old:
@@ -675,19 +694,21 @@ def render(meta, r):
         "HTTP/1 forwarder does (same runtime shape and allocator, httparse, pooled upstream, "
         "`Content-Length` bodies only: `benches/src/bin/tokio-floor.rs`), what a path of our own "
         "for plain requests could approach; and `ingress-dashboard` is the ingress on its "
-        "dashboard route (no credentials, no directory). `old-ingress` stands in for the Node.js "
+        "dashboard route (no credentials, no directory). `pingora-only` and "
+        "`pingora-only-dashboard` are the same ingress with `plain_path = false`: every request "
+        "on Pingora's loop and its upstream pool (pingora-pool) instead of the plain engine, on "
+        "the same decisions. `old-ingress` stands in for the Node.js "
         "ingress Pinacle runs today (`benches/load/old-ingress/server.js`: http-proxy, a "
         "jsonwebtoken proxy-token check per request, no upstream keep-alive, as shared/PINACLE.md "
         "describes it). `ingress-baseline`, when present, is another ingress binary "
-        "(`BASELINE_INGRESS`, e.g. the previous commit's) in the same rounds.",
+        "(`BASELINE_INGRESS`, e.g. the previous commit's) in the same rounds (`baseline-dashboard`: its dashboard route).",
         "",
         "## HTTP",
         "",
         "| proxy | body | requests/s | ratio | p50 ms | p99 ms | p99 ratio | CPU µs/request |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("direct", "nginx", "haproxy", "pingora-floor", "tokio-floor", "ingress-dashboard",
-                 "pinacle-ingress", "ingress-baseline", "old-ingress"):
+    for name in HTTP_ROWS:
         if name not in r:
             continue
         for body in ("1k", "100k"):
