@@ -79,7 +79,7 @@ pub struct FileConfig {
     pub max_concurrent_requests: Option<usize>,
     /// Most client connections open at once (idle keep-alive ones included); more get 503.
     pub max_connections: Option<usize>,
-    /// Whether bodiless HTTP/1.1 GET/HEAD requests to pods are served by the ingress's own plain
+    /// Whether bodiless HTTP/1.1 GET/HEAD requests (any route) are served by the ingress's own plain
     /// path (true) or by Pingora's proxy loop like everything else (false).
     pub plain_path: Option<bool>,
     /// `address:port` for HTTPS (needs `tls_cert_file` and `tls_key_file`).
@@ -238,7 +238,7 @@ pub struct IngressConfig {
     pub max_concurrent_requests: usize,
     /// Most client connections open (503 and close above).
     pub max_connections: usize,
-    /// Serve bodiless HTTP/1.1 GET/HEAD to pods on the plain path (else all on Pingora's).
+    /// Serve bodiless HTTP/1.1 GET/HEAD (any route) on the plain engine (else all on Pingora's).
     pub plain_path: bool,
     /// HTTPS, if configured.
     pub tls: Option<TlsConfig>,
@@ -253,7 +253,7 @@ pub struct TlsConfig {
     pub listen: SocketAddr,
     /// Certificates: the first is the default, the others are chosen by SNI.
     pub certificates: Vec<CertificateFile>,
-    /// Whether the plain listener redirects to https.
+    /// Whether the cleartext listener (`listen`) redirects to https.
     pub redirect_http: bool,
 }
 

@@ -20,7 +20,7 @@
 //!   [`pingora_engine`] (the `ProxyHttp` implementation) and [`tunnel`].
 //! - [`framing`]: `Content-Length` values and hop-by-hop response fields, one rule for every
 //!   engine.
-//! - [`plain`]: bodiless `GET`/`HEAD` requests to pods served without Pingora's proxy loop.
+//! - [`plain`]: the plain engine's pure parts and upstream exchange (bodiless `GET`/`HEAD`).
 //! - [`connections`]: `max_connections` and `request_header_timeout` (around Pingora's app).
 //! - [`config`]: the TOML file, environment overrides, validation; [`config_show`]: the
 //!   effective configuration for operators (`config show`, the `check-config` summary).

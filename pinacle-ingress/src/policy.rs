@@ -432,7 +432,7 @@ impl State {
     }
 }
 
-/// On the plain listener with TLS configured and `http_redirect_to_https`: 308 to https,
+/// On the cleartext listener (`listen`) with TLS configured and `http_redirect_to_https`: 308 to https,
 /// except health checks.
 fn https_redirect(
     config: &IngressConfig,

@@ -57,7 +57,7 @@ pub enum Answer {
         /// The https URL.
         location: String,
     },
-    /// A health check on the plain listener while it redirects everything else.
+    /// A health check on the cleartext listener (`listen`) while it redirects everything else.
     Health,
     /// `max_concurrent_requests` reached.
     Overloaded,

@@ -218,7 +218,7 @@ impl Metrics {
         registry.register(Box::new(header_timeouts.clone()))?;
         let plain_requests = IntCounter::new(
             "pinacle_ingress_plain_requests_total",
-            "Requests served by the plain HTTP/1 path (bodiless GET/HEAD to pods) without \
+            "Requests served by the plain engine (bodiless HTTP/1.1 GET/HEAD) without \
              Pingora's proxy loop; also counted in pinacle_ingress_requests_total.",
         )?;
         registry.register(Box::new(plain_requests.clone()))?;

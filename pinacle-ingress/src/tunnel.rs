@@ -11,7 +11,7 @@
 //!   nginx's 18.
 //!
 //! So the request phase only [`open`]s the upstream side (a hyper HTTP/1.1 client connection,
-//! which hands over bytes that arrived with the `101`, then taken back to the plain socket).
+//! which hands over bytes that arrived with the `101`, then taken back to the raw socket).
 //! Nothing is written to the client until Pingora has finished the request and handed the
 //! client's connection back to the connection gate (`connections::Takeover`); [`relay`] then
 //! writes the `101` and copies bytes on the two raw sockets with one small buffer.
@@ -224,7 +224,7 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
     let upgraded = within(timeouts.upstream_read, hyper::upgrade::on(response))
         .await?
         .map_err(|e| upstream_error(&e))?;
-    // Back to the plain socket: hyper's buffers and boxes are not kept for the tunnel's life.
+    // Back to the raw socket: hyper's buffers and boxes are not kept for the tunnel's life.
     let parts = upgraded
         .downcast::<TokioIo<TcpStream>>()
         .map_err(|_| Answer::Internal)?;
