@@ -1,6 +1,9 @@
 //! The authorizer: cache -> directory -> pure rule. Concurrent misses for one key share one
 //! directory query; positive and negative answers have their own TTLs; directory errors are
-//! returned (the caller fails closed with 503) and never cached.
+//! returned (the caller fails closed with 503) and never cached. Stale-if-error: when the
+//! directory cannot answer, an allow (or a found database session) that expired less than
+//! `stale_if_error` ago is still honoured, marked [`CacheLookup::Stale`]; invalidation forgets
+//! those too, so a revoked grant is never served stale.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +32,9 @@ pub struct AuthorizerConfig {
     pub deny_ttl: Duration,
     /// Most cached decisions (and, separately, sessions and users).
     pub max_entries: u64,
+    /// How long after it expired an allow is still honoured while the directory cannot answer
+    /// (zero: never).
+    pub stale_if_error: Duration,
 }
 
 impl Default for AuthorizerConfig {
@@ -37,6 +43,7 @@ impl Default for AuthorizerConfig {
             allow_ttl: Duration::from_secs(30),
             deny_ttl: Duration::from_secs(5),
             max_entries: 100_000,
+            stale_if_error: Duration::from_secs(300),
         }
     }
 }
@@ -48,15 +55,24 @@ type DecisionKey = (UserId, PodSlug);
 struct Ttls {
     allow_ms: AtomicU64,
     deny_ms: AtomicU64,
+    stale_ms: AtomicU64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Ttls {
-    fn new(allow: Duration, deny: Duration) -> Self {
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    fn new(allow: Duration, deny: Duration, stale: Duration) -> Self {
         Self {
-            allow_ms: AtomicU64::new(ms(allow)),
-            deny_ms: AtomicU64::new(ms(deny)),
+            allow_ms: AtomicU64::new(millis(allow)),
+            deny_ms: AtomicU64::new(millis(deny)),
+            stale_ms: AtomicU64::new(millis(stale)),
         }
+    }
+
+    fn stale(&self) -> Duration {
+        Duration::from_millis(self.stale_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -103,6 +119,15 @@ impl Expiry<SessionToken, Option<SessionRecord>> for TtlByAnswer {
     }
 }
 
+/// The last-resort copies of allows: they live the allow TTL plus the stale-if-error window.
+struct StaleTtl(Arc<Ttls>);
+
+impl<K, V> Expiry<K, V> for StaleTtl {
+    fn expire_after_create(&self, _: &K, _: &V, _: Instant) -> Option<Duration> {
+        Some(TtlByAnswer(self.0.clone()).allow() + self.0.stale())
+    }
+}
+
 impl Expiry<UserId, bool> for TtlByAnswer {
     fn expire_after_create(&self, _: &UserId, exists: &bool, _: Instant) -> Option<Duration> {
         Some(if *exists { self.allow() } else { self.deny() })
@@ -116,6 +141,9 @@ pub enum CacheLookup {
     Hit,
     /// Not cached: the directory was asked (or a concurrent identical query was joined).
     Miss,
+    /// The directory could not answer; an allow that expired less than `stale_if_error` ago
+    /// answered instead.
+    Stale,
 }
 
 /// Decides access with a cache in front of a [`PodDirectory`]. Cheap to share (`Arc` inside).
@@ -126,6 +154,11 @@ pub struct Authorizer {
     decisions: Cache<DecisionKey, Decision>,
     sessions: Cache<SessionToken, Option<SessionRecord>>,
     users: Cache<UserId, bool>,
+    stale_decisions: Cache<DecisionKey, Decision>,
+    stale_sessions: Cache<SessionToken, SessionRecord>,
+    /// When a stale answer was last given (milliseconds since `started`, 0: never).
+    last_stale_ms: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Authorizer {
@@ -140,7 +173,11 @@ impl std::fmt::Debug for Authorizer {
 impl Authorizer {
     /// An authorizer over `directory`.
     pub fn new(directory: Arc<dyn PodDirectory>, config: &AuthorizerConfig) -> Self {
-        let ttls = Arc::new(Ttls::new(config.allow_ttl, config.deny_ttl));
+        let ttls = Arc::new(Ttls::new(
+            config.allow_ttl,
+            config.deny_ttl,
+            config.stale_if_error,
+        ));
         let ttl = || TtlByAnswer(ttls.clone());
         Self {
             directory,
@@ -159,13 +196,51 @@ impl Authorizer {
                 .max_capacity(config.max_entries)
                 .expire_after(ttl())
                 .build(),
+            stale_decisions: Cache::builder()
+                .max_capacity(config.max_entries)
+                .expire_after(StaleTtl(ttls.clone()))
+                .support_invalidation_closures()
+                .build(),
+            stale_sessions: Cache::builder()
+                .max_capacity(config.max_entries)
+                .expire_after(StaleTtl(ttls.clone()))
+                .support_invalidation_closures()
+                .build(),
+            last_stale_ms: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
         }
+    }
+
+    /// Changes the stale-if-error window, from the next answer on (zero: never serve stale).
+    pub fn set_stale_if_error(&self, window: Duration) {
+        self.ttls.stale_ms.store(millis(window), Ordering::Relaxed);
+        if window.is_zero() {
+            self.stale_decisions.invalidate_all();
+            self.stale_sessions.invalidate_all();
+        }
+    }
+
+    /// Whether a stale answer was given within the last `within` (the directory could not
+    /// answer and grants were honoured from memory: "degraded").
+    pub fn served_stale_within(&self, within: Duration) -> bool {
+        let last = self.last_stale_ms.load(Ordering::Relaxed);
+        last != 0 && millis(self.started.elapsed()).saturating_sub(last) <= millis(within)
+    }
+
+    /// How many grants could be honoured stale now.
+    pub fn stale_grants(&self) -> u64 {
+        self.stale_decisions.entry_count()
+    }
+
+    fn note_stale(&self) {
+        self.last_stale_ms
+            .store(millis(self.started.elapsed()).max(1), Ordering::Relaxed);
     }
 
     /// Changes how long answers are cached, from the next answer on; with `forget` every
     /// cached answer goes too, so the new lifetimes hold at once.
     pub fn set_ttls(&self, allow: Duration, deny: Duration, forget: bool) {
-        let fresh = Ttls::new(allow, deny);
+        let fresh = Ttls::new(allow, deny, Duration::ZERO);
         self.ttls
             .allow_ms
             .store(fresh.allow_ms.into_inner(), Ordering::Relaxed);
@@ -209,14 +284,29 @@ impl Authorizer {
         if let Some(hit) = self.decisions.get(&key).await {
             return Ok((hit, CacheLookup::Hit));
         }
-        self.decisions
-            .try_get_with(key, async {
+        let fresh = self
+            .decisions
+            .try_get_with(key.clone(), async {
                 let candidates = self.directory.pods_by_slug(slug, user).await?;
                 Ok(rule::decide(&candidates, user))
             })
             .await
-            .map(|decision| (decision, CacheLookup::Miss))
-            .map_err(|e: Arc<DirectoryError>| (*e).clone())
+            .map_err(|e: Arc<DirectoryError>| (*e).clone());
+        match fresh {
+            Ok(decision) => {
+                if matches!(decision, Decision::Allow { .. }) && !self.ttls.stale().is_zero() {
+                    self.stale_decisions.insert(key, decision.clone()).await;
+                }
+                Ok((decision, CacheLookup::Miss))
+            }
+            Err(e) => match self.stale_decisions.get(&key).await {
+                Some(stale) => {
+                    self.note_stale();
+                    Ok((stale, CacheLookup::Stale))
+                }
+                None => Err(e),
+            },
+        }
     }
 
     /// Finishes what the pure verifier could not: looks up database session tokens and checks
@@ -247,13 +337,7 @@ impl Authorizer {
                 // The first valid token authenticates; otherwise the first token's outcome.
                 let mut first = None;
                 for SessionCandidate { presented, token } in candidates {
-                    let record = self
-                        .sessions
-                        .try_get_with(token.clone(), async {
-                            self.directory.session(&token).await
-                        })
-                        .await
-                        .map_err(|e: Arc<DirectoryError>| (*e).clone())?;
+                    let record = self.session(&token).await?;
                     let outcome = session_outcome(presented, record, now);
                     if matches!(outcome, Outcome::Valid(_)) {
                         return Ok(outcome);
@@ -263,6 +347,44 @@ impl Authorizer {
                 Ok(first.unwrap_or(Outcome::Missing))
             }
         }
+    }
+
+    /// A database session, from the cache or the directory; a found one is kept for
+    /// stale-if-error.
+    async fn session(&self, token: &SessionToken) -> Result<Option<SessionRecord>, DirectoryError> {
+        let fresh = self
+            .sessions
+            .try_get_with(token.clone(), async { self.directory.session(token).await })
+            .await
+            .map_err(|e: Arc<DirectoryError>| (*e).clone());
+        match fresh {
+            Ok(record) => {
+                if let Some(found) = &record
+                    && !self.ttls.stale().is_zero()
+                    && !self.stale_sessions.contains_key(token)
+                {
+                    self.stale_sessions
+                        .insert(token.clone(), found.clone())
+                        .await;
+                }
+                Ok(record)
+            }
+            Err(e) => match self.stale_sessions.get(token).await {
+                Some(stale) => {
+                    self.note_stale();
+                    Ok(Some(stale))
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Whether a database session still exists (expired or not: only its deletion revokes).
+    ///
+    /// # Errors
+    /// [`DirectoryError`] when the directory could not answer.
+    pub async fn session_exists(&self, token: &SessionToken) -> Result<bool, DirectoryError> {
+        self.session(token).await.map(|record| record.is_some())
     }
 
     async fn user_exists(&self, user: &UserId) -> Result<bool, DirectoryError> {
@@ -283,8 +405,19 @@ impl Authorizer {
             .invalidate_entries_if(move |(k, _), _| *k == u);
         let u = user.clone();
         let _ = self
+            .stale_decisions
+            .invalidate_entries_if(move |(k, _), _| *k == u);
+        let u = user.clone();
+        let _ = self
             .sessions
             .invalidate_entries_if(move |_, v| v.as_ref().is_some_and(|s| s.user_id == u));
+        let u = user.clone();
+        let _ = self
+            .stale_sessions
+            .invalidate_entries_if(move |_, s| s.user_id == u);
+        // Unknown sessions are cached as `None` (whose user nobody knows): a new session of
+        // this user may be among them.
+        let _ = self.sessions.invalidate_entries_if(|_, v| v.is_none());
         self.users.invalidate_all();
     }
 
@@ -294,6 +427,10 @@ impl Authorizer {
         let _ = self
             .decisions
             .invalidate_entries_if(move |(_, k), _| *k == s);
+        let s = slug.clone();
+        let _ = self
+            .stale_decisions
+            .invalidate_entries_if(move |(_, k), _| *k == s);
     }
 
     /// Forgets everything.
@@ -301,6 +438,8 @@ impl Authorizer {
         self.decisions.invalidate_all();
         self.sessions.invalidate_all();
         self.users.invalidate_all();
+        self.stale_decisions.invalidate_all();
+        self.stale_sessions.invalidate_all();
     }
 }
 

@@ -851,6 +851,47 @@ impl CredentialVerifier {
     pub fn mint_proxy_token(&self, claims: &ProxyTokenClaims) -> Result<String, MintError> {
         self.proxy.mint(claims).map_err(|_| MintError)
     }
+
+    /// A new proxy token for the same user, pod and port as a verified one (`principal` must
+    /// hold a proxy token's scope), valid from `iat` to `exp`, marked for an embedded cookie
+    /// when `embed`. `None` for a principal without a scope.
+    pub fn reissue_proxy_token(
+        &self,
+        principal: &Principal,
+        iat: i64,
+        exp: i64,
+        embed: bool,
+    ) -> Option<String> {
+        let scope = principal.scope.as_ref()?;
+        let claims = ProxyTokenClaims {
+            user_id: principal.user_id.as_str().to_owned(),
+            pod_id: scope.pod_id.as_str().to_owned(),
+            pod_slug: scope.pod_slug.as_str().to_owned(),
+            target_port: scope.target_port,
+            iat,
+            exp,
+        };
+        self.proxy.mint_marked(&claims, embed).ok()
+    }
+
+    /// The renewal of a proxy token past half its life: a fresh token (full lifetime from
+    /// `now`, the same mark), or `None` for any other credential or a token still young.
+    pub fn renewal(&self, principal: &Principal, now: i64) -> Option<(String, bool)> {
+        let scope = principal.scope.as_ref()?;
+        let expires_at = principal.expires_at?;
+        if principal.presented.kind != CredentialKind::ProxyToken
+            || expires_at.saturating_sub(now) > crate::proxy_token::PROXY_TOKEN_LIFETIME_SECS / 2
+        {
+            return None;
+        }
+        let token = self.reissue_proxy_token(
+            principal,
+            now,
+            now + crate::proxy_token::PROXY_TOKEN_LIFETIME_SECS,
+            scope.embed,
+        )?;
+        Some((token, scope.embed))
+    }
 }
 
 /// Decrypts a session cookie and parses its claims; on failure, why, and whether the cookie is

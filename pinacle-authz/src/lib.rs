@@ -98,6 +98,7 @@ pub mod credentials;
 pub mod directory;
 mod ids;
 mod jwe;
+pub mod live;
 mod mint;
 pub mod pod;
 mod proxy_token;

@@ -38,6 +38,27 @@ pub struct ProxyScope {
     pub pod_slug: PodSlug,
     /// The port in the token.
     pub target_port: u16,
+    /// Issued by the ingress for an embedded (iframe) cookie (`embed: true`, a claim the
+    /// dashboard's tokens never carry): a renewal keeps the embedding cookie's attributes.
+    pub embed: bool,
+}
+
+/// The claims as decoded: the dashboard's, and the ingress's own `embed` mark.
+#[derive(Debug, Deserialize)]
+struct Decoded {
+    #[serde(flatten)]
+    claims: ProxyTokenClaims,
+    #[serde(default)]
+    embed: bool,
+}
+
+/// The claims the ingress mints: the dashboard's, plus `embed` when set.
+#[derive(Debug, Serialize)]
+struct Reissued<'a> {
+    #[serde(flatten)]
+    claims: &'a ProxyTokenClaims,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    embed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,8 +115,8 @@ impl ProxyTokenKeys {
     pub(crate) fn verify(&self, token: &str, now: i64) -> TokenCheck {
         let mut result = TokenCheck::BadSignature;
         for key in &self.decoding {
-            match jsonwebtoken::decode::<ProxyTokenClaims>(token, key, &self.validation) {
-                Ok(data) => return check_claims(data.claims, now),
+            match jsonwebtoken::decode::<Decoded>(token, key, &self.validation) {
+                Ok(data) => return check_claims(data.claims.claims, data.claims.embed, now),
                 Err(e) => match e.kind() {
                     ErrorKind::InvalidSignature => continue,
                     ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
@@ -116,11 +137,24 @@ impl ProxyTokenKeys {
         &self,
         claims: &ProxyTokenClaims,
     ) -> Result<String, jsonwebtoken::errors::Error> {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+        self.mint_marked(claims, false)
+    }
+
+    /// Mints a token with the ingress's `embed` mark when `embed`.
+    pub(crate) fn mint_marked(
+        &self,
+        claims: &ProxyTokenClaims,
+        embed: bool,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Reissued { claims, embed },
+            &self.encoding,
+        )
     }
 }
 
-fn check_claims(claims: ProxyTokenClaims, now: i64) -> TokenCheck {
+fn check_claims(claims: ProxyTokenClaims, embed: bool, now: i64) -> TokenCheck {
     let user = UserId::new(&claims.user_id).ok();
     if now >= claims.exp {
         return TokenCheck::Expired { user };
@@ -139,6 +173,7 @@ fn check_claims(claims: ProxyTokenClaims, now: i64) -> TokenCheck {
             pod_id,
             pod_slug,
             target_port: claims.target_port,
+            embed,
         },
         expires_at: claims.exp,
     }
@@ -167,6 +202,18 @@ mod tests {
         assert!(matches!(
             keys.verify(&token, 1000),
             TokenCheck::Expired { .. }
+        ));
+    }
+
+    #[test]
+    fn the_embed_mark_survives_a_round_trip_and_dashboard_tokens_lack_it() {
+        let keys = ProxyTokenKeys::new(&Secret::new("k"), &[]);
+        let embed = |token: &str| matches!(keys.verify(token, 1), TokenCheck::Valid { scope, .. } if scope.embed);
+        let plain = keys.mint(&claims(1000)).unwrap_or_default();
+        assert!(matches!(keys.verify(&plain, 1), TokenCheck::Valid { .. }));
+        assert!(!embed(&plain));
+        assert!(embed(
+            &keys.mint_marked(&claims(1000), true).unwrap_or_default()
         ));
     }
 

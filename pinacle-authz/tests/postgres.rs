@@ -422,3 +422,73 @@ async fn impersonation_needs_an_existing_target(pool: PgPool) {
         }
     }
 }
+
+/// The operator's file and the migration are the same SQL; it can be applied again and
+/// removed (twice each) without error, and the notifications name ids, never session tokens.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_notify_sql_is_the_migration_idempotent_removable_and_names_no_secret(pool: PgPool) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let apply = std::fs::read_to_string(format!("{root}/sql/pinacle-notify.sql")).unwrap();
+    let remove = std::fs::read_to_string(format!("{root}/sql/pinacle-notify-remove.sql")).unwrap();
+    let migration =
+        std::fs::read_to_string(format!("{root}/migrations/0002_pinacle_notify.sql")).unwrap();
+    assert_eq!(
+        apply, migration,
+        "sql/pinacle-notify.sql and migration 0002 drifted apart"
+    );
+    let triggers = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'pinacle_authz_notify'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(triggers(pool.clone()).await, 5);
+    sqlx::raw_sql(&apply).execute(&pool).await.unwrap();
+    assert_eq!(triggers(pool.clone()).await, 5);
+    sqlx::raw_sql(&remove).execute(&pool).await.unwrap();
+    sqlx::raw_sql(&remove).execute(&pool).await.unwrap();
+    assert_eq!(triggers(pool.clone()).await, 0);
+    sqlx::raw_sql(&apply).execute(&pool).await.unwrap();
+
+    let seed = Seed(&pool);
+    seed.people().await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(pinacle_authz::live::CHANNEL).await.unwrap();
+    let expires = "now() + interval '1 hour'";
+    sqlx::query(&format!(
+        "INSERT INTO session (\"sessionToken\", \"userId\", expires) VALUES ('secret-session-token', 'bob', {expires})"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM session")
+        .execute(&pool)
+        .await
+        .unwrap();
+    seed.remove_member("t1", "bob").await.unwrap();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|p: &String| p.contains("team_member") && p.contains("\"bob\""))
+    {
+        let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("notifications arrive")
+            .unwrap();
+        seen.push(n.payload().to_owned());
+    }
+    assert!(
+        seen.iter().all(|p| !p.contains("secret-session-token")),
+        "{seen:?}"
+    );
+    let sessions: Vec<_> = seen
+        .iter()
+        .map(|p| pinacle_authz::live::Invalidation::from_payload(p))
+        .filter(|i| *i == pinacle_authz::live::Invalidation::Users(vec![user("bob")]))
+        .collect();
+    assert_eq!(sessions.len(), 3, "{seen:?}");
+}

@@ -1,5 +1,5 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (the directory answers and we
-//! are not draining) and `/metrics` (Prometheus text). A small hyper server on the side runtime,
+//! are not draining; `degraded`, still 200, while grants are honoured stale-if-error) and `/metrics` (Prometheus text). A small hyper server on the side runtime,
 //! not a Pingora service, so it keeps answering (`/readyz`: 503) while Pingora drains. Bound
 //! without `SO_REUSEPORT`: two processes never share it; a process taking over (`--upgrade`)
 //! binds it once the previous one has let go ([`bind_when_free`]).
@@ -33,7 +33,14 @@ pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     /// Longest `/readyz` waits for the directory.
     pub ping_timeout: Duration,
+    /// The authorizer, once built: with the directory down, grants it can still honour
+    /// (stale-if-error) make `/readyz` say `degraded` (200) instead of 503.
+    pub authorizer: Arc<std::sync::OnceLock<Arc<pinacle_authz::Authorizer>>>,
 }
+
+/// How recent a stale answer must be for `/readyz` to call the gateway degraded rather than
+/// down.
+const STALE_RECENT: Duration = Duration::from_secs(60);
 
 /// Binds the admin address.
 ///
@@ -114,6 +121,14 @@ async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
             }
             match tokio::time::timeout(state.ping_timeout, state.directory.ping()).await {
                 Ok(Ok(())) => reply(200, JSON, r#"{"status":"ready"}"#.into()),
+                _ if state.authorizer.get().is_some_and(|a| {
+                    a.served_stale_within(STALE_RECENT) || a.stale_grants() > 0
+                }) =>
+                {
+                    // Known users keep working from stale grants: taking every gateway out of
+                    // the load balancer would stop them too.
+                    reply(200, JSON, r#"{"status":"degraded"}"#.into())
+                }
                 _ => reply(503, JSON, r#"{"status":"directory unavailable"}"#.into()),
             }
         }

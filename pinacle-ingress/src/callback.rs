@@ -81,14 +81,20 @@ pub fn answer(
         Outcome::Valid(principal) => principal,
         _ => return CallbackAnswer::InvalidToken,
     };
-    let Some(scope) = principal.scope else {
+    let Some(scope) = &principal.scope else {
         return CallbackAnswer::InvalidToken;
     };
     if scope.pod_slug != pod.slug || scope.target_port != pod.port {
         return CallbackAnswer::WrongPod;
     }
+    // An embedded cookie holds the same token marked `embed` (same user, pod, port and expiry),
+    // so that its renewal keeps the embedding attributes.
+    let reissued = query.embed.then(|| {
+        verifier.reissue_proxy_token(&principal, now, principal.expires_at.unwrap_or(now), true)
+    });
+    let token = reissued.flatten().unwrap_or_else(|| token.to_owned());
     CallbackAnswer::SetCookie {
-        set_cookie: proxy_token_cookie(token, query.embed, secure),
+        set_cookie: proxy_token_cookie(&token, query.embed, secure),
         location: safe_return_path(query.return_url.as_deref()),
     }
 }
@@ -231,6 +237,46 @@ mod tests {
         };
         assert!(set_cookie.ends_with("; HttpOnly; Secure; SameSite=None; Partitioned"));
         assert_eq!(location, "/");
+        // The embedded cookie holds the same grant, marked for embedding, with the same expiry.
+        let value = set_cookie
+            .strip_prefix("pinacle-proxy-token=")
+            .and_then(|rest| rest.split(';').next())
+            .unwrap();
+        let Outcome::Valid(principal) = v.verify_proxy_token(value, NOW) else {
+            panic!("the embedded cookie's token verifies")
+        };
+        let scope = principal.scope.unwrap();
+        assert!(scope.embed);
+        assert_eq!(scope.pod_slug.as_str(), "demo");
+        assert_eq!(principal.expires_at, Some(NOW + 900));
+        assert_eq!(principal.user_id.as_str(), "user_ada");
+    }
+
+    #[test]
+    fn a_token_past_half_its_life_is_renewed_with_its_mark() {
+        let v = verifier();
+        let principal = |t: &str| match v.verify_proxy_token(t, NOW) {
+            Outcome::Valid(p) => p,
+            other => panic!("{other:?}"),
+        };
+        // 450 s left: renewed; 451 s left: not yet.
+        let old = principal(&token(&v, "demo", 3000, NOW + 450));
+        let (fresh, embed) = v.renewal(&old, NOW).unwrap();
+        assert!(!embed);
+        let renewed = principal(&fresh);
+        assert_eq!(renewed.expires_at, Some(NOW + 900));
+        assert_eq!(renewed.scope, old.scope);
+        assert!(
+            v.renewal(&principal(&token(&v, "demo", 3000, NOW + 451)), NOW)
+                .is_none()
+        );
+        // An embedded cookie's token renews as one.
+        let marked = v
+            .reissue_proxy_token(&old, NOW - 450, NOW + 100, true)
+            .unwrap();
+        let (fresh, embed) = v.renewal(&principal(&marked), NOW).unwrap();
+        assert!(embed);
+        assert!(principal(&fresh).scope.unwrap().embed);
     }
 
     #[test]

@@ -61,6 +61,11 @@ pub struct FileConfig {
     pub authz_allow_ttl: Option<String>,
     /// How long a denial or an unavailable pod is cached.
     pub authz_deny_ttl: Option<String>,
+    /// How long after it expired an allow is still honoured while the directory cannot answer
+    /// (`0s`: never).
+    pub authz_stale_if_error: Option<String>,
+    /// Listen for the directory's change notifications (Postgres `LISTEN pinacle_authz`).
+    pub directory_notifications: Option<bool>,
     /// Seconds in-flight requests get after SIGTERM before the process exits.
     pub shutdown_grace_period: Option<String>,
     /// `address:port` of the admin listener (`/healthz`, `/readyz`, `/metrics`), or `off`.
@@ -135,6 +140,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("directory_query_timeout", Kind::Text),
     ("authz_allow_ttl", Kind::Text),
     ("authz_deny_ttl", Kind::Text),
+    ("authz_stale_if_error", Kind::Text),
+    ("directory_notifications", Kind::Flag),
     ("shutdown_grace_period", Kind::Text),
     ("admin_listen", Kind::Text),
     ("log_format", Kind::Text),
@@ -240,6 +247,8 @@ pub struct IngressConfig {
     pub max_connections: usize,
     /// Serve bodiless HTTP/1.1 GET/HEAD (any route) on the plain engine (else all on Pingora's).
     pub plain_path: bool,
+    /// Listen for change notifications when the directory is Postgres.
+    pub directory_notifications: bool,
     /// HTTPS, if configured.
     pub tls: Option<TlsConfig>,
     /// The hand-over socket for `serve --upgrade`.
@@ -717,6 +726,20 @@ fn validate(
             authz_defaults.deny_ttl,
             &mut problems,
         ),
+        // Zero is allowed here: it turns stale-if-error off.
+        stale_if_error: match file.authz_stale_if_error.as_deref().map(str::trim) {
+            Some(text)
+                if text == "0" || humantime::parse_duration(text).is_ok_and(|d| d.is_zero()) =>
+            {
+                Duration::ZERO
+            }
+            _ => d(
+                "authz_stale_if_error",
+                &file.authz_stale_if_error,
+                authz_defaults.stale_if_error,
+                &mut problems,
+            ),
+        },
         ..authz_defaults
     };
 
@@ -830,6 +853,7 @@ fn validate(
             max_concurrent_requests,
             max_connections,
             plain_path: file.plain_path.unwrap_or(true),
+            directory_notifications: file.directory_notifications.unwrap_or(true),
             tls,
             upgrade_sock,
         }),

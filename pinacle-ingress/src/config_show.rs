@@ -149,6 +149,10 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
         ("directory_query_timeout", duration(t.directory_query)),
         ("authz_allow_ttl", duration(c.authorizer.allow_ttl)),
         ("authz_deny_ttl", duration(c.authorizer.deny_ttl)),
+        (
+            "authz_stale_if_error",
+            duration(c.authorizer.stale_if_error),
+        ),
         ("shutdown_grace_period", duration(t.shutdown_grace)),
         (
             "admin_listen",
@@ -186,6 +190,10 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
         ),
         ("max_connections", c.max_connections.to_string()),
         ("plain_path", c.plain_path.to_string()),
+        (
+            "directory_notifications",
+            c.directory_notifications.to_string(),
+        ),
         (
             "upgrade_sock",
             quoted(&c.upgrade_sock.display().to_string()),

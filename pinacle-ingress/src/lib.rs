@@ -69,6 +69,7 @@ pub mod proxy;
 pub mod reload;
 pub mod request_id;
 pub mod responses;
+pub mod revocation;
 pub mod secrets;
 pub mod server;
 pub mod signals;

@@ -21,6 +21,7 @@ use crate::intent;
 use crate::policy::{self, ConnInfo, InFlight, Plan, RequestView, Verdict};
 use crate::proxy::Ingress;
 use crate::responses::{Answer, REQUEST_ID_HEADER, UpstreamFailure};
+use crate::revocation::Registration;
 use crate::telemetry::{self, Metrics};
 use crate::tunnel::{self, Opened, TunnelReport, TunnelSpec, Upgraded};
 use crate::upstream::{self, HeaderEdit};
@@ -119,9 +120,19 @@ impl Ingress {
             target: &plan.target,
             edits: &plan.edits,
             strip_response_headers: plan.strip_response_headers(),
+            set_cookie: plan.set_cookie.as_deref(),
             timeouts: plan.timeouts(),
             request_id: &ctx.record.request_id,
         };
+        let websocket = session
+            .req_header()
+            .headers
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let registration = plan
+            .grant
+            .as_ref()
+            .map(|grant| self.revocations.register(grant.clone()));
         let idle = plan.timeouts().websocket_idle;
         let opened = tunnel::open(session, spec).await;
         match opened {
@@ -142,6 +153,8 @@ impl Ingress {
                     idle,
                     metrics: self.metrics.clone(),
                     finished: None,
+                    registration,
+                    websocket,
                 }));
                 Ok(true)
             }
@@ -404,6 +417,9 @@ impl ProxyHttp for Ingress {
             for name in plan.strip_response_headers() {
                 upstream_response.remove_header(name.as_str());
             }
+            if let Some(cookie) = &plan.set_cookie {
+                upstream_response.append_header(header::SET_COOKIE, cookie.as_str())?;
+            }
         }
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.record.request_id.as_str())?;
         ctx.record.status = upstream_response.status.as_u16();
@@ -550,6 +566,10 @@ pub struct TunnelHandover {
     /// Set by `logging`: the request, logged when the tunnel ends, and its place under
     /// `max_concurrent_requests`, held as long as the tunnel runs.
     finished: Option<(Record, Option<InFlight>)>,
+    /// The tunnel's grant, registered for revocation (pod tunnels).
+    registration: Option<Registration>,
+    /// A WebSocket (a revocation sends a close frame first).
+    websocket: bool,
 }
 
 impl TunnelHandover {
@@ -586,14 +606,27 @@ impl TakeoverTask for TunnelHandover {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let upgraded = self.upgraded.take();
         let finished = self.finished.take();
+        let mut registration = self.registration.take();
         let metrics = self.metrics.clone();
         let idle = self.idle;
+        let websocket = self.websocket;
         Box::pin(async move {
             let Some(upgraded) = upgraded else {
                 return;
             };
-            let report = tunnel::relay(&mut client, &early, upgraded, idle, &metrics).await;
-            Self::finish(&metrics, finished, report, "");
+            let watch = tunnel::Watch {
+                idle,
+                revocation: registration.as_mut(),
+                websocket,
+            };
+            let report = tunnel::relay(&mut client, &early, upgraded, watch, &metrics).await;
+            let error = if report.revoked {
+                metrics.revoked("tunnel");
+                "access_revoked"
+            } else {
+                ""
+            };
+            Self::finish(&metrics, finished, report, error);
         })
     }
 }
@@ -618,6 +651,7 @@ impl Drop for TunnelHandover {
             bytes_up: 0,
             bytes_down: 0,
             idle_timeout: false,
+            revoked: false,
         };
         Self::finish(
             &self.metrics,

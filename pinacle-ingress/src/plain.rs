@@ -230,6 +230,8 @@ pub struct ClientEdits<'a> {
     pub request_id: &'a str,
     /// Whether the client's connection closes after this response whatever its framing.
     pub close: bool,
+    /// A `Set-Cookie` of ours added to the final response (a renewed proxy token).
+    pub set_cookie: Option<&'a str>,
 }
 
 impl ResponseHead {
@@ -359,6 +361,9 @@ fn client_head(
             REQUEST_ID_HEADER.as_bytes(),
             edits.request_id.as_bytes(),
         );
+        if let Some(cookie) = edits.set_cookie {
+            framing::field(out, b"set-cookie", cookie.as_bytes());
+        }
         if edits.close || head.framing == Framing::UntilClose {
             framing::field(out, b"connection", b"close");
         }
@@ -586,6 +591,8 @@ pub struct Exchange<'a> {
     pub request_id: &'a str,
     /// Whether the client's connection closes after this response (the server is stopping).
     pub close_client: bool,
+    /// A `Set-Cookie` of ours added to the response.
+    pub set_cookie: Option<&'a str>,
     /// Connect to the upstream.
     pub connect_timeout: Duration,
     /// Each wait for the upstream.
@@ -718,6 +725,7 @@ where
         strip: ex.strip,
         request_id: ex.request_id,
         close: ex.close_client,
+        set_cookie: ex.set_cookie,
     };
     // Informational answers (103) are passed on; the final head follows.
     let head = loop {
@@ -961,6 +969,7 @@ mod tests {
             strip: &[],
             request_id: "rid",
             close: false,
+            set_cookie: None,
         };
         ResponseHead::parse(raw.as_bytes(), head_request, &edits, &mut Vec::new())
     }
@@ -1041,6 +1050,7 @@ mod tests {
                 strip: &strip,
                 request_id: "rid",
                 close,
+                set_cookie: None,
             };
             let mut out = Vec::new();
             ResponseHead::parse(raw.as_bytes(), false, &edits, &mut out).unwrap();

@@ -78,11 +78,19 @@ impl PlainRequests for Ingress {
             strip: plan.strip_response_headers(),
             request_id: &record.request_id,
             close_client: stopping,
+            set_cookie: plan.set_cookie.as_deref(),
             connect_timeout: timeouts.upstream_connect,
             read_timeout: timeouts.upstream_read,
             write_timeout: timeouts.client_read,
         };
-        let mut done = plain::exchange(conn, &self.pool, &exchange).await;
+        let exchanged = plain::exchange(conn, &self.pool, &exchange);
+        let Some(mut done) = self.unless_revoked(exchanged, plan.grant.as_ref()).await else {
+            // Access was revoked while the response streamed: it ends here, unfinished.
+            drop(in_flight);
+            self.metrics.revoked("stream");
+            self.finish_plain(conn, &record, (record.status, 0, "access_revoked"));
+            return Served::Close;
+        };
         record.upstream_duration = done.upstream;
         record.status = done.status;
         record.connect_failed = done.connect_failed;
@@ -104,7 +112,35 @@ impl PlainRequests for Ingress {
     }
 }
 
+/// How long a response may run before it counts as long-lived (a stream: SSE, a long poll, a
+/// large download) and is registered for revocation. Short responses never touch the registry.
+const LONG_LIVED: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Ingress {
+    /// Runs `exchanged`; one still running after [`LONG_LIVED`] is registered under `grant` and
+    /// dropped (`None`) if access is revoked before it ends.
+    async fn unless_revoked<F: std::future::Future>(
+        &self,
+        exchanged: F,
+        grant: Option<&std::sync::Arc<crate::revocation::Grant>>,
+    ) -> Option<F::Output> {
+        let Some(grant) = grant else {
+            return Some(exchanged.await);
+        };
+        tokio::pin!(exchanged);
+        tokio::select! {
+            biased;
+            done = &mut exchanged => return Some(done),
+            () = tokio::time::sleep(LONG_LIVED) => {}
+        }
+        let mut registration = self.revocations.register(grant.clone());
+        tokio::select! {
+            biased;
+            done = &mut exchanged => Some(done),
+            () = registration.revoked() => None,
+        }
+    }
+
     /// Ends a request the plain engine served: counts and logs it with its
     /// `(status, body bytes sent, error)`.
     fn finish_plain(

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::header;
-use pinacle_authz::{Decision, DirectoryError, Outcome, Principal, UserId, Verification};
+use pinacle_authz::{
+    Decision, DirectoryError, Outcome, Principal, SessionToken, UserId, Verification,
+};
 
 use crate::access::Record;
 use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
@@ -21,6 +23,7 @@ use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::proxy::State;
 use crate::responses::{Answer, Page, REQUEST_ID_HEADER};
+use crate::revocation::Grant;
 use crate::telemetry::RouteKind;
 use crate::upstream::{self, Forwarding, HeaderEdit, Target};
 
@@ -70,6 +73,11 @@ pub struct Plan {
     pub edits: Vec<HeaderEdit>,
     /// An HTTP/1.1 upgrade: the tunnel carries it.
     pub tunnel: bool,
+    /// A `Set-Cookie` value added to the response (a renewed proxy token).
+    pub set_cookie: Option<String>,
+    /// What a pod request was allowed under: a long-lived connection registers it, to be
+    /// closed when access goes ([`crate::revocation`]).
+    pub grant: Option<Arc<Grant>>,
     /// The configuration the request was judged under.
     config: Arc<IngressConfig>,
 }
@@ -266,16 +274,24 @@ impl State {
             return Verdict::Answer(Answer::Callback(answer));
         }
         record.route = RouteKind::Pod;
-        let judged = self.judge_pod(config, view, record.intent, &pod).await;
+        let secure = conn.tls || config.dashboard_https;
+        let judged = self
+            .judge_pod(config, view, record.intent, &pod, secure)
+            .await;
         match self.apply(record, judged) {
-            Ok(allowed) => Verdict::Forward(plan(
-                config,
-                view,
-                conn,
-                record,
-                allowed.target,
-                allowed.forward_cookie.as_deref(),
-            )),
+            Ok(allowed) => {
+                let mut plan = plan(
+                    config,
+                    view,
+                    conn,
+                    record,
+                    allowed.target,
+                    allowed.forward_cookie.as_deref(),
+                );
+                plan.set_cookie = allowed.set_cookie;
+                plan.grant = Some(Arc::new(allowed.grant));
+                Verdict::Forward(plan)
+            }
             Err(answer) => Verdict::Answer(answer),
         }
     }
@@ -305,6 +321,7 @@ impl State {
         view: &RequestView<'_>,
         intent: Intent,
         pod: &PodHost,
+        secure: bool,
     ) -> Judged {
         let now = (self.clock)();
         let cookies = cookie_header(view.headers);
@@ -314,6 +331,12 @@ impl State {
             &mut inspection.verification,
             Verification::Decided(Outcome::Missing),
         );
+        let sessions: Vec<SessionToken> = match &verification {
+            Verification::DatabaseSessions(candidates) => {
+                candidates.iter().map(|c| c.token.clone()).collect()
+            }
+            Verification::Decided(_) => Vec::new(),
+        };
         let mut judged = Judged {
             verdict: Err(Answer::Internal),
             authz: "none",
@@ -382,9 +405,21 @@ impl State {
                         .or_else(|| config.base_domains.get(pod.base));
                     let host =
                         domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
+                    let set_cookie = self
+                        .verifier
+                        .renewal(&principal, now)
+                        .map(|(token, embed)| callback::proxy_token_cookie(&token, embed, secure));
+                    let stale = judged.lookup == Some(pinacle_authz::CacheLookup::Stale);
                     (
-                        "allow",
+                        if stale { "allow_stale" } else { "allow" },
                         Ok(Allowed {
+                            grant: Grant {
+                                user: principal.user_id.clone(),
+                                slug: pod.slug.clone(),
+                                pod_id: pod_id.clone(),
+                                upstream,
+                                sessions,
+                            },
                             target: Target::Pod {
                                 addr: upstream,
                                 pod_id,
@@ -393,6 +428,7 @@ impl State {
                             forward_cookie: inspection
                                 .forwardable_cookie_header(&cookies)
                                 .map(std::borrow::Cow::into_owned),
+                            set_cookie,
                         }),
                     )
                 }
@@ -417,8 +453,7 @@ impl State {
         record.user = judged.user;
         record.user_email = judged.user_email;
         if let Some(lookup) = judged.lookup {
-            self.metrics
-                .authz_lookup(lookup == pinacle_authz::CacheLookup::Hit);
+            self.metrics.authz_lookup(lookup);
         }
         if let Some((what, e)) = &judged.directory_error {
             record.directory_error = Some(match e {
@@ -487,6 +522,8 @@ fn plan(
         tunnel: record.intent.upgrade && !view.http2,
         target,
         edits,
+        set_cookie: None,
+        grant: None,
         config: config.clone(),
     }
 }
@@ -501,10 +538,13 @@ struct Judged {
     directory_error: Option<(&'static str, DirectoryError)>,
 }
 
-/// Where an allowed pod request goes, and the `Cookie` left for it.
+/// Where an allowed pod request goes, the `Cookie` left for it, what it was allowed under, and
+/// a renewed proxy token's `Set-Cookie`.
 struct Allowed {
     target: Target,
     forward_cookie: Option<Vec<u8>>,
+    grant: Grant,
+    set_cookie: Option<String>,
 }
 
 impl Judged {

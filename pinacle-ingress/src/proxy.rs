@@ -38,6 +38,8 @@ pub struct State {
     pub(crate) in_flight: Arc<AtomicUsize>,
     /// Idle upstream connections of the plain path (Pingora keeps its own).
     pub(crate) pool: UpstreamPool,
+    /// Long-lived connections, closed when their user loses access.
+    pub(crate) revocations: crate::revocation::Registry,
 }
 
 impl std::fmt::Debug for State {
@@ -102,6 +104,7 @@ impl Ingress {
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
             pool,
+            revocations: crate::revocation::Registry::default(),
         }))
     }
 
@@ -109,6 +112,11 @@ impl Ingress {
     /// [`State::reconfigure`]).
     pub fn state(&self) -> Arc<State> {
         self.0.clone()
+    }
+
+    /// The live connections revocation may close.
+    pub fn revocations(&self) -> crate::revocation::Registry {
+        self.revocations.clone()
     }
 
     /// Requests and tunnels in flight (what a graceful stop waits for).

@@ -22,7 +22,7 @@ use crate::telemetry::Metrics;
 use crate::tls::CertStore;
 
 /// Keys whose new value only a restart (`serve --upgrade`) puts into effect.
-pub const RESTART_KEYS: [&str; 15] = [
+pub const RESTART_KEYS: [&str; 16] = [
     "listen",
     "tls_listen",
     "tls_cert_file",
@@ -38,6 +38,7 @@ pub const RESTART_KEYS: [&str; 15] = [
     "upstream_idle_timeout",
     "secrets",
     "directory",
+    "directory_notifications",
 ];
 
 /// What a reload changes.
@@ -172,6 +173,8 @@ impl Reloader {
         let ttls_changed = ttls != (running.authorizer.allow_ttl, running.authorizer.deny_ttl);
         self.authorizer
             .set_ttls(ttls.0, ttls.1, forget || ttls_changed);
+        self.authorizer
+            .set_stale_if_error(next.authorizer.stale_if_error);
         if next.log_filter != running.log_filter
             && !crate::telemetry::set_log_filter(&next.log_filter)
         {

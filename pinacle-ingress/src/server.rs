@@ -65,6 +65,8 @@ pub struct Prepared {
     file_directory: Option<Arc<directory::ReloadableFile>>,
     draining: Arc<AtomicBool>,
     certs: Option<Arc<CertStore>>,
+    /// The authorizer once [`build`] has made it (`/readyz` reads its stale-if-error state).
+    authorizer: Arc<std::sync::OnceLock<Arc<Authorizer>>>,
 }
 
 impl Prepared {
@@ -104,12 +106,14 @@ pub fn prepare(
         None => None,
     };
     let draining = Arc::new(AtomicBool::new(false));
+    let authorizer = Arc::new(std::sync::OnceLock::new());
     if let Some(addr) = config.admin_listen {
         let state = AdminState {
             metrics: metrics.clone(),
             directory: directory.clone(),
             draining: draining.clone(),
             ping_timeout: config.timeouts.directory_query,
+            authorizer: authorizer.clone(),
         };
         if upgrade {
             // The previous process answers (`/readyz`: draining) until it exits.
@@ -139,6 +143,7 @@ pub fn prepare(
         file_directory,
         draining,
         certs,
+        authorizer,
     })
 }
 
@@ -288,6 +293,8 @@ pub fn build(
         prepared.directory.clone(),
         &config.authorizer,
     ));
+    let _ = prepared.authorizer.set(authorizer.clone());
+    let live = listen_for_changes(&config, prepared, &authorizer);
 
     let conf = ServerConf {
         threads: config.threads,
@@ -319,6 +326,14 @@ pub fn build(
     let plain = ingress.plain_requests();
     let in_flight = ingress.in_flight();
     let state = ingress.state();
+    let sweep_state = state.clone();
+    prepared.side.spawn(crate::revocation::run(
+        ingress.revocations(),
+        authorizer.clone(),
+        live,
+        prepared.metrics.clone(),
+        move || sweep_state.current_config().authorizer.allow_ttl,
+    ));
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
     let gate = Gate::new(proxy, limits, prepared.metrics.clone()).with_plain_requests(plain);
     let limits = gate.limits();
@@ -354,6 +369,35 @@ pub fn build(
         state,
         limits,
     })
+}
+
+/// Starts the directory's change listener ([`pinacle_authz::live`]) on the side runtime when
+/// the directory is Postgres and `directory_notifications` is on.
+fn listen_for_changes(
+    config: &IngressConfig,
+    prepared: &Prepared,
+    authorizer: &Arc<Authorizer>,
+) -> Option<pinacle_authz::live::LiveHandle> {
+    let crate::config::DirectorySource::Postgres(url) = &config.directory else {
+        return None;
+    };
+    if !config.directory_notifications {
+        return None;
+    }
+    let connect = std::str::from_utf8(url.expose())
+        .ok()?
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .ok()?
+        .application_name("pinacle-ingress-listen");
+    let _context = prepared.side.enter();
+    Some(pinacle_authz::live::spawn_listener(
+        connect,
+        (**authorizer).clone(),
+        pinacle_authz::live::LiveOptions {
+            timeout: config.timeouts.directory_query,
+            ..pinacle_authz::live::LiveOptions::default()
+        },
+    ))
 }
 
 /// What [`build`] makes.

@@ -39,11 +39,14 @@ pub struct Metrics {
     plain_requests: IntCounter,
     answers: IntCounterVec,
     reloads: IntCounterVec,
+    notifications: IntCounter,
+    listener_reconnects: IntCounter,
+    revoked: IntCounterVec,
     /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
     /// under a lock on every request otherwise.
     route_series: Arc<[OnceLock<RouteSeries>; RouteKind::ALL.len()]>,
     /// The authorization cache's hit and miss series, resolved on first use (as above).
-    authz_series: Arc<[OnceLock<IntCounter>; 2]>,
+    authz_series: Arc<[OnceLock<IntCounter>; 3]>,
 }
 
 /// What kind of request this turned out to be (logs and metrics).
@@ -168,7 +171,8 @@ impl Metrics {
         )?;
         let authz_cache = counter(
             "pinacle_ingress_authz_cache_lookups_total",
-            "Authorization decisions by whether the cache answered (hit) or the directory (miss).",
+            "Authorization decisions by whether the cache answered (hit), the directory (miss), \
+             or, the directory failing, an allow kept for stale-if-error (stale).",
             &["result"],
         )?;
         let directory_duration = histogram(
@@ -242,10 +246,33 @@ impl Metrics {
             "Reloads (SIGHUP) by result: applied, or rejected (invalid; nothing changed).",
             &["result"],
         )?;
+        let notifications = IntCounter::new(
+            "pinacle_ingress_directory_notifications_total",
+            "Change notifications received from the directory (LISTEN pinacle_authz).",
+        )?;
+        registry.register(Box::new(notifications.clone()))?;
+        let listener_reconnects = IntCounter::new(
+            "pinacle_ingress_directory_listener_reconnects_total",
+            "Times the notification connection was made again after a loss (every cached \
+             answer is forgotten each time).",
+        )?;
+        registry.register(Box::new(listener_reconnects.clone()))?;
+        let revoked = counter(
+            "pinacle_ingress_revoked_connections_total",
+            "Open WebSocket tunnels (tunnel) and streaming responses (stream) closed because the \
+             user lost access to the pod.",
+            &["kind"],
+        )?;
+        for kind in ["tunnel", "stream"] {
+            revoked.with_label_values(&[kind]);
+        }
         let metrics = Self {
             registry,
             answers,
             reloads,
+            notifications,
+            listener_reconnects,
+            revoked,
             connections_open,
             connections_refused,
             header_timeouts,
@@ -289,7 +316,7 @@ impl Metrics {
                 }
             }
         }
-        for result in ["hit", "miss"] {
+        for result in ["hit", "miss", "stale"] {
             self.authz_cache.with_label_values(&[result]);
         }
         for query in DIRECTORY_QUERIES {
@@ -356,8 +383,12 @@ impl Metrics {
     }
 
     /// Records an authorization cache lookup.
-    pub fn authz_lookup(&self, hit: bool) {
-        let (index, label) = if hit { (0, "hit") } else { (1, "miss") };
+    pub fn authz_lookup(&self, lookup: pinacle_authz::CacheLookup) {
+        let (index, label) = match lookup {
+            pinacle_authz::CacheLookup::Hit => (0, "hit"),
+            pinacle_authz::CacheLookup::Miss => (1, "miss"),
+            pinacle_authz::CacheLookup::Stale => (2, "stale"),
+        };
         if let Some(cell) = self.authz_series.get(index) {
             cell.get_or_init(|| self.authz_cache.with_label_values(&[label]))
                 .inc();
@@ -394,6 +425,30 @@ impl Metrics {
     /// A request head that did not arrive within `request_header_timeout`.
     pub fn header_timeout(&self) {
         self.header_timeouts.inc();
+    }
+
+    /// Brings the listener's counters up to `stats` (they only grow).
+    pub fn live_stats(&self, stats: &pinacle_authz::live::LiveStats) {
+        use std::sync::atomic::Ordering;
+        let sync = |counter: &IntCounter, value: u64| {
+            let seen = counter.get();
+            if value > seen {
+                counter.inc_by(value - seen);
+            }
+        };
+        sync(
+            &self.notifications,
+            stats.notifications.load(Ordering::Relaxed),
+        );
+        sync(
+            &self.listener_reconnects,
+            stats.reconnects.load(Ordering::Relaxed),
+        );
+    }
+
+    /// A connection closed because its user lost access (`tunnel` or `stream`).
+    pub fn revoked(&self, kind: &str) {
+        self.revoked.with_label_values(&[kind]).inc();
     }
 
     /// Records a request served by the plain path (`crate::plain`).
@@ -697,8 +752,8 @@ mod tests {
             connect_failed: false,
             answer: Some("forbidden"),
         });
-        m.authz_lookup(true);
-        m.authz_lookup(false);
+        m.authz_lookup(pinacle_authz::CacheLookup::Hit);
+        m.authz_lookup(pinacle_authz::CacheLookup::Miss);
         m.directory_query("pods_by_slug", Duration::from_millis(1), Some("timeout"));
         m.tunnels(1);
         let text = m.render();

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
 use crate::responses::{Answer, REQUEST_ID_HEADER, UpstreamFailure};
+use crate::revocation::Registration;
 use crate::telemetry::Metrics;
 use crate::upstream::{HeaderEdit, Target};
 
@@ -49,7 +50,24 @@ pub struct TunnelReport {
     pub bytes_down: u64,
     /// Whether the tunnel ended by the idle timeout.
     pub idle_timeout: bool,
+    /// Whether it was closed because the user lost access.
+    pub revoked: bool,
 }
+
+/// What ends a tunnel besides its two sides.
+#[derive(Debug)]
+pub struct Watch<'a> {
+    /// Silence both ways (and each write) for this long.
+    pub idle: Duration,
+    /// Resolves when the user loses access.
+    pub revocation: Option<&'a mut Registration>,
+    /// A WebSocket: a revocation sends the client a close frame (1008) first.
+    pub websocket: bool,
+}
+
+/// The WebSocket close frame a revoked tunnel sends the client: unmasked (server to client),
+/// status 1008 (policy violation), reason "access revoked" (RFC 6455 §5.5.1, §7.4.1).
+pub const REVOKED_CLOSE_FRAME: &[u8] = b"\x88\x10\x03\xf0access revoked";
 
 /// How the tunnel is set up.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +78,8 @@ pub struct TunnelSpec<'a> {
     pub edits: &'a [HeaderEdit],
     /// Response headers to drop (lowercase).
     pub strip_response_headers: &'a [String],
+    /// A `Set-Cookie` of ours added to the response (a renewed proxy token).
+    pub set_cookie: Option<&'a str>,
     /// Timeouts.
     pub timeouts: &'a Timeouts,
     /// The request id.
@@ -213,8 +233,13 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
         .await?
         .map_err(|e| upstream_error(&e))?;
     let status = response.status().as_u16();
-    let header = response_header(&response, spec.strip_response_headers, spec.request_id)
+    let mut header = response_header(&response, spec.strip_response_headers, spec.request_id)
         .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
+    if let Some(cookie) = spec.set_cookie {
+        header
+            .append_header(http::header::SET_COOKIE, cookie)
+            .map_err(|_| Answer::Internal)?;
+    }
 
     if status != 101 {
         return Ok(Opened::Refused(
@@ -247,6 +272,7 @@ async fn relay_refusal(
         bytes_up: 0,
         bytes_down: 0,
         idle_timeout: false,
+        revoked: false,
     };
     let mut body = response.into_body();
     if session
@@ -285,9 +311,14 @@ pub async fn relay(
     client: &mut Stream,
     early_up: &[u8],
     upgraded: Upgraded,
-    idle: Duration,
+    watch: Watch<'_>,
     metrics: &Metrics,
 ) -> TunnelReport {
+    let Watch {
+        idle,
+        mut revocation,
+        websocket,
+    } = watch;
     let Upgraded {
         mut upstream,
         early_down,
@@ -298,6 +329,7 @@ pub async fn relay(
         bytes_up: 0,
         bytes_down: 0,
         idle_timeout: false,
+        revoked: false,
     };
     let _open = OpenTunnel::new(metrics);
     let opened = tokio::time::timeout(idle, async {
@@ -330,7 +362,7 @@ pub async fn relay(
         // socket is drained after a short read: waiting for readiness and then `try_read`
         // cost one more `recvfrom` (EAGAIN) per message. Sides take turns going first.
         upstream_first = !upstream_first;
-        let event = std::future::poll_fn(|cx| {
+        let read = std::future::poll_fn(|cx| {
             let mut read = ReadBuf::new(&mut buf);
             for from_upstream in [upstream_first, !upstream_first] {
                 let polled = match from_upstream {
@@ -348,8 +380,12 @@ pub async fn relay(
                 }
             }
             silence.as_mut().poll(cx).map(|()| Event::Silent)
-        })
-        .await;
+        });
+        let event = tokio::select! {
+            biased;
+            () = revoked(&mut revocation) => Event::Revoked,
+            event = read => event,
+        };
         let moved = match event {
             Event::Silent => {
                 let quiet_until = last_activity + idle;
@@ -371,6 +407,20 @@ pub async fn relay(
             // closing handshake), so the tunnel ends and the client gets its FIN below.
             Event::FromUpstream(Ok(0)) => break,
             Event::FromClient(Err(_)) | Event::FromUpstream(Err(_)) => break,
+            Event::Revoked => {
+                report.revoked = true;
+                if websocket {
+                    // Between two reads: a frame the pod sent may have been cut short, in which
+                    // case the browser reports a protocol error instead of 1008; closed either way.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        client.write_all(REVOKED_CLOSE_FRAME).await?;
+                        client.flush().await
+                    })
+                    .await;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), upstream.shutdown()).await;
+                break;
+            }
             Event::FromClient(Ok(n)) => {
                 let data = buf.get(..n).unwrap_or_default();
                 let written = tokio::time::timeout(idle, upstream.write_all(data)).await;
@@ -404,4 +454,13 @@ enum Event {
     FromClient(std::io::Result<usize>),
     FromUpstream(std::io::Result<usize>),
     Silent,
+    Revoked,
+}
+
+/// Resolves when the tunnel's user loses access (never without a registration).
+async fn revoked(revocation: &mut Option<&mut Registration>) {
+    match revocation {
+        Some(registration) => registration.revoked().await,
+        None => std::future::pending().await,
+    }
 }

@@ -48,6 +48,11 @@ fn session_cookie(user: &str) -> String {
 }
 
 fn proxy_token(user: &str, pod_id: &str, slug: &str, port: u16) -> String {
+    proxy_token_left(user, pod_id, slug, port, 900)
+}
+
+/// A proxy token with `left` seconds of its 900 to go.
+fn proxy_token_left(user: &str, pod_id: &str, slug: &str, port: u16, left: i64) -> String {
     let now = unix_now();
     verifier()
         .mint_proxy_token(&ProxyTokenClaims {
@@ -55,8 +60,8 @@ fn proxy_token(user: &str, pod_id: &str, slug: &str, port: u16) -> String {
             pod_id: pod_id.into(),
             pod_slug: slug.into(),
             target_port: port,
-            iat: now,
-            exp: now + 900,
+            iat: now + left - 900,
+            exp: now + left,
         })
         .unwrap()
 }
@@ -1506,4 +1511,49 @@ async fn a_directory_outage_costs_one_wait_per_request() {
         served_plain(1.0),
     )
     .await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_proxy_token_past_half_its_life_is_renewed_once_authorized(pool: PgPool) {
+    let w = world(pool).await;
+    let port = w.echo.addr.port();
+    let host = w.app_host("demo");
+    let cookie = |t: &str| format!("pinacle-proxy-token={t}");
+    // Young: nothing to renew.
+    let young = proxy_token_left("bob", "p_demo", "demo", port, 800);
+    let r = w.get(&host, "/", &[("cookie", &cookie(&young))]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("set-cookie"), None);
+    // Past half its life: a fresh token with the callback's attributes, and the pod never sees
+    // either token.
+    let old = proxy_token_left("bob", "p_demo", "demo", port, 300);
+    let r = w.get(&host, "/", &[("cookie", &cookie(&old))]).await;
+    assert_eq!(r.status, 200);
+    let set_cookie = r.header("set-cookie").expect("a renewed token").to_owned();
+    assert!(
+        set_cookie.ends_with("; Path=/; Max-Age=900; HttpOnly; SameSite=Lax"),
+        "{set_cookie}"
+    );
+    let fresh = set_cookie
+        .strip_prefix("pinacle-proxy-token=")
+        .and_then(|rest| rest.split(';').next())
+        .unwrap();
+    assert!(!r.text().contains(&old) && !r.text().contains(fresh));
+    let pinacle_authz::Outcome::Valid(renewed) = verifier().verify_proxy_token(fresh, unix_now())
+    else {
+        panic!("the renewed token verifies")
+    };
+    assert!(renewed.expires_at.unwrap() >= unix_now() + 890);
+    let scope = renewed.scope.unwrap();
+    assert_eq!((scope.pod_slug.as_str(), scope.target_port), ("demo", port));
+    assert_eq!(renewed.user_id.as_str(), "bob");
+    // The fresh one works on its own.
+    let r = w.get(&host, "/", &[("cookie", &cookie(fresh))]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("set-cookie"), None);
+    // A denied request renews nothing.
+    let stranger = proxy_token_left("mal", "p_demo", "demo", port, 300);
+    let r = w.get(&host, "/", &[("cookie", &cookie(&stranger))]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("set-cookie"), None);
 }

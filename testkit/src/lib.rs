@@ -8,6 +8,7 @@
 //! - [`nginx`]: runs nginx with a given config, stopped (by its PID) on drop.
 //! - [`client`]: one request on a fresh or given connection, the whole response read.
 //! - [`tls`]: a certificate authority made in the test and a client connector trusting it.
+//! - [`relay`]: a TCP relay the test can cut and restore (fault tests: a database outage).
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test support fails loudly
@@ -15,6 +16,7 @@
 
 pub mod client;
 pub mod nginx;
+pub mod relay;
 pub mod tls;
 pub mod upstream;
 
