@@ -40,6 +40,9 @@ pub struct RequestCtx {
     in_flight: Option<InFlight>,
     /// A refused upgrade's report.
     tunnel: Option<TunnelReport>,
+    /// A pod response's grant, registered for revocation while its body streams: the body ends
+    /// at the first chunk after access is gone (Pingora offers no way to end an idle one).
+    registration: Option<Registration>,
     /// An accepted upgrade waiting for Pingora to hand the connection back (see `logging` and
     /// `persist_connection_context`). A mutex only because Pingora lends the context shared.
     handover: Mutex<Option<Box<TunnelHandover>>>,
@@ -420,10 +423,35 @@ impl ProxyHttp for Ingress {
             if let Some(cookie) = &plan.set_cookie {
                 upstream_response.append_header(header::SET_COOKIE, cookie.as_str())?;
             }
+            if let Some(grant) = &plan.grant {
+                ctx.registration = Some(self.revocations.register(grant.clone()));
+            }
         }
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.record.request_id.as_str())?;
         ctx.record.status = upstream_response.status.as_u16();
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        if ctx
+            .registration
+            .as_ref()
+            .is_some_and(Registration::is_revoked)
+        {
+            ctx.registration = None;
+            self.metrics.revoked("stream");
+            return Err(Error::explain(
+                ErrorType::Custom("access_revoked"),
+                "access revoked while the response streamed",
+            ));
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -485,6 +513,7 @@ impl ProxyHttp for Ingress {
             return;
         }
         ctx.in_flight = None;
+        ctx.registration = None;
         let status = session
             .response_written()
             .map_or(ctx.record.status, |r| r.status.as_u16());

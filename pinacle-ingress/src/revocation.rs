@@ -69,6 +69,13 @@ impl Registration {
     }
 }
 
+impl Registration {
+    /// Whether access is gone (a synchronous look, for callbacks that cannot wait).
+    pub fn is_revoked(&self) -> bool {
+        *self.revoked.borrow()
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         self.registry

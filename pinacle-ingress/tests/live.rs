@@ -475,3 +475,56 @@ async fn without_notifications_live_grants_are_checked_every_allow_ttl_and_expir
         0.0
     );
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_streaming_response_on_either_engine_ends_when_access_goes(pool: PgPool) {
+    let (ticks, dashboard) = (
+        upstream::ticking().await,
+        upstream::http_echo("dashboard").await,
+    );
+    seed(&pool, &[("p_ticks", "ticks", ticks.addr.port())]).await;
+    let (url, _relay) = relayed_database(&pool).await;
+    let gateways = [
+        gateway(&url, dashboard.addr, "plain_path = true").await,
+        gateway(&url, dashboard.addr, "plain_path = false").await,
+    ];
+    let host = host(ticks.addr.port(), "ticks");
+    let mut streams = Vec::new();
+    for g in &gateways {
+        let mut stream = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+        let request = format!(
+            "GET /ticks HTTP/1.1\r\nhost: {host}\r\ncookie: {}\r\n\r\n",
+            session_cookie("bob")
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        while String::from_utf8_lossy(&seen).matches("tick").count() < 2 {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "the stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        streams.push(stream);
+    }
+    // Long-lived by now (the plain engine registers a response running for over a second).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    listening(&pool, 2).await;
+    Seed(&pool).remove_member("t1", "bob").await.unwrap();
+    for (stream, g) in streams.iter_mut().zip(&gateways) {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), async {
+            // Ends with the connection (closed, or reset by a close with unread bytes).
+            let _ = stream.read_to_end(&mut rest).await;
+        })
+        .await
+        .expect("the revoked stream ends within two seconds");
+        assert!(!String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"));
+        assert_eq!(
+            g.metric("pinacle_ingress_revoked_connections_total{kind=\"stream\"}"),
+            1.0
+        );
+    }
+}

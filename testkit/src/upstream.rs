@@ -119,6 +119,29 @@ async fn echo(name: &str, req: Request<Incoming>) -> Result<Response<Full<Bytes>
         .unwrap())
 }
 
+/// A stream that never idles: a chunked body of `tick\n` every 100 ms, for at most 60 s (or
+/// until the client goes away).
+pub async fn ticking() -> Upstream {
+    serve(|mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let head =
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+        if stream.write_all(head).await.is_err() {
+            return;
+        }
+        for _ in 0..600 {
+            if stream.write_all(b"5\r\ntick\n\r\n").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+    })
+    .await
+}
+
 /// A server-sent events endpoint: sends `data: first`, waits for [`Upstream::release`], then sends
 /// `data: second` and closes. A client that sees `first` before releasing proves streaming.
 pub async fn sse() -> Upstream {
