@@ -112,6 +112,33 @@ impl Gateway {
         .await
     }
 
+    /// A streaming GET of `user`'s, raw, read until `enough` holds for what arrived.
+    async fn stream(
+        &self,
+        host: &str,
+        path: &str,
+        user: &str,
+        enough: impl Fn(&str) -> bool,
+    ) -> tokio::net::TcpStream {
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {host}\r\ncookie: {}\r\n\r\n",
+            session_cookie(user)
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        while !enough(&String::from_utf8_lossy(&seen)) {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "the stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        stream
+    }
+
     async fn readyz(&self) -> Collected {
         client::get(self.admin, "/readyz", &[("host", "admin")]).await
     }
@@ -255,23 +282,10 @@ async fn a_change_reaches_every_gateway_within_a_second_and_closes_what_it_revok
     let feed = host(sse.addr.port(), "feed");
     let mut streams = Vec::new();
     for g in &gateways {
-        let mut stream = tokio::net::TcpStream::connect(g.addr).await.unwrap();
-        let request = format!(
-            "GET /events HTTP/1.1\r\nhost: {feed}\r\ncookie: {}\r\n\r\n",
-            session_cookie("bob")
+        streams.push(
+            g.stream(&feed, "/events", "bob", |seen| seen.contains("data: first"))
+                .await,
         );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut seen = Vec::new();
-        while !String::from_utf8_lossy(&seen).contains("data: first") {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "the stream ended early");
-            seen.extend_from_slice(&buf[..n]);
-        }
-        streams.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     listening(&pool, 2).await;
@@ -491,23 +505,12 @@ async fn a_streaming_response_on_either_engine_ends_when_access_goes(pool: PgPoo
     let host = host(ticks.addr.port(), "ticks");
     let mut streams = Vec::new();
     for g in &gateways {
-        let mut stream = tokio::net::TcpStream::connect(g.addr).await.unwrap();
-        let request = format!(
-            "GET /ticks HTTP/1.1\r\nhost: {host}\r\ncookie: {}\r\n\r\n",
-            session_cookie("bob")
+        streams.push(
+            g.stream(&host, "/ticks", "bob", |seen| {
+                seen.matches("tick").count() >= 2
+            })
+            .await,
         );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut seen = Vec::new();
-        while String::from_utf8_lossy(&seen).matches("tick").count() < 2 {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "the stream ended early");
-            seen.extend_from_slice(&buf[..n]);
-        }
-        streams.push(stream);
     }
     // Long-lived by now (the plain engine registers a response running for over a second).
     tokio::time::sleep(Duration::from_millis(1200)).await;
