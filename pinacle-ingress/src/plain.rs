@@ -4,8 +4,9 @@
 //! proxy path costs about 25 µs of user CPU per request before any work of ours, against 5 µs for
 //! a plain Tokio forwarder (`benches/src/bin/tokio-floor.rs`) and 8 µs for nginx; the kernel's
 //! share is the same for all three. So the commonest request, a bodiless `GET`/`HEAD` to a pod
-//! the user may use, is served here; everything else (bodies, upgrades, HTTP/1.0, odd framing,
-//! every answer of ours) still goes through Pingora, which sees the request untouched.
+//! whatever its route, is served here once [`crate::policy`] has judged it (the plain engine,
+//! `plain_engine.rs`, answers our own answers too); everything else (bodies, upgrades, HTTP/1.0,
+//! odd framing) still goes through Pingora, which sees the request untouched.
 //!
 //! The pure parts: [`PlainRequest::parse`] (which requests qualify),
 //! [`PlainRequest::upstream_head`] (the request as forwarded, with the same header edits as the
@@ -485,6 +486,11 @@ pub type PoolKey = (SocketAddr, u64);
 /// Idle keep-alive connections to upstreams, by [`PoolKey`], newest first out. Connections idle
 /// longer than `idle_timeout` (below the pods' nginx keep-alive, so never one it is closing)
 /// or found closed are dropped; the whole pool is swept at most once a second.
+///
+/// Ours rather than pingora-pool or hyper's client: the exchange reads and writes raw bytes on
+/// the socket, with no per-request `Request`/`Response` objects, which is where the plain
+/// engine's gain is made (`benches/load/instructions.sh`: a 1 KiB GET to a pod costs 28.8 k
+/// instructions here, 69.6 k on Pingora's loop and pool).
 #[derive(Debug)]
 pub struct UpstreamPool {
     idle: Mutex<HashMap<PoolKey, Vec<(TcpStream, Instant)>>>,
