@@ -407,7 +407,7 @@ impl Reply {
             .chain([("content-length", length)])
     }
 
-    /// The response header for Pingora to write (see [`Self::fields`]).
+    /// The response header for Pingora to write (its fields: `Reply::fields`).
     ///
     /// # Errors
     /// Only if a field value is not a valid header value (never for the values built here).
