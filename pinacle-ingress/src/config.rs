@@ -41,6 +41,10 @@ pub struct FileConfig {
     pub directory_file: Option<PathBuf>,
     /// Response headers removed from pod responses (so the dashboard may frame them).
     pub strip_response_headers: Option<Vec<String>>,
+    /// `same-pod` (default) or `deny`: how pod hosts treat CORS preflights ([`crate::cors`]).
+    pub cors_preflight: Option<String>,
+    /// Origins besides the pod itself and the dashboard that may frame pod pages.
+    pub frame_ancestors: Option<Vec<String>>,
     /// Worker threads.
     pub threads: Option<usize>,
     /// Connecting to a pod or the dashboard.
@@ -130,6 +134,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("upstream_domain", Kind::Text),
     ("directory_file", Kind::Text),
     ("strip_response_headers", Kind::List),
+    ("cors_preflight", Kind::Text),
+    ("frame_ancestors", Kind::List),
     ("threads", Kind::Count),
     ("upstream_connect_timeout", Kind::Text),
     ("upstream_read_timeout", Kind::Text),
@@ -221,6 +227,15 @@ pub struct IngressConfig {
     pub directory: DirectorySource,
     /// Lowercase header names removed from pod responses.
     pub strip_response_headers: Vec<String>,
+    /// How pod hosts treat CORS preflights.
+    pub cors: crate::cors::CorsMode,
+    /// The dashboard's origin (`scheme://host[:port]`), granted CORS and framing on pods.
+    pub dashboard_origin: String,
+    /// Extra origins that may frame pod pages (`frame_ancestors`).
+    pub frame_ancestors: Vec<String>,
+    /// The `Content-Security-Policy` every pod response gets: `frame-ancestors 'self'`, the
+    /// dashboard's origin and `frame_ancestors`.
+    pub frame_policy: http::HeaderValue,
     /// Worker threads.
     pub threads: usize,
     /// Timeouts.
@@ -650,6 +665,46 @@ fn validate(
         })
         .collect();
 
+    let cors = match file.cors_preflight.as_deref() {
+        None => crate::cors::CorsMode::default(),
+        Some(word) => crate::cors::CorsMode::parse(word).unwrap_or_else(|| {
+            problems.push(problem(
+                "cors_preflight",
+                format!("{word:?} is not one of \"same-pod\", \"deny\""),
+            ));
+            crate::cors::CorsMode::default()
+        }),
+    };
+    let dashboard_origin =
+        crate::cors::origin_of(&dashboard_url).unwrap_or_else(|| dashboard_url.clone());
+    let frame_ancestors: Vec<String> = file
+        .frame_ancestors
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|o| match crate::cors::origin_of(&o) {
+            Some(origin) if o.trim_end_matches('/') == origin || o == origin => Some(origin),
+            _ => {
+                problems.push(problem(
+                    "frame_ancestors",
+                    format!("{o:?} is not an origin like https://workbench.example"),
+                ));
+                None
+            }
+        })
+        .collect();
+    let frame_policy = std::iter::once(format!("frame-ancestors 'self' {dashboard_origin}"))
+        .chain(frame_ancestors.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let frame_policy = http::HeaderValue::from_str(&frame_policy).unwrap_or_else(|_| {
+        problems.push(problem(
+            "dashboard_url",
+            "its origin cannot be written in a Content-Security-Policy",
+        ));
+        http::HeaderValue::from_static("frame-ancestors 'self'")
+    });
+
     let threads = match file.threads {
         Some(0) => {
             problems.push(problem("threads", "must be at least 1"));
@@ -840,6 +895,10 @@ fn validate(
             upstream_domain,
             directory,
             strip_response_headers,
+            cors,
+            dashboard_origin,
+            frame_ancestors,
+            frame_policy,
             threads,
             timeouts,
             authorizer,

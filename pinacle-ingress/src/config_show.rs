@@ -139,6 +139,11 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
             "strip_response_headers",
             list(c.strip_response_headers.iter().map(String::as_str)),
         ),
+        ("cors_preflight", quoted(c.cors.as_str())),
+        (
+            "frame_ancestors",
+            list(c.frame_ancestors.iter().map(String::as_str)),
+        ),
         ("threads", c.threads.to_string()),
         ("upstream_connect_timeout", duration(t.upstream_connect)),
         ("upstream_read_timeout", duration(t.upstream_read)),

@@ -11,6 +11,7 @@
 //! - [`host`]: pod hostnames, both forms, several base domains.
 //! - [`intent`]: navigation, upgrade or anything else.
 //! - [`callback`]: `/pinacle-proxy-callback` and the sign-in redirect URL.
+//! - [`cors`]: CORS preflights and grants on pod hosts.
 //! - [`upstream`]: the peer (pooled per pod) and the `Host` sent to a pod.
 //! - [`responses`]: every response the ingress makes itself.
 //! - [`tunnel`]: WebSocket tunnels (works around a Pingora 0.9.1 upgrade race).
@@ -56,6 +57,7 @@ pub mod cli;
 pub mod config;
 pub mod config_show;
 pub mod connections;
+pub mod cors;
 pub mod directory;
 pub mod framing;
 pub mod host;

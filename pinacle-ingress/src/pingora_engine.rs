@@ -123,7 +123,7 @@ impl Ingress {
             target: &plan.target,
             edits: &plan.edits,
             strip_response_headers: plan.strip_response_headers(),
-            set_cookie: plan.set_cookie.as_deref(),
+            add: &plan.add_response,
             timeouts: plan.timeouts(),
             request_id: &ctx.record.request_id,
         };
@@ -420,8 +420,19 @@ impl ProxyHttp for Ingress {
             for name in plan.strip_response_headers() {
                 upstream_response.remove_header(name.as_str());
             }
-            if let Some(cookie) = &plan.set_cookie {
-                upstream_response.append_header(header::SET_COOKIE, cookie.as_str())?;
+            for (name, value) in &plan.add_response {
+                upstream_response.append_header(name.clone(), value.clone())?;
+            }
+            if let Some(origin) = &plan.cors_origin
+                && !upstream_response
+                    .headers
+                    .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            {
+                upstream_response
+                    .insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone())?;
+                upstream_response
+                    .insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")?;
+                upstream_response.append_header(header::VARY, "Origin")?;
             }
             if let Some(grant) = &plan.grant {
                 ctx.registration = Some(self.revocations.register(grant.clone()));

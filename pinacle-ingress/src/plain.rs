@@ -231,8 +231,11 @@ pub struct ClientEdits<'a> {
     pub request_id: &'a str,
     /// Whether the client's connection closes after this response whatever its framing.
     pub close: bool,
-    /// A `Set-Cookie` of ours added to the final response (a renewed proxy token).
-    pub set_cookie: Option<&'a str>,
+    /// Fields of ours added to the final response (frame policy, a renewed token).
+    pub add: &'a [(HeaderName, HeaderValue)],
+    /// A granted cross-origin request's `Origin`, answered unless the upstream set its own
+    /// `Access-Control-Allow-Origin`.
+    pub cors_origin: Option<&'a HeaderValue>,
 }
 
 impl ResponseHead {
@@ -336,8 +339,10 @@ fn client_head(
     let mut length = (head.framing != Framing::Chunked)
         .then_some(head.content_length)
         .flatten();
+    let mut cors_answered = false;
     for field in fields {
         let name = field.name;
+        cors_answered |= name.eq_ignore_ascii_case("access-control-allow-origin");
         if name.eq_ignore_ascii_case("content-length") {
             // Once, as a plain number (`5, 5` is 5).
             if let Some(n) = length.take() {
@@ -362,8 +367,13 @@ fn client_head(
             REQUEST_ID_HEADER.as_bytes(),
             edits.request_id.as_bytes(),
         );
-        if let Some(cookie) = edits.set_cookie {
-            framing::field(out, b"set-cookie", cookie.as_bytes());
+        for (name, value) in edits.add {
+            framing::field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if let Some(origin) = edits.cors_origin.filter(|_| !cors_answered) {
+            framing::field(out, b"access-control-allow-origin", origin.as_bytes());
+            framing::field(out, b"access-control-allow-credentials", b"true");
+            framing::field(out, b"vary", b"Origin");
         }
         if edits.close || head.framing == Framing::UntilClose {
             framing::field(out, b"connection", b"close");
@@ -597,8 +607,10 @@ pub struct Exchange<'a> {
     pub request_id: &'a str,
     /// Whether the client's connection closes after this response (the server is stopping).
     pub close_client: bool,
-    /// A `Set-Cookie` of ours added to the response.
-    pub set_cookie: Option<&'a str>,
+    /// Fields of ours added to the response.
+    pub add: &'a [(HeaderName, HeaderValue)],
+    /// A granted cross-origin request's `Origin` (see [`ClientEdits::cors_origin`]).
+    pub cors_origin: Option<&'a HeaderValue>,
     /// Connect to the upstream.
     pub connect_timeout: Duration,
     /// Each wait for the upstream.
@@ -731,7 +743,8 @@ where
         strip: ex.strip,
         request_id: ex.request_id,
         close: ex.close_client,
-        set_cookie: ex.set_cookie,
+        add: ex.add,
+        cors_origin: ex.cors_origin,
     };
     // Informational answers (103) are passed on; the final head follows.
     let head = loop {
@@ -975,7 +988,8 @@ mod tests {
             strip: &[],
             request_id: "rid",
             close: false,
-            set_cookie: None,
+            add: &[],
+            cors_origin: None,
         };
         ResponseHead::parse(raw.as_bytes(), head_request, &edits, &mut Vec::new())
     }
@@ -1056,7 +1070,8 @@ mod tests {
                 strip: &strip,
                 request_id: "rid",
                 close,
-                set_cookie: None,
+                add: &[],
+                cors_origin: None,
             };
             let mut out = Vec::new();
             ResponseHead::parse(raw.as_bytes(), false, &edits, &mut out).unwrap();

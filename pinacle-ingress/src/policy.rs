@@ -19,6 +19,7 @@ use pinacle_authz::{
 use crate::access::Record;
 use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
 use crate::config::{IngressConfig, Timeouts};
+use crate::cors::{self, CorsMode};
 use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::proxy::State;
@@ -73,8 +74,14 @@ pub struct Plan {
     pub edits: Vec<HeaderEdit>,
     /// An HTTP/1.1 upgrade: the tunnel carries it.
     pub tunnel: bool,
-    /// A `Set-Cookie` value added to the response (a renewed proxy token).
-    pub set_cookie: Option<String>,
+    /// Fields added to the response: a pod's frame policy (`Content-Security-Policy:
+    /// frame-ancestors ...`, enforced together with any policy the pod sets, so it can only
+    /// narrow it) and a renewed proxy token's `Set-Cookie`.
+    pub add_response: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// A granted cross-origin request's `Origin`: the response gets
+    /// `Access-Control-Allow-Origin` (this origin), `-Credentials: true` and `Vary: Origin`
+    /// unless the pod set its own.
+    pub cors_origin: Option<http::HeaderValue>,
     /// What a pod request was allowed under: a long-lived connection registers it, to be
     /// closed when access goes ([`crate::revocation`]).
     pub grant: Option<Arc<Grant>>,
@@ -266,6 +273,19 @@ impl State {
             Route::Pod(pod) => pod,
         };
         record.pod = Some(pod.clone());
+        if cors::is_preflight(view.method, view.headers) {
+            record.route = RouteKind::Pod;
+            let granted = cors::preflight(view.headers).filter(|p| {
+                config.cors == CorsMode::SamePod
+                    && cors::origin_allowed(
+                        &p.origin,
+                        &pod,
+                        &config.base_domains,
+                        &config.dashboard_origin,
+                    )
+            });
+            return Verdict::Answer(granted.map_or(Answer::CorsRefused, Answer::Preflight));
+        }
         if view.uri.path() == CALLBACK_PATH {
             record.route = RouteKind::Callback;
             let query = CallbackQuery::parse(view.uri.query().unwrap_or(""));
@@ -288,7 +308,15 @@ impl State {
                     allowed.target,
                     allowed.forward_cookie.as_deref(),
                 );
-                plan.set_cookie = allowed.set_cookie;
+                plan.add_response
+                    .push((header::CONTENT_SECURITY_POLICY, config.frame_policy.clone()));
+                if let Some(cookie) = allowed
+                    .set_cookie
+                    .and_then(|c| http::HeaderValue::try_from(c).ok())
+                {
+                    plan.add_response.push((header::SET_COOKIE, cookie));
+                }
+                plan.cors_origin = cors_grant(config, view, &pod);
                 plan.grant = Some(Arc::new(allowed.grant));
                 Verdict::Forward(plan)
             }
@@ -491,6 +519,21 @@ fn https_redirect(
     })
 }
 
+/// The `Origin` of a cross-origin request to `pod` that the pod's CORS mode grants.
+fn cors_grant(
+    config: &IngressConfig,
+    view: &RequestView<'_>,
+    pod: &PodHost,
+) -> Option<http::HeaderValue> {
+    if config.cors != CorsMode::SamePod {
+        return None;
+    }
+    let origin = view.headers.get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    cors::origin_allowed(text, pod, &config.base_domains, &config.dashboard_origin)
+        .then(|| origin.clone())
+}
+
 /// The plan for a request allowed to `target`: its header edits and what applies to the
 /// response.
 fn plan(
@@ -522,7 +565,8 @@ fn plan(
         tunnel: record.intent.upgrade && !view.http2,
         target,
         edits,
-        set_cookie: None,
+        add_response: Vec::new(),
+        cors_origin: None,
         grant: None,
         config: config.clone(),
     }

@@ -65,6 +65,10 @@ pub enum Answer {
     RequestHeaderTimeout,
     /// `max_connections` reached: answered, then the connection is closed.
     TooManyConnections,
+    /// A CORS preflight from an origin the pod grants ([`crate::cors`]): 204 with the grant.
+    Preflight(crate::cors::Preflight),
+    /// A CORS preflight from any other origin, or a malformed one: 403, no grant.
+    CorsRefused,
 }
 
 /// How an upstream failed, as every engine reports it before any byte of an answer reached the
@@ -114,7 +118,7 @@ pub const RETRY_MAX_SECS: u32 = 120;
 
 impl Answer {
     /// Every answer's [`Answer::name`] (metrics start each at zero).
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 21] = [
         "bad-port",
         "bad-host",
         "sign-in",
@@ -134,6 +138,8 @@ impl Answer {
         "overloaded",
         "request-header-timeout",
         "too-many-connections",
+        "cors-preflight",
+        "cors-refused",
     ];
 
     /// Our answer to an upstream failure (every engine's).
@@ -166,6 +172,8 @@ impl Answer {
             Self::Overloaded => "overloaded",
             Self::RequestHeaderTimeout => "request-header-timeout",
             Self::TooManyConnections => "too-many-connections",
+            Self::Preflight(_) => "cors-preflight",
+            Self::CorsRefused => "cors-refused",
         }
     }
 
@@ -187,6 +195,8 @@ impl Answer {
             Self::HeaderTooLarge => 431,
             Self::HttpsRedirect { .. } => 308,
             Self::Health => 200,
+            Self::Preflight(_) => 204,
+            Self::CorsRefused => 403,
             Self::Callback(c) => match c {
                 CallbackAnswer::SetCookie { .. } => 302,
                 CallbackAnswer::MissingToken => 400,
@@ -274,6 +284,33 @@ impl Answer {
                 return json_reply(status, json!({ "error": "Request header too large" }));
             }
             Self::Health => return json_reply(status, json!({ "status": "ok" })),
+            Self::Preflight(p) => {
+                let mut headers = vec![
+                    ("access-control-allow-origin", p.origin.clone()),
+                    ("access-control-allow-credentials", "true".to_owned()),
+                    ("access-control-allow-methods", p.method.clone()),
+                ];
+                if let Some(requested) = &p.headers {
+                    headers.push(("access-control-allow-headers", requested.clone()));
+                }
+                headers.push(("access-control-max-age", "600".to_owned()));
+                headers.push((
+                    "vary",
+                    "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+                        .to_owned(),
+                ));
+                return Reply {
+                    status,
+                    headers,
+                    body: Bytes::new(),
+                };
+            }
+            Self::CorsRefused => {
+                return json_reply(
+                    status,
+                    json!({ "error": "Cross-origin request from an origin this pod does not grant" }),
+                );
+            }
             Self::Overloaded => {
                 let mut reply =
                     json_reply(status, json!({ "error": "Too many requests in flight" }));
@@ -404,7 +441,8 @@ impl Reply {
                 ("cache-control", "no-store"),
             ])
             .chain(close.then_some(("connection", "close")))
-            .chain([("content-length", length)])
+            // A 204 carries no Content-Length (RFC 9110 §8.6).
+            .chain((self.status != 204).then_some(("content-length", length)))
     }
 
     /// The response header for Pingora to write (its fields: `Reply::fields`).
@@ -585,6 +623,12 @@ mod tests {
             Answer::Overloaded,
             Answer::RequestHeaderTimeout,
             Answer::TooManyConnections,
+            Answer::Preflight(crate::cors::Preflight {
+                origin: "https://a.test".into(),
+                method: "PUT".into(),
+                headers: None,
+            }),
+            Answer::CorsRefused,
         ];
         let mut names: Vec<&str> = all.iter().map(Answer::name).collect();
         names.sort_unstable();

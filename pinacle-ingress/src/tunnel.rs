@@ -78,8 +78,8 @@ pub struct TunnelSpec<'a> {
     pub edits: &'a [HeaderEdit],
     /// Response headers to drop (lowercase).
     pub strip_response_headers: &'a [String],
-    /// A `Set-Cookie` of ours added to the response (a renewed proxy token).
-    pub set_cookie: Option<&'a str>,
+    /// Fields of ours added to the response (a renewed proxy token, the frame policy).
+    pub add: &'a [(http::HeaderName, http::HeaderValue)],
     /// Timeouts.
     pub timeouts: &'a Timeouts,
     /// The request id.
@@ -235,9 +235,9 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
     let status = response.status().as_u16();
     let mut header = response_header(&response, spec.strip_response_headers, spec.request_id)
         .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
-    if let Some(cookie) = spec.set_cookie {
+    for (name, value) in spec.add {
         header
-            .append_header(http::header::SET_COOKIE, cookie)
+            .append_header(name.clone(), value.clone())
             .map_err(|_| Answer::Internal)?;
     }
 

@@ -1557,3 +1557,165 @@ async fn a_proxy_token_past_half_its_life_is_renewed_once_authorized(pool: PgPoo
     assert_eq!(r.status, 403);
     assert_eq!(r.header("set-cookie"), None);
 }
+
+/// One request of `method` on a fresh connection.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Collected {
+    Connection::open(addr)
+        .await
+        .request(method, path, headers)
+        .await
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cors_preflights_are_answered_for_the_pod_and_the_dashboard_only(pool: PgPool) {
+    let w = world(pool).await;
+    let port = w.direct.addr.port();
+    let host = pod_host(port, "direct");
+    let before = w.direct.connection_count();
+    let same_pod = "https://localhost-5173-pod-direct.pinacle.test";
+    let matrix = [
+        (same_pod, true),
+        ("http://localhost-8080-pod-direct.pinacle.test:8443", true),
+        ("http://pinacle.test:3000", true), // the dashboard (DASHBOARD_URL)
+        ("https://localhost-5173-pod-demo.pinacle.test", false), // another pod
+        ("https://evil.example", false),
+        ("null", false),
+    ];
+    for (origin, granted) in matrix {
+        for cookie in [None, Some(session_cookie("ada"))] {
+            let mut headers = vec![
+                ("host", host.as_str()),
+                ("origin", origin),
+                ("access-control-request-method", "PUT"),
+                ("access-control-request-headers", "Content-Type, X-Custom"),
+            ];
+            if let Some(cookie) = &cookie {
+                headers.push(("cookie", cookie));
+            }
+            let r = request(w.addr, "OPTIONS", "/api/items", &headers).await;
+            if granted {
+                assert_eq!(r.status, 204, "{origin}: {}", r.text());
+                assert_ours(&r, "cors-preflight");
+                assert_eq!(r.header("access-control-allow-origin"), Some(origin));
+                assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+                assert_eq!(r.header("access-control-allow-methods"), Some("PUT"));
+                assert_eq!(
+                    r.header("access-control-allow-headers"),
+                    Some("Content-Type, X-Custom")
+                );
+                assert_eq!(r.header("access-control-max-age"), Some("600"));
+                assert!(r.header("vary").unwrap().starts_with("Origin"));
+                assert_eq!(r.header("content-length"), None);
+                assert!(r.body.is_empty());
+            } else {
+                assert_eq!(r.status, 403, "{origin}");
+                assert_ours(&r, "cors-refused");
+                assert_eq!(r.header("access-control-allow-origin"), None);
+            }
+        }
+    }
+    // A request header list that is not a list of names is refused, never echoed.
+    let r = request(
+        w.addr,
+        "OPTIONS",
+        "/",
+        &[
+            ("host", &host),
+            ("origin", same_pod),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "x\"y"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    // The pod saw none of them; an OPTIONS that is not a preflight still needs credentials.
+    assert_eq!(w.direct.connection_count(), before);
+    let r = request(w.addr, "OPTIONS", "/", &[("host", &host)]).await;
+    assert_eq!(r.status, 401);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn credentialed_cross_origin_responses_and_the_frame_policy(pool: PgPool) {
+    let w = world(pool).await;
+    let scripted = upstream::recording(Arc::new(|head: &[u8]| {
+        let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+        let reply = |bytes: &[u8]| upstream::Reply::Bytes(bytes.to_vec());
+        match head.split(' ').nth(1).unwrap_or("/") {
+            "/own-cors" => reply(b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\nContent-Length: 2\r\n\r\nok"),
+            "/own-csp" => reply(b"HTTP/1.1 200 OK\r\nContent-Security-Policy: frame-ancestors 'none'; script-src 'self'\r\nX-Frame-Options: DENY\r\nContent-Length: 2\r\n\r\nok"),
+            _ => reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        }
+    }))
+    .await;
+    seed_pod(
+        &w.pool,
+        "p_script",
+        "script",
+        "running",
+        scripted.upstream.addr.port(),
+    )
+    .await;
+    let host = pod_host(3000, "script");
+    let cookie = session_cookie("ada");
+    let same_pod = "https://localhost-5173-pod-script.pinacle.test";
+    let get = |path: &'static str, origin: Option<&'static str>| {
+        let (host, cookie) = (host.clone(), cookie.clone());
+        async move {
+            let mut headers = vec![("host", host.as_str()), ("cookie", cookie.as_str())];
+            if let Some(origin) = origin {
+                headers.push(("origin", origin));
+            }
+            client::get(w.addr, path, &headers).await
+        }
+    };
+    // A granted origin: allowed with credentials, and caches told the answer depends on it.
+    let r = get("/", Some(same_pod)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some(same_pod));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(r.header("vary"), Some("Origin"));
+    // Any other origin gets nothing from the ingress.
+    let r = get("/", Some("https://evil.example")).await;
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    // The pod's own CORS answer is left alone.
+    let r = get("/own-cors", Some(same_pod)).await;
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(r.header("access-control-allow-credentials"), None);
+    // The frame policy: ours on every pod response (the pod, the dashboard, nothing else),
+    // beside a pod's own policy, which keeps its other directives and can only narrow ours.
+    let ours = "frame-ancestors 'self' http://pinacle.test:3000";
+    let r = get("/", None).await;
+    let policies: Vec<&str> = r
+        .headers
+        .get_all("content-security-policy")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(policies, [ours]);
+    let r = get("/own-csp", None).await;
+    let policies: Vec<&str> = r
+        .headers
+        .get_all("content-security-policy")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(
+        policies,
+        ["frame-ancestors 'none'; script-src 'self'", ours]
+    );
+    assert_eq!(r.header("x-frame-options"), None);
+    // The dashboard's responses get none of this.
+    let r = client::get(
+        w.addr,
+        "/",
+        &[("host", "pinacle.test"), ("origin", same_pod)],
+    )
+    .await;
+    assert_eq!(r.header("content-security-policy"), None);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+}
