@@ -161,3 +161,147 @@ async fn the_demo_signs_a_person_in_and_the_ingress_pages_say_no_clearly() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// A page that frames `src` and titles itself "framed" once the frame has loaded (or failed to).
+fn framing_page(dir: &std::path::Path, src: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("index.html"),
+        format!(
+            "<!doctype html><title>waiting</title>\
+             <iframe src=\"{src}\" onload=\"document.title='framed'\" width=600 height=300></iframe>"
+        ),
+    )
+    .unwrap();
+}
+
+/// A static file server (python3) on `port` for `dir`.
+fn static_server(dir: &std::path::Path, port: u16) -> Process {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .current_dir(dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    Process(cmd.spawn().unwrap())
+}
+
+#[tokio::test]
+async fn the_dashboard_can_frame_a_pod_page_and_an_unrelated_origin_cannot() {
+    let browser = repo().join("testkit/browser");
+    assert!(
+        browser.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run scripts/test (it runs npm ci in testkit/browser)"
+    );
+    let pod = upstream::http_echo("framed-pod").await;
+    let dir = std::env::temp_dir().join(format!("pinacle-frame-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let directory = std::fs::read_to_string(repo().join("config/directory.example.toml"))
+        .unwrap()
+        .replace(
+            "external = 30001",
+            &format!("external = {}", pod.addr.port()),
+        );
+    std::fs::write(dir.join("directory.toml"), directory).unwrap();
+    let (listen, tls, dashboard, unrelated) = (
+        reserve_port(),
+        reserve_port(),
+        reserve_port(),
+        reserve_port(),
+    );
+    // The embed cookie is `Secure`: the pod is framed over https (a test certificate Chromium is
+    // told to accept).
+    pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], &dir, "wildcard");
+    let mut ingress = clean(Command::new(BIN));
+    ingress
+        .arg("serve")
+        .env("NEXTAUTH_SECRET", SECRET)
+        .env("NEXTAUTH_URL", format!("http://localhost:{dashboard}"))
+        .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{listen}"))
+        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
+        .env("PINACLE_INGRESS_TLS_CERT_FILE", dir.join("wildcard.pem"))
+        .env("PINACLE_INGRESS_TLS_KEY_FILE", dir.join("wildcard.key"))
+        .env(
+            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
+            format!("127.0.0.1:{dashboard}"),
+        )
+        .env("PINACLE_INGRESS_DIRECTORY_FILE", dir.join("directory.toml"))
+        .env("PINACLE_INGRESS_ADMIN_LISTEN", "off")
+        .env("PINACLE_INGRESS_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _ingress = Process(ingress.spawn().unwrap());
+    // The Workbench's way in: the callback with a proxy token, for embedding.
+    let minted = clean(Command::new(BIN))
+        .args(["session", "mint", "--user", "user_ada", "--pod", "demo"])
+        .args(["--pod-id", "pod_demo", "--port", "3000"])
+        .env("NEXTAUTH_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let minted = String::from_utf8(minted.stdout).unwrap();
+    let token = minted.trim().strip_prefix("pinacle-proxy-token=").unwrap();
+    let pod_url = format!(
+        "https://localhost-3000-pod-demo.localhost:{tls}/pinacle-proxy-callback\
+         ?token={token}&embed=true&return_url=%2Fframed"
+    );
+    framing_page(&dir.join("dashboard"), &pod_url);
+    framing_page(&dir.join("unrelated"), &pod_url);
+    let _dashboard = static_server(&dir.join("dashboard"), dashboard);
+    let _unrelated = static_server(&dir.join("unrelated"), unrelated);
+    for port in [listen, tls, dashboard, unrelated] {
+        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    }
+    let out = tokio::task::spawn_blocking({
+        let browser = browser.clone();
+        move || {
+            Command::new("node")
+                .current_dir(&browser)
+                .arg("frame.mjs")
+                .arg(format!("http://localhost:{dashboard}/"))
+                .arg(format!("http://127.0.0.1:{unrelated}/"))
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The dashboard frames the pod: the pod's own page is shown, authenticated.
+    let inside = seen["dashboard"]["text"].as_str().unwrap();
+    let echo: serde_json::Value = serde_json::from_str(inside)
+        .unwrap_or_else(|e| panic!("the dashboard's frame shows {inside:?}: {e}"));
+    assert_eq!(echo["name"], "framed-pod");
+    assert_eq!(echo["path"], "/framed");
+    // An unrelated origin does not: Chromium refuses the frame by the frame-ancestors policy.
+    let unrelated = &seen["unrelated"];
+    assert!(
+        !unrelated["text"].as_str().unwrap().contains("framed-pod"),
+        "{unrelated}"
+    );
+    assert!(
+        unrelated["blocked"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty())
+            || unrelated["frameUrl"]
+                .as_str()
+                .unwrap()
+                .starts_with("chrome-error:"),
+        "{unrelated}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
