@@ -167,7 +167,30 @@ fn write_config(o: &mut String, c: &PodNginx) -> std::fmt::Result {
         o,
         "            proxy_set_header Connection $connection_upgrade;"
     )?;
+    writeln!(
+        o,
+        "            # nginx's own 502 (nothing listens) and 504 (no answer in time), marked so\n            \
+         # that the ingress can tell them from the app's own, which pass untouched."
+    )?;
+    writeln!(o, "            error_page 502 @pinacle_not_listening;")?;
+    writeln!(o, "            error_page 504 @pinacle_timeout;")?;
     writeln!(o, "        }}\n")?;
+    write_failure(
+        o,
+        "not_listening",
+        502,
+        "not-listening",
+        "Nothing is listening on port $pinacle_target_port",
+    )?;
+    writeln!(o)?;
+    write_failure(
+        o,
+        "timeout",
+        504,
+        "timeout",
+        "The app on port $pinacle_target_port did not answer in time",
+    )?;
+    writeln!(o)?;
     write_rejection(
         o,
         "json",
@@ -184,6 +207,24 @@ fn write_config(o: &mut String, c: &PodNginx) -> std::fmt::Result {
     writeln!(o, "    }}")?;
     writeln!(o, "}}")?;
     Ok(())
+}
+
+/// A named location answering nginx's own failure to reach the port, marked `marker`.
+fn write_failure(
+    o: &mut String,
+    name: &str,
+    status: u16,
+    marker: &str,
+    error: &str,
+) -> std::fmt::Result {
+    writeln!(o, "        location @pinacle_{name} {{")?;
+    writeln!(o, "            default_type application/json;")?;
+    writeln!(o, "            add_header {MARKER_HEADER} {marker} always;")?;
+    writeln!(
+        o,
+        "            return {status} '{{\"error\":\"{error}\",\"port\":$pinacle_target_port}}\\n';"
+    )?;
+    writeln!(o, "        }}")
 }
 
 /// An internal location answering 404 for a port the pod does not expose.

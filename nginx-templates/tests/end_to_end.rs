@@ -188,3 +188,47 @@ async fn server_sent_events_arrive_incrementally() {
     }
     assert!(rest.contains("data: second"), "{rest:?}");
 }
+
+#[tokio::test]
+async fn nginx_marks_its_own_502_and_504_and_passes_the_apps_own() {
+    let (silent, own_502) = (
+        upstream::silent().await,
+        upstream::recording(std::sync::Arc::new(|_: &[u8]| {
+            upstream::Reply::Bytes(
+                b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 7\r\n\r\nthe app".to_vec(),
+            )
+        }))
+        .await,
+    );
+    let nothing = reserve_port();
+    let listen = reserve_port();
+    let dir = Nginx::make_dir("templates-failures");
+    let d = dir.display();
+    let input = format!(
+        r#"{{"listen_port": {listen}, "default_port": {nothing}, "proxy_timeout": "1s",
+            "runtime": {{"pid_path": "{d}/nginx.pid", "error_log": "{d}/error.log",
+                         "access_log": "{d}/access.log", "temp_dir": "{d}/temp"}}}}"#
+    );
+    let config = nginx_templates::render_text(&input).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let nginx = Nginx::start(dir, &config, addr).await;
+
+    // Nothing listens: nginx's 502, marked, naming the port.
+    let r = client::get(nginx.addr, "/", &[("host", &host(nothing))]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-pinacle-pod-router"), Some("not-listening"));
+    assert_eq!(r.json()["port"], nothing);
+    // Accepted but silent past proxy_timeout: nginx's 504, marked.
+    let r = client::get(nginx.addr, "/", &[("host", &host(silent.addr.port()))]).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-pinacle-pod-router"), Some("timeout"));
+    // The app's own 502 passes as it is, unmarked.
+    let r = client::get(
+        nginx.addr,
+        "/",
+        &[("host", &host(own_502.upstream.addr.port()))],
+    )
+    .await;
+    assert_eq!((r.status, r.text().as_str()), (502, "the app"));
+    assert_eq!(r.header("x-pinacle-pod-router"), None);
+}

@@ -20,7 +20,13 @@ use crate::connections::{self, Takeover, TakeoverTask};
 use crate::intent;
 use crate::policy::{self, ConnInfo, InFlight, Plan, RequestView, Verdict};
 use crate::proxy::Ingress;
-use crate::responses::{Answer, REQUEST_ID_HEADER, UpstreamFailure};
+use crate::responses::{
+    Answer, POD_ROUTER_HEADER, REQUEST_ID_HEADER, UpstreamFailure, pod_router_failure,
+};
+
+/// The error types for a pod nginx's marked 502 and 504 (see [`pod_router_failure`]).
+const PORT_NOT_LISTENING: &str = "port_not_listening";
+const PORT_TIMEOUT: &str = "port_timeout";
 use crate::revocation::Registration;
 use crate::telemetry::{self, Metrics};
 use crate::tunnel::{self, Opened, TunnelReport, TunnelSpec, Upgraded};
@@ -258,6 +264,8 @@ fn normalise_response(response: &mut ResponseHeader) -> pingora::Result<()> {
 fn answer_for_error(e: &Error) -> Option<Answer> {
     use ErrorType::*;
     Some(match (e.esource(), e.etype()) {
+        (_, Custom(PORT_NOT_LISTENING)) => Answer::PortNotAnswering { timed_out: false },
+        (_, Custom(PORT_TIMEOUT)) => Answer::PortNotAnswering { timed_out: true },
         (_, HTTPStatus(400)) => Answer::BadRequest,
         (_, HTTPStatus(code)) if *code >= 500 => Answer::Internal,
         (_, HTTPStatus(_)) => Answer::BadRequest,
@@ -395,6 +403,29 @@ impl ProxyHttp for Ingress {
         // plain path, not a raw relay.
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             return Err(upstream_error("unrequested protocol switch"));
+        }
+        if ctx
+            .plan
+            .as_ref()
+            .is_some_and(|p| matches!(p.target, upstream::Target::Pod { .. }))
+            && let Some(timed_out) = pod_router_failure(
+                upstream_response.status.as_u16(),
+                upstream_response
+                    .headers
+                    .get(POD_ROUTER_HEADER)
+                    .map(http::HeaderValue::as_bytes),
+            )
+        {
+            let mut e = Error::explain(
+                ErrorType::Custom(if timed_out {
+                    PORT_TIMEOUT
+                } else {
+                    PORT_NOT_LISTENING
+                }),
+                "the pod's nginx found nothing answering on the port",
+            );
+            e.esource = ErrorSource::Upstream;
+            return Err(e);
         }
         normalise_response(upstream_response)
     }

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 
 use crate::framing;
 use crate::responses::REQUEST_ID_HEADER;
+use crate::responses::{POD_ROUTER_HEADER, pod_router_failure};
 use crate::upstream::HeaderEdit;
 
 /// Most header fields in a request head served here (more: Pingora's path).
@@ -220,6 +221,12 @@ pub enum BadResponse {
     /// `Content-Length` values that disagree or do not parse.
     #[error("invalid content-length")]
     ContentLength,
+    /// The pod's nginx says nothing answered on the port (its marked 502 or 504).
+    #[error("nothing answers on the pod's port")]
+    PodRouter {
+        /// Its 504: accepted but no answer in time.
+        timed_out: bool,
+    },
 }
 
 /// What the client's response head gets besides the upstream's fields.
@@ -236,6 +243,9 @@ pub struct ClientEdits<'a> {
     /// A granted cross-origin request's `Origin`, answered unless the upstream set its own
     /// `Access-Control-Allow-Origin`.
     pub cors_origin: Option<&'a HeaderValue>,
+    /// The upstream is a pod's nginx: its own marked 502/504 are ours to answer
+    /// ([`BadResponse::PodRouter`]).
+    pub pod_router: bool,
 }
 
 impl ResponseHead {
@@ -265,6 +275,16 @@ impl ResponseHead {
         let status = res.code.ok_or(BadResponse::Unparsable)?;
         if status == 101 {
             return Err(BadResponse::UnrequestedSwitch);
+        }
+        if edits.pod_router && matches!(status, 502 | 504) {
+            let marker = res
+                .headers
+                .iter()
+                .find(|f| f.name.eq_ignore_ascii_case(POD_ROUTER_HEADER))
+                .map(|f| f.value);
+            if let Some(timed_out) = pod_router_failure(status, marker) {
+                return Err(BadResponse::PodRouter { timed_out });
+            }
         }
         let mut length: Option<u64> = None;
         let mut chunked = None;
@@ -611,6 +631,8 @@ pub struct Exchange<'a> {
     pub add: &'a [(HeaderName, HeaderValue)],
     /// A granted cross-origin request's `Origin` (see [`ClientEdits::cors_origin`]).
     pub cors_origin: Option<&'a HeaderValue>,
+    /// The upstream is a pod's nginx (see [`ClientEdits::pod_router`]).
+    pub pod_router: bool,
     /// Connect to the upstream.
     pub connect_timeout: Duration,
     /// Each wait for the upstream.
@@ -649,6 +671,11 @@ pub enum Failure {
     BrokenBody,
     /// The client went away.
     ClientGone,
+    /// The pod's nginx found nothing answering on the port (its marked 502 or 504).
+    PortNotAnswering {
+        /// Its 504.
+        timed_out: bool,
+    },
 }
 
 impl Failure {
@@ -660,12 +687,17 @@ impl Failure {
             Self::BadResponse => "upstream_bad_response",
             Self::BrokenBody => "upstream_body_broken",
             Self::ClientGone => "client_gone",
+            Self::PortNotAnswering { timed_out: false } => "port_not_listening",
+            Self::PortNotAnswering { timed_out: true } => "port_timeout",
         }
     }
 
     /// Whether nothing was sent to the client yet, so the ingress answers instead.
     pub fn answerable(self) -> bool {
-        matches!(self, Self::Refused | Self::TimedOut | Self::BadResponse)
+        matches!(
+            self,
+            Self::Refused | Self::TimedOut | Self::BadResponse | Self::PortNotAnswering { .. }
+        )
     }
 }
 
@@ -745,11 +777,15 @@ where
         close: ex.close_client,
         add: ex.add,
         cors_origin: ex.cors_origin,
+        pod_router: ex.pod_router,
     };
     // Informational answers (103) are passed on; the final head follows.
     let head = loop {
         let parsed = match ResponseHead::parse(&buf, ex.head_request, &edits, &mut out) {
             Ok(parsed) => parsed,
+            Err(BadResponse::PodRouter { timed_out }) => {
+                return Attempt::Done(failed(Failure::PortNotAnswering { timed_out }));
+            }
             Err(_) => return Attempt::Done(failed(Failure::BadResponse)),
         };
         let Some(head) = parsed else {
@@ -990,6 +1026,7 @@ mod tests {
             close: false,
             add: &[],
             cors_origin: None,
+            pod_router: true,
         };
         ResponseHead::parse(raw.as_bytes(), head_request, &edits, &mut Vec::new())
     }
@@ -1072,6 +1109,7 @@ mod tests {
                 close,
                 add: &[],
                 cors_origin: None,
+                pod_router: true,
             };
             let mut out = Vec::new();
             ResponseHead::parse(raw.as_bytes(), false, &edits, &mut out).unwrap();

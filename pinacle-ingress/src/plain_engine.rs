@@ -80,6 +80,7 @@ impl PlainRequests for Ingress {
             close_client: stopping,
             add: &plan.add_response,
             cors_origin: plan.cors_origin.as_ref(),
+            pod_router: matches!(plan.target, Target::Pod { .. }),
             connect_timeout: timeouts.upstream_connect,
             read_timeout: timeouts.upstream_read,
             write_timeout: timeouts.client_read,
@@ -96,10 +97,11 @@ impl PlainRequests for Ingress {
         record.status = done.status;
         record.connect_failed = done.connect_failed;
         if let Some(failure) = done.failure.filter(|f| f.answerable()) {
-            let answer = Answer::upstream(match failure {
-                Failure::TimedOut => UpstreamFailure::TimedOut,
-                _ => UpstreamFailure::Refused,
-            });
+            let answer = match failure {
+                Failure::PortNotAnswering { timed_out } => Answer::PortNotAnswering { timed_out },
+                Failure::TimedOut => Answer::upstream(UpstreamFailure::TimedOut),
+                _ => Answer::upstream(UpstreamFailure::Refused),
+            };
             done.status = self.answer_plain(conn, &mut record, &answer, true).await;
         }
         let error = done.failure.map_or("", Failure::as_str);

@@ -69,6 +69,27 @@ pub enum Answer {
     Preflight(crate::cors::Preflight),
     /// A CORS preflight from any other origin, or a malformed one: 403, no grant.
     CorsRefused,
+    /// The pod's nginx found nothing listening on the port (a dev server still starting): 502;
+    /// with `timed_out`, the port accepted but did not answer in time: 504. Recognised by the
+    /// pod nginx's marker ([`POD_ROUTER_HEADER`]), never by the status alone: an app's own 502
+    /// is relayed as it is.
+    PortNotAnswering {
+        /// It accepted the connection but did not answer in time.
+        timed_out: bool,
+    },
+}
+
+/// The field the pod's nginx marks its own answers with (`nginx-templates`): `not-listening`
+/// on its 502 when nothing listens on the port, `timeout` on its 504.
+pub const POD_ROUTER_HEADER: &str = "x-pinacle-pod-router";
+
+/// What the pod's nginx says about a 502/504 it made itself: `Some(timed_out)`.
+pub fn pod_router_failure(status: u16, marker: Option<&[u8]>) -> Option<bool> {
+    match (status, marker?) {
+        (502, b"not-listening") => Some(false),
+        (504, b"timeout") => Some(true),
+        _ => None,
+    }
 }
 
 /// How an upstream failed, as every engine reports it before any byte of an answer reached the
@@ -118,7 +139,7 @@ pub const RETRY_MAX_SECS: u32 = 120;
 
 impl Answer {
     /// Every answer's [`Answer::name`] (metrics start each at zero).
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 23] = [
         "bad-port",
         "bad-host",
         "sign-in",
@@ -140,6 +161,8 @@ impl Answer {
         "too-many-connections",
         "cors-preflight",
         "cors-refused",
+        "port-not-listening",
+        "port-timeout",
     ];
 
     /// Our answer to an upstream failure (every engine's).
@@ -174,6 +197,8 @@ impl Answer {
             Self::TooManyConnections => "too-many-connections",
             Self::Preflight(_) => "cors-preflight",
             Self::CorsRefused => "cors-refused",
+            Self::PortNotAnswering { timed_out: false } => "port-not-listening",
+            Self::PortNotAnswering { timed_out: true } => "port-timeout",
         }
     }
 
@@ -197,6 +222,8 @@ impl Answer {
             Self::Health => 200,
             Self::Preflight(_) => 204,
             Self::CorsRefused => 403,
+            Self::PortNotAnswering { timed_out: false } => 502,
+            Self::PortNotAnswering { timed_out: true } => 504,
             Self::Callback(c) => match c {
                 CallbackAnswer::SetCookie { .. } => 302,
                 CallbackAnswer::MissingToken => 400,
@@ -332,6 +359,37 @@ impl Answer {
                     headers,
                     body: Bytes::new(),
                 };
+            }
+            Self::PortNotAnswering { timed_out } => {
+                let port = page.pod.map_or(0, |(_, port)| port);
+                let mut reply = if html {
+                    let message = if *timed_out {
+                        format!(
+                            "Something accepts connections on port <strong>{port}</strong> but                              did not answer in time. This page tries again on its own and opens                              the app once it answers."
+                        )
+                    } else {
+                        format!(
+                            "Nothing listens on port <strong>{port}</strong> in this pod yet: a                              dev server may still be starting. This page tries again on its own                              and opens the app once the port answers."
+                        )
+                    };
+                    let title = if *timed_out {
+                        "The app on this port is not answering"
+                    } else {
+                        "Nothing is listening on this port yet"
+                    };
+                    page_reply(status, title, &message, page, Retry::Backoff)
+                } else {
+                    let error = if *timed_out {
+                        format!("The app on port {port} did not answer in time")
+                    } else {
+                        format!("Nothing is listening on port {port} yet")
+                    };
+                    json_reply(status, json!({ "error": error, "port": port }))
+                };
+                reply
+                    .headers
+                    .push(("retry-after", UNAVAILABLE_RETRY_SECS.to_string()));
+                return reply;
             }
             Self::PodUnavailable {
                 status: pod_status,
@@ -629,6 +687,8 @@ mod tests {
                 headers: None,
             }),
             Answer::CorsRefused,
+            Answer::PortNotAnswering { timed_out: false },
+            Answer::PortNotAnswering { timed_out: true },
         ];
         let mut names: Vec<&str> = all.iter().map(Answer::name).collect();
         names.sort_unstable();

@@ -1719,3 +1719,65 @@ async fn credentialed_cross_origin_responses_and_the_frame_policy(pool: PgPool) 
     assert_eq!(r.header("content-security-policy"), None);
     assert_eq!(r.header("access-control-allow-origin"), None);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_port_nobody_listens_on_yet_gets_our_page_until_it_answers(pool: PgPool) {
+    let w = world(pool).await;
+    let cookie = session_cookie("ada");
+    let own_502 = upstream::recording(Arc::new(|_: &[u8]| {
+        upstream::Reply::Bytes(
+            b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 7\r\n\r\nthe app".to_vec(),
+        )
+    }))
+    .await;
+    let port = reserve_port();
+    let host = pod_host(port, "demo");
+    // A browser gets our page naming the pod and port, which checks again on its own.
+    let r = w
+        .get(
+            &host,
+            "/app",
+            &[
+                ("cookie", &cookie),
+                ("sec-fetch-mode", "navigate"),
+                ("accept", "text/html"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_ours(&r, "port-not-listening");
+    assert!(r.header("retry-after").is_some());
+    let text = r.text();
+    for expected in [
+        "Nothing is listening on this port yet",
+        &format!("Pod <strong>demo</strong>, port <strong>{port}</strong>"),
+        "sessionStorage",
+    ] {
+        assert!(text.contains(expected), "{expected} not in {text}");
+    }
+    // fetch gets JSON naming the port.
+    let r = w.get(&host, "/api", &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 502);
+    assert_ours(&r, "port-not-listening");
+    assert_eq!(r.json()["port"], port);
+    // Once the dev server is up, the app answers.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nready")
+            .await;
+    });
+    let r = w.get(&host, "/app", &[("cookie", &cookie)]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ready"));
+    assert_eq!(r.header("x-pinacle-ingress"), None);
+    // The app's own 502 is the app's: relayed as it is.
+    let host = pod_host(own_502.upstream.addr.port(), "demo");
+    let r = w.get(&host, "/", &[("cookie", &cookie)]).await;
+    assert_eq!((r.status, r.text().as_str()), (502, "the app"));
+    assert_eq!(r.header("x-pinacle-ingress"), None);
+}
