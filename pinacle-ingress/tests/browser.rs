@@ -305,3 +305,138 @@ async fn the_dashboard_can_frame_a_pod_page_and_an_unrelated_origin_cannot() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A proxy token for `user_ada` on port `port` of the demo pod (the directory example's).
+fn demo_proxy_token(port: u16) -> String {
+    let minted = clean(Command::new(BIN))
+        .args(["session", "mint", "--user", "user_ada", "--pod", "demo"])
+        .args(["--pod-id", "pod_demo", "--port", &port.to_string()])
+        .env("NEXTAUTH_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    String::from_utf8(minted.stdout)
+        .unwrap()
+        .trim()
+        .strip_prefix("pinacle-proxy-token=")
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn vite_hot_reloads_through_the_ingress_top_level_and_inside_the_workbench_frame() {
+    let browser = repo().join("testkit/browser");
+    assert!(
+        browser.join("node_modules/vite").is_dir(),
+        "Vite is not installed: run scripts/test (it runs npm ci in testkit/browser)"
+    );
+    let dir = std::env::temp_dir().join(format!("pinacle-vite-{}", std::process::id()));
+    let app_dir = dir.join("app");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    for file in ["index.html", "main.js", "message.js"] {
+        std::fs::copy(browser.join("vite-app").join(file), app_dir.join(file)).unwrap();
+    }
+    // The user's dev server, on the port the browser names in the pod host.
+    let app = reserve_port();
+    let mut vite = Command::new("node");
+    vite.arg(browser.join("node_modules/vite/bin/vite.js"))
+        .args([
+            "--port",
+            &app.to_string(),
+            "--strictPort",
+            "--host",
+            "127.0.0.1",
+        ])
+        .current_dir(&app_dir)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _vite = Process(vite.spawn().unwrap());
+    // The pod's nginx from nginx-templates, in front of it.
+    let nginx_port = reserve_port();
+    let nginx_dir = pinacle_testkit::nginx::Nginx::make_dir("vite");
+    let d = nginx_dir.display();
+    let pod_config = format!(
+        r#"{{"listen_port": {nginx_port}, "default_port": {app}, "trusted_proxies": ["127.0.0.1"],
+            "runtime": {{"pid_path": "{d}/nginx.pid", "error_log": "{d}/error.log",
+                         "access_log": "{d}/access.log", "temp_dir": "{d}/temp"}}}}"#
+    );
+    let rendered = nginx_templates::render_text(&pod_config).unwrap();
+    let _nginx = pinacle_testkit::nginx::Nginx::start(
+        nginx_dir,
+        &rendered,
+        SocketAddr::from(([127, 0, 0, 1], nginx_port)),
+    )
+    .await;
+    let directory = std::fs::read_to_string(repo().join("config/directory.example.toml"))
+        .unwrap()
+        .replace("external = 30001", &format!("external = {nginx_port}"));
+    std::fs::write(dir.join("directory.toml"), directory).unwrap();
+    let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
+    pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], &dir, "wildcard");
+    let mut ingress = clean(Command::new(BIN));
+    ingress
+        .arg("serve")
+        .env("NEXTAUTH_SECRET", SECRET)
+        .env("NEXTAUTH_URL", format!("http://localhost:{dashboard}"))
+        .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{listen}"))
+        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
+        .env("PINACLE_INGRESS_TLS_CERT_FILE", dir.join("wildcard.pem"))
+        .env("PINACLE_INGRESS_TLS_KEY_FILE", dir.join("wildcard.key"))
+        .env(
+            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
+            format!("127.0.0.1:{dashboard}"),
+        )
+        .env("PINACLE_INGRESS_DIRECTORY_FILE", dir.join("directory.toml"))
+        .env("PINACLE_INGRESS_ADMIN_LISTEN", "off")
+        .env("PINACLE_INGRESS_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _ingress = Process(ingress.spawn().unwrap());
+    let token = demo_proxy_token(app);
+    let pod = format!("https://localhost-{app}-pod-demo.localhost:{tls}");
+    let top = format!("{pod}/pinacle-proxy-callback?token={token}&return_url=%2F");
+    let embedded = format!("{pod}/pinacle-proxy-callback?token={token}&embed=true&return_url=%2F");
+    framing_page(&dir.join("dashboard"), &embedded);
+    let _dashboard = static_server(&dir.join("dashboard"), dashboard);
+    for port in [app, listen, tls, dashboard] {
+        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    }
+
+    let out = tokio::task::spawn_blocking({
+        let (browser, message) = (browser.clone(), app_dir.join("message.js"));
+        move || {
+            Command::new("node")
+                .current_dir(&browser)
+                .arg("devserver.mjs")
+                .arg(&top)
+                .arg(format!("http://localhost:{dashboard}/"))
+                .arg(&message)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Top level: the edit arrived over Vite's WebSocket through both hops, without a reload.
+    assert_eq!(seen["top"]["url"], format!("{pod}/"));
+    assert_eq!(seen["top"]["text"], "two");
+    assert_eq!(seen["top"]["marker"], "kept", "the page reloaded: {seen}");
+    // The same inside the Workbench's frame (the embedded cookie, the frame policy).
+    assert_eq!(seen["framed"]["text"], "three");
+    assert_eq!(
+        seen["framed"]["marker"], "kept",
+        "the frame reloaded: {seen}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
