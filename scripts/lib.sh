@@ -66,10 +66,11 @@ find_or_start_postgres() {
 }
 
 # playwright-core (drives Debian's Chromium; never downloads a browser) and the dev servers the
-# browser tests run (Vite), pinned by the lockfile.
+# browser tests run (Vite, Next.js), pinned by the lockfile.
 ensure_browser_driver() {
-  if [ ! -d testkit/browser/node_modules/playwright-core ] || [ ! -d testkit/browser/node_modules/vite ]; then
-    echo "== installing playwright-core and Vite for the browser tests" >&2
+  if [ ! -d testkit/browser/node_modules/playwright-core ] || [ ! -d testkit/browser/node_modules/vite ] \
+     || [ ! -d testkit/browser/node_modules/next ]; then
+    echo "== installing playwright-core, Vite and Next.js for the browser tests" >&2
     npm ci --prefix testkit/browser --no-audit --no-fund >&2
   fi
 }

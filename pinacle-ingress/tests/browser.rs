@@ -327,38 +327,29 @@ fn demo_proxy_token(port: u16) -> String {
         .to_owned()
 }
 
-#[tokio::test]
-async fn vite_hot_reloads_through_the_ingress_top_level_and_inside_the_workbench_frame() {
+/// Runs `dev_server` (started on the port it is given, serving `app_dir` whose `message.js`
+/// exports "one") behind the pod's real nginx and the ingress over https, and checks in Chromium
+/// that an edit reaches the page by hot reload, top level and inside an embedded frame.
+async fn hot_reloads_through_the_ingress(
+    dir: &std::path::Path,
+    app_dir: &std::path::Path,
+    message: &std::path::Path,
+    dev_server: impl FnOnce(u16) -> Command,
+) {
     let browser = repo().join("testkit/browser");
-    assert!(
-        browser.join("node_modules/vite").is_dir(),
-        "Vite is not installed: run scripts/test (it runs npm ci in testkit/browser)"
-    );
-    let dir = std::env::temp_dir().join(format!("pinacle-vite-{}", std::process::id()));
-    let app_dir = dir.join("app");
-    std::fs::create_dir_all(&app_dir).unwrap();
-    for file in ["index.html", "main.js", "message.js"] {
-        std::fs::copy(browser.join("vite-app").join(file), app_dir.join(file)).unwrap();
-    }
     // The user's dev server, on the port the browser names in the pod host.
     let app = reserve_port();
-    let mut vite = Command::new("node");
-    vite.arg(browser.join("node_modules/vite/bin/vite.js"))
-        .args([
-            "--port",
-            &app.to_string(),
-            "--strictPort",
-            "--host",
-            "127.0.0.1",
-        ])
-        .current_dir(&app_dir)
+    let mut server = dev_server(app);
+    server
+        .current_dir(app_dir)
         .env("NO_COLOR", "1")
+        .env("NEXT_TELEMETRY_DISABLED", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let _vite = Process(vite.spawn().unwrap());
+    let _server = Process(server.spawn().unwrap());
     // The pod's nginx from nginx-templates, in front of it.
     let nginx_port = reserve_port();
-    let nginx_dir = pinacle_testkit::nginx::Nginx::make_dir("vite");
+    let nginx_dir = pinacle_testkit::nginx::Nginx::make_dir("devserver");
     let d = nginx_dir.display();
     let pod_config = format!(
         r#"{{"listen_port": {nginx_port}, "default_port": {app}, "trusted_proxies": ["127.0.0.1"],
@@ -377,7 +368,7 @@ async fn vite_hot_reloads_through_the_ingress_top_level_and_inside_the_workbench
         .replace("external = 30001", &format!("external = {nginx_port}"));
     std::fs::write(dir.join("directory.toml"), directory).unwrap();
     let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
-    pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], &dir, "wildcard");
+    pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], dir, "wildcard");
     let mut ingress = clean(Command::new(BIN));
     ingress
         .arg("serve")
@@ -408,7 +399,7 @@ async fn vite_hot_reloads_through_the_ingress_top_level_and_inside_the_workbench
     }
 
     let out = tokio::task::spawn_blocking({
-        let (browser, message) = (browser.clone(), app_dir.join("message.js"));
+        let message = message.to_owned();
         move || {
             Command::new("node")
                 .current_dir(&browser)
@@ -428,7 +419,8 @@ async fn vite_hot_reloads_through_the_ingress_top_level_and_inside_the_workbench
         String::from_utf8_lossy(&out.stderr)
     );
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // Top level: the edit arrived over Vite's WebSocket through both hops, without a reload.
+    // Top level: the edit arrived over the dev server's WebSocket through both hops, without a
+    // reload.
     assert_eq!(seen["top"]["url"], format!("{pod}/"));
     assert_eq!(seen["top"]["text"], "two");
     assert_eq!(seen["top"]["marker"], "kept", "the page reloaded: {seen}");
@@ -438,5 +430,76 @@ async fn vite_hot_reloads_through_the_ingress_top_level_and_inside_the_workbench
         seen["framed"]["marker"], "kept",
         "the frame reloaded: {seen}"
     );
+}
+
+#[tokio::test]
+async fn vite_hot_reloads_through_the_ingress_top_level_and_inside_the_workbench_frame() {
+    let browser = repo().join("testkit/browser");
+    assert!(
+        browser.join("node_modules/vite").is_dir(),
+        "Vite is not installed: run scripts/test (it runs npm ci in testkit/browser)"
+    );
+    let dir = std::env::temp_dir().join(format!("pinacle-vite-{}", std::process::id()));
+    let app_dir = dir.join("app");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    for file in ["index.html", "main.js", "message.js"] {
+        std::fs::copy(browser.join("vite-app").join(file), app_dir.join(file)).unwrap();
+    }
+    let vite = browser.join("node_modules/vite/bin/vite.js");
+    hot_reloads_through_the_ingress(&dir, &app_dir, &app_dir.join("message.js"), |port| {
+        let mut cmd = Command::new("node");
+        cmd.arg(&vite).args([
+            "--port",
+            &port.to_string(),
+            "--strictPort",
+            "--host",
+            "127.0.0.1",
+        ]);
+        cmd
+    })
+    .await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Next.js (`next dev`, Turbopack, Fast Refresh over `/_next/webpack-hmr`): the slowest test of
+/// the suite (a first compile), run in CI all the same.
+#[tokio::test]
+async fn next_dev_fast_refreshes_through_the_ingress_top_level_and_inside_the_workbench_frame() {
+    let browser = repo().join("testkit/browser");
+    assert!(
+        browser.join("node_modules/next").is_dir(),
+        "Next.js is not installed: run scripts/test (it runs npm ci in testkit/browser)"
+    );
+    let dir = std::env::temp_dir().join(format!("pinacle-next-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Inside testkit/browser, so that `next` and `react` resolve from its node_modules.
+    let app_dir = browser.join(format!(".next-run-{}", std::process::id()));
+    std::fs::create_dir_all(app_dir.join("app")).unwrap();
+    std::fs::copy(
+        browser.join("next-app/next.config.mjs"),
+        app_dir.join("next.config.mjs"),
+    )
+    .unwrap();
+    for file in ["layout.js", "page.js", "message.js"] {
+        std::fs::copy(
+            browser.join("next-app/app").join(file),
+            app_dir.join("app").join(file),
+        )
+        .unwrap();
+    }
+    let next = browser.join("node_modules/next/dist/bin/next");
+    hot_reloads_through_the_ingress(&dir, &app_dir, &app_dir.join("app/message.js"), |port| {
+        let mut cmd = Command::new("node");
+        cmd.arg(&next).args([
+            "dev",
+            "--port",
+            &port.to_string(),
+            "--hostname",
+            "127.0.0.1",
+        ]);
+        cmd
+    })
+    .await;
+    std::fs::remove_dir_all(&app_dir).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
