@@ -162,6 +162,42 @@ async fn the_demo_signs_a_person_in_and_the_ingress_pages_say_no_clearly() {
     }
 }
 
+/// The ingress over the directory example with its demo pod published on `pod_port`, the
+/// dashboard at `http://localhost:<dashboard>`, and https on `tls` with a test certificate for
+/// `*.localhost` (the embed cookie is `Secure`; Chromium is told to accept the certificate).
+fn https_ingress(
+    dir: &std::path::Path,
+    pod_port: u16,
+    listen: u16,
+    tls: u16,
+    dashboard: u16,
+) -> Process {
+    let directory = std::fs::read_to_string(repo().join("config/directory.example.toml"))
+        .unwrap()
+        .replace("external = 30001", &format!("external = {pod_port}"));
+    std::fs::write(dir.join("directory.toml"), directory).unwrap();
+    pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], dir, "wildcard");
+    let mut ingress = clean(Command::new(BIN));
+    ingress
+        .arg("serve")
+        .env("NEXTAUTH_SECRET", SECRET)
+        .env("NEXTAUTH_URL", format!("http://localhost:{dashboard}"))
+        .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{listen}"))
+        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
+        .env("PINACLE_INGRESS_TLS_CERT_FILE", dir.join("wildcard.pem"))
+        .env("PINACLE_INGRESS_TLS_KEY_FILE", dir.join("wildcard.key"))
+        .env(
+            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
+            format!("127.0.0.1:{dashboard}"),
+        )
+        .env("PINACLE_INGRESS_DIRECTORY_FILE", dir.join("directory.toml"))
+        .env("PINACLE_INGRESS_ADMIN_LISTEN", "off")
+        .env("PINACLE_INGRESS_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Process(ingress.spawn().unwrap())
+}
+
 /// A page that frames `src` and titles itself "framed" once the frame has loaded (or failed to).
 fn framing_page(dir: &std::path::Path, src: &str) {
     std::fs::create_dir_all(dir).unwrap();
@@ -201,55 +237,15 @@ async fn the_dashboard_can_frame_a_pod_page_and_an_unrelated_origin_cannot() {
     let pod = upstream::http_echo("framed-pod").await;
     let dir = std::env::temp_dir().join(format!("pinacle-frame-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let directory = std::fs::read_to_string(repo().join("config/directory.example.toml"))
-        .unwrap()
-        .replace(
-            "external = 30001",
-            &format!("external = {}", pod.addr.port()),
-        );
-    std::fs::write(dir.join("directory.toml"), directory).unwrap();
     let (listen, tls, dashboard, unrelated) = (
         reserve_port(),
         reserve_port(),
         reserve_port(),
         reserve_port(),
     );
-    // The embed cookie is `Secure`: the pod is framed over https (a test certificate Chromium is
-    // told to accept).
-    pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], &dir, "wildcard");
-    let mut ingress = clean(Command::new(BIN));
-    ingress
-        .arg("serve")
-        .env("NEXTAUTH_SECRET", SECRET)
-        .env("NEXTAUTH_URL", format!("http://localhost:{dashboard}"))
-        .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{listen}"))
-        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
-        .env("PINACLE_INGRESS_TLS_CERT_FILE", dir.join("wildcard.pem"))
-        .env("PINACLE_INGRESS_TLS_KEY_FILE", dir.join("wildcard.key"))
-        .env(
-            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
-            format!("127.0.0.1:{dashboard}"),
-        )
-        .env("PINACLE_INGRESS_DIRECTORY_FILE", dir.join("directory.toml"))
-        .env("PINACLE_INGRESS_ADMIN_LISTEN", "off")
-        .env("PINACLE_INGRESS_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _ingress = Process(ingress.spawn().unwrap());
+    let _ingress = https_ingress(&dir, pod.addr.port(), listen, tls, dashboard);
     // The Workbench's way in: the callback with a proxy token, for embedding.
-    let minted = clean(Command::new(BIN))
-        .args(["session", "mint", "--user", "user_ada", "--pod", "demo"])
-        .args(["--pod-id", "pod_demo", "--port", "3000"])
-        .env("NEXTAUTH_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        minted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&minted.stderr)
-    );
-    let minted = String::from_utf8(minted.stdout).unwrap();
-    let token = minted.trim().strip_prefix("pinacle-proxy-token=").unwrap();
+    let token = demo_proxy_token(3000);
     let pod_url = format!(
         "https://localhost-3000-pod-demo.localhost:{tls}/pinacle-proxy-callback\
          ?token={token}&embed=true&return_url=%2Fframed"
@@ -363,31 +359,8 @@ async fn hot_reloads_through_the_ingress(
         SocketAddr::from(([127, 0, 0, 1], nginx_port)),
     )
     .await;
-    let directory = std::fs::read_to_string(repo().join("config/directory.example.toml"))
-        .unwrap()
-        .replace("external = 30001", &format!("external = {nginx_port}"));
-    std::fs::write(dir.join("directory.toml"), directory).unwrap();
     let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
-    pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], dir, "wildcard");
-    let mut ingress = clean(Command::new(BIN));
-    ingress
-        .arg("serve")
-        .env("NEXTAUTH_SECRET", SECRET)
-        .env("NEXTAUTH_URL", format!("http://localhost:{dashboard}"))
-        .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{listen}"))
-        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
-        .env("PINACLE_INGRESS_TLS_CERT_FILE", dir.join("wildcard.pem"))
-        .env("PINACLE_INGRESS_TLS_KEY_FILE", dir.join("wildcard.key"))
-        .env(
-            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
-            format!("127.0.0.1:{dashboard}"),
-        )
-        .env("PINACLE_INGRESS_DIRECTORY_FILE", dir.join("directory.toml"))
-        .env("PINACLE_INGRESS_ADMIN_LISTEN", "off")
-        .env("PINACLE_INGRESS_THREADS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _ingress = Process(ingress.spawn().unwrap());
+    let _ingress = https_ingress(dir, nginx_port, listen, tls, dashboard);
     let token = demo_proxy_token(app);
     let pod = format!("https://localhost-{app}-pod-demo.localhost:{tls}");
     let top = format!("{pod}/pinacle-proxy-callback?token={token}&return_url=%2F");

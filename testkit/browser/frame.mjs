@@ -1,27 +1,15 @@
-// Framing in Debian's Chromium (playwright-core drives it; no browser is downloaded): a page on
-// the dashboard's origin and a page on an unrelated origin each frame the same pod page, the way
-// the Workbench does: through the proxy-token callback with `embed=true`, whose cookie
-// (SameSite=None; Secure; Partitioned, so the pod is served over https with a test certificate
-// Chromium is told to accept) authenticates the framed page. Prints one JSON object: what each frame ended up showing.
+// Framing in Debian's Chromium: a page on the dashboard's origin and a page on an unrelated
+// origin each frame the same pod page, the way the Workbench does: through the proxy-token
+// callback with `embed=true`, whose cookie (SameSite=None; Secure; Partitioned, so the pod is
+// served over https) authenticates the framed page. Prints one JSON object: what each frame
+// ended up showing.
 //
 //   node frame.mjs <dashboard page url> <unrelated page url>
 
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { withProfile } from "./profile.mjs";
 
 const [dashboardPage, unrelatedPage] = process.argv.slice(2);
-const profile = await mkdtemp(join(tmpdir(), "pinacle-frame-"));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--ignore-certificate-errors"],
-  timeout: 30000,
-});
-const result = {};
-try {
+const result = await withProfile(async (context) => {
   async function framed(url) {
     const page = await context.newPage();
     page.setDefaultTimeout(15000);
@@ -36,10 +24,6 @@ try {
     await page.close();
     return seen;
   }
-  result.dashboard = await framed(dashboardPage);
-  result.unrelated = await framed(unrelatedPage);
-} finally {
-  await context.close();
-  await rm(profile, { recursive: true, force: true });
-}
+  return { dashboard: await framed(dashboardPage), unrelated: await framed(unrelatedPage) };
+});
 console.log(JSON.stringify(result));
