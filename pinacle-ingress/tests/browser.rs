@@ -39,6 +39,27 @@ fn clean(mut cmd: Command) -> Command {
     cmd
 }
 
+/// Runs `node <script> <args>` in `testkit/browser` (off the async runtime) and returns the one
+/// JSON object it prints; its stderr on failure.
+async fn node_script(script: &'static str, args: Vec<std::ffi::OsString>) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .current_dir(repo().join("testkit/browser"))
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[tokio::test]
 async fn the_demo_signs_a_person_in_and_the_ingress_pages_say_no_clearly() {
     let browser = repo().join("testkit/browser");
@@ -93,31 +114,15 @@ async fn the_demo_signs_a_person_in_and_the_ingress_pages_say_no_clearly() {
 
     let shots = dir.join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let out = tokio::task::spawn_blocking({
-        let (browser, shots) = (browser.clone(), shots.clone());
-        move || {
-            Command::new("node")
-                .current_dir(&browser)
-                .arg("demo.mjs")
-                .arg(format!(
-                    "http://localhost-3000-pod-demo.localhost:{listen}/docs?page=1"
-                ))
-                .arg(format!(
-                    "http://localhost-3000-pod-sleepy.localhost:{listen}/"
-                ))
-                .arg(&shots)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = node_script(
+        "demo.mjs",
+        vec![
+            format!("http://localhost-3000-pod-demo.localhost:{listen}/docs?page=1").into(),
+            format!("http://localhost-3000-pod-sleepy.localhost:{listen}/").into(),
+            shots.clone().into(),
+        ],
+    )
+    .await;
 
     // The owner signs in on the stand-in and lands on the pod, at the path first asked for.
     let owner = &seen["owner"];
@@ -257,26 +262,14 @@ async fn the_dashboard_can_frame_a_pod_page_and_an_unrelated_origin_cannot() {
     for port in [listen, tls, dashboard, unrelated] {
         wait_for_port(SocketAddr::from(([127, 0, 0, 1], port))).await;
     }
-    let out = tokio::task::spawn_blocking({
-        let browser = browser.clone();
-        move || {
-            Command::new("node")
-                .current_dir(&browser)
-                .arg("frame.mjs")
-                .arg(format!("http://localhost:{dashboard}/"))
-                .arg(format!("http://127.0.0.1:{unrelated}/"))
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = node_script(
+        "frame.mjs",
+        vec![
+            format!("http://localhost:{dashboard}/").into(),
+            format!("http://127.0.0.1:{unrelated}/").into(),
+        ],
+    )
+    .await;
     // The dashboard frames the pod: the pod's own page is shown, authenticated.
     let inside = seen["dashboard"]["text"].as_str().unwrap();
     let echo: serde_json::Value = serde_json::from_str(inside)
@@ -332,7 +325,6 @@ async fn hot_reloads_through_the_ingress(
     message: &std::path::Path,
     dev_server: impl FnOnce(u16) -> Command,
 ) {
-    let browser = repo().join("testkit/browser");
     // The user's dev server, on the port the browser names in the pod host.
     let app = reserve_port();
     let mut server = dev_server(app);
@@ -371,27 +363,15 @@ async fn hot_reloads_through_the_ingress(
         wait_for_port(SocketAddr::from(([127, 0, 0, 1], port))).await;
     }
 
-    let out = tokio::task::spawn_blocking({
-        let message = message.to_owned();
-        move || {
-            Command::new("node")
-                .current_dir(&browser)
-                .arg("devserver.mjs")
-                .arg(&top)
-                .arg(format!("http://localhost:{dashboard}/"))
-                .arg(&message)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = node_script(
+        "devserver.mjs",
+        vec![
+            top.into(),
+            format!("http://localhost:{dashboard}/").into(),
+            message.into(),
+        ],
+    )
+    .await;
     // Top level: the edit arrived over the dev server's WebSocket through both hops, without a
     // reload.
     assert_eq!(seen["top"]["url"], format!("{pod}/"));
