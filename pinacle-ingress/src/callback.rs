@@ -67,12 +67,17 @@ pub enum CallbackAnswer {
 
 /// Decides the callback. `secure` is whether the request arrived over https (or the dashboard's
 /// URL is https): browsers refuse `Secure` cookies set over plain http.
+///
+/// `path_scope` is the path prefix the pod is served under (`/_pod/<slug>/<port>` on the
+/// path-routing host, empty on pod hosts): the cookie is scoped to it and the return path lives
+/// under it.
 pub fn answer(
     verifier: &CredentialVerifier,
     pod: &PodHost,
     query: &CallbackQuery,
     secure: bool,
     now: i64,
+    path_scope: &str,
 ) -> CallbackAnswer {
     let Some(token) = query.token.as_deref() else {
         return CallbackAnswer::MissingToken;
@@ -94,17 +99,22 @@ pub fn answer(
     });
     let token = reissued.flatten().unwrap_or_else(|| token.to_owned());
     CallbackAnswer::SetCookie {
-        set_cookie: proxy_token_cookie(&token, query.embed, secure),
-        location: safe_return_path(query.return_url.as_deref()),
+        set_cookie: proxy_token_cookie(&token, query.embed, secure, path_scope),
+        location: format!(
+            "{path_scope}{}",
+            safe_return_path(query.return_url.as_deref())
+        ),
     }
 }
 
 /// The `Set-Cookie` value for a proxy token: host-only, `HttpOnly`, 900 s; `SameSite=Lax` with
 /// `Secure` over https, or for embedding `SameSite=None; Secure; Partitioned` (which only works
 /// over https, as browsers require).
-pub fn proxy_token_cookie(token: &str, embed: bool, secure: bool) -> String {
+///
+/// `scope`: the path prefix it is limited to (`Path=<scope>/`; empty for pod hosts).
+pub fn proxy_token_cookie(token: &str, embed: bool, secure: bool, scope: &str) -> String {
     let mut cookie = format!(
-        "{PROXY_TOKEN_COOKIE}={token}; Path=/; Max-Age={PROXY_TOKEN_LIFETIME_SECS}; HttpOnly"
+        "{PROXY_TOKEN_COOKIE}={token}; Path={scope}/; Max-Age={PROXY_TOKEN_LIFETIME_SECS}; HttpOnly"
     );
     if embed {
         cookie.push_str("; Secure; SameSite=None; Partitioned");
@@ -202,7 +212,7 @@ mod tests {
         let t = token(&v, "demo", 3000, NOW + 900);
         let q = query(&format!("token={t}&return_url=%2Fdocs%3Fa%3D1"));
         assert_eq!(
-            answer(&v, &host("demo", 3000), &q, false, NOW),
+            answer(&v, &host("demo", 3000), &q, false, NOW, ""),
             CallbackAnswer::SetCookie {
                 set_cookie: format!(
                     "pinacle-proxy-token={t}; Path=/; Max-Age=900; HttpOnly; SameSite=Lax"
@@ -211,7 +221,7 @@ mod tests {
             }
         );
         let CallbackAnswer::SetCookie { set_cookie, .. } =
-            answer(&v, &host("demo", 3000), &q, true, NOW)
+            answer(&v, &host("demo", 3000), &q, true, NOW, "")
         else {
             panic!("expected a cookie")
         };
@@ -231,6 +241,7 @@ mod tests {
             &query(&format!("token={t}&embed=true")),
             true,
             NOW,
+            "",
         )
         else {
             panic!("expected a cookie")
@@ -284,30 +295,44 @@ mod tests {
         let v = verifier();
         let h = host("demo", 3000);
         assert_eq!(
-            answer(&v, &h, &query(""), false, NOW),
+            answer(&v, &h, &query(""), false, NOW, ""),
             CallbackAnswer::MissingToken
         );
         assert_eq!(
-            answer(&v, &h, &query("token="), false, NOW),
+            answer(&v, &h, &query("token="), false, NOW, ""),
             CallbackAnswer::MissingToken
         );
         assert_eq!(
-            answer(&v, &h, &query("token=abc"), false, NOW),
+            answer(&v, &h, &query("token=abc"), false, NOW, ""),
             CallbackAnswer::InvalidToken
         );
         let expired = token(&v, "demo", 3000, NOW);
         assert_eq!(
-            answer(&v, &h, &query(&format!("token={expired}")), false, NOW),
+            answer(&v, &h, &query(&format!("token={expired}")), false, NOW, ""),
             CallbackAnswer::InvalidToken
         );
         let other_port = token(&v, "demo", 3001, NOW + 900);
         assert_eq!(
-            answer(&v, &h, &query(&format!("token={other_port}")), false, NOW),
+            answer(
+                &v,
+                &h,
+                &query(&format!("token={other_port}")),
+                false,
+                NOW,
+                ""
+            ),
             CallbackAnswer::WrongPod
         );
         let other_pod = token(&v, "demo2", 3000, NOW + 900);
         assert_eq!(
-            answer(&v, &h, &query(&format!("token={other_pod}")), false, NOW),
+            answer(
+                &v,
+                &h,
+                &query(&format!("token={other_pod}")),
+                false,
+                NOW,
+                ""
+            ),
             CallbackAnswer::WrongPod
         );
     }

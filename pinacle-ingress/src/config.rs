@@ -37,6 +37,8 @@ pub struct FileConfig {
     pub base_domains: Option<Vec<String>>,
     /// Domain used in the `Host` sent to pods; default: the base domain the request came in on.
     pub upstream_domain: Option<String>,
+    /// A host on which `/_pod/<slug>/<port>/...` reaches that pod (unset: off).
+    pub path_routing_host: Option<String>,
     /// A TOML pod directory used when `DATABASE_URL` is not set.
     pub directory_file: Option<PathBuf>,
     /// Response headers removed from pod responses (so the dashboard may frame them).
@@ -132,6 +134,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("dashboard_upstream", Kind::Text),
     ("base_domains", Kind::List),
     ("upstream_domain", Kind::Text),
+    ("path_routing_host", Kind::Text),
     ("directory_file", Kind::Text),
     ("strip_response_headers", Kind::List),
     ("cors_preflight", Kind::Text),
@@ -223,6 +226,8 @@ pub struct IngressConfig {
     pub base_domains: Vec<BaseDomain>,
     /// Fixed upstream domain, if any.
     pub upstream_domain: Option<BaseDomain>,
+    /// The host for path-based routing ([`crate::path_routing`]), if any.
+    pub path_routing_host: Option<BaseDomain>,
     /// The pod directory.
     pub directory: DirectorySource,
     /// Lowercase header names removed from pod responses.
@@ -622,6 +627,23 @@ fn validate(
             .ok()
     });
 
+    let path_routing_host = file.path_routing_host.as_deref().and_then(|d| {
+        let host = BaseDomain::parse(d)
+            .map_err(|m| problems.push(problem("path_routing_host", m)))
+            .ok()?;
+        let dashboard_host = url::Url::parse(&dashboard_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        if dashboard_host.as_deref() == Some(host.as_str()) {
+            problems.push(problem(
+                "path_routing_host",
+                "must not be the dashboard's host: pod code would run on the dashboard's origin",
+            ));
+            return None;
+        }
+        Some(host)
+    });
+
     let database_url = env("DATABASE_URL").filter(|v| !v.is_empty()).or_else(|| {
         let path = env("DATABASE_URL_FILE").filter(|v| !v.is_empty())?;
         match std::fs::read_to_string(&path) {
@@ -893,6 +915,7 @@ fn validate(
             dashboard_upstream,
             base_domains,
             upstream_domain,
+            path_routing_host,
             directory,
             strip_response_headers,
             cors,

@@ -136,6 +136,13 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
                 .unwrap_or_default(),
         ),
         (
+            "path_routing_host",
+            c.path_routing_host
+                .as_ref()
+                .map(|d| quoted(d.as_str()))
+                .unwrap_or_default(),
+        ),
+        (
             "strip_response_headers",
             list(c.strip_response_headers.iter().map(String::as_str)),
         ),

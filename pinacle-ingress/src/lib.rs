@@ -63,6 +63,7 @@ pub mod framing;
 pub mod host;
 pub mod inspect;
 pub mod intent;
+pub mod path_routing;
 pub mod pingora_engine;
 pub mod plain;
 pub mod plain_engine;

@@ -130,6 +130,7 @@ impl Ingress {
             edits: &plan.edits,
             strip_response_headers: plan.strip_response_headers(),
             add: &plan.add_response,
+            request_target: plan.upstream_target.as_deref(),
             timeouts: plan.timeouts(),
             request_id: &ctx.record.request_id,
         };
@@ -366,6 +367,11 @@ impl ProxyHttp for Ingress {
         let Some(plan) = &ctx.plan else {
             return Ok(());
         };
+        if let Some(target) = &plan.upstream_target {
+            let uri = http::Uri::try_from(target.as_str())
+                .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream target"))?;
+            upstream_request.set_uri(uri);
+        }
         for edit in &plan.edits {
             match edit {
                 HeaderEdit::Set(name, value) => {
@@ -453,6 +459,16 @@ impl ProxyHttp for Ingress {
             }
             for (name, value) in &plan.add_response {
                 upstream_response.append_header(name.clone(), value.clone())?;
+            }
+            if let Some(prefix) = &plan.location_prefix
+                && let Some(location) = upstream_response
+                    .headers
+                    .get(header::LOCATION)
+                    .and_then(|l| crate::path_routing::prefixed_location(prefix, l.as_bytes()))
+            {
+                let value = http::HeaderValue::from_bytes(&location)
+                    .map_err(|_| upstream_error("unusable location"))?;
+                upstream_response.insert_header(header::LOCATION, value)?;
             }
             if let Some(origin) = &plan.cors_origin
                 && !upstream_response

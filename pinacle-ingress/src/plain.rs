@@ -159,11 +159,25 @@ impl PlainRequest {
 
     /// The request head as sent upstream: the client's request line and fields in their
     /// order and case, minus every field an edit names, then the edits' values (the same
-    /// [`HeaderEdit`]s the Pingora path applies). `bytes` is the head this was parsed from.
-    pub fn upstream_head(&self, bytes: &[u8], edits: &[HeaderEdit], out: &mut Vec<u8>) {
+    /// [`HeaderEdit`]s the Pingora path applies). `bytes` is the head this was parsed from;
+    /// `target` replaces the client's request target (path routing).
+    pub fn upstream_head(
+        &self,
+        bytes: &[u8],
+        target: Option<&str>,
+        edits: &[HeaderEdit],
+        out: &mut Vec<u8>,
+    ) {
         let part = |range: &std::ops::Range<usize>| bytes.get(range.clone()).unwrap_or_default();
         out.clear();
-        out.extend_from_slice(part(&self.raw.line));
+        match target {
+            Some(target) => {
+                for piece in [self.method.as_str().as_bytes(), b" ", target.as_bytes()] {
+                    out.extend_from_slice(piece);
+                }
+            }
+            None => out.extend_from_slice(part(&self.raw.line)),
+        }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let edited = |name: &[u8]| edits.iter().any(|e| e.edits(name));
         for (name, value) in &self.raw.fields {
@@ -246,6 +260,8 @@ pub struct ClientEdits<'a> {
     /// The upstream is a pod's nginx: its own marked 502/504 are ours to answer
     /// ([`BadResponse::PodRouter`]).
     pub pod_router: bool,
+    /// Path routing's prefix, put back on a `Location` that is a path on this host.
+    pub location_prefix: Option<&'a str>,
 }
 
 impl ResponseHead {
@@ -377,8 +393,18 @@ fn client_head(
         let dropped = framing::is_response_hop(name.as_bytes(), &nominated, false)
             || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)
             || edits.strip.iter().any(|s| s.eq_ignore_ascii_case(name));
-        if !dropped {
-            framing::field(out, name.as_bytes(), field.value);
+        if dropped {
+            continue;
+        }
+        match edits
+            .location_prefix
+            .filter(|_| name.eq_ignore_ascii_case("location"))
+        {
+            Some(prefix) => match crate::path_routing::prefixed_location(prefix, field.value) {
+                Some(location) => framing::field(out, name.as_bytes(), &location),
+                None => framing::field(out, name.as_bytes(), field.value),
+            },
+            None => framing::field(out, name.as_bytes(), field.value),
         }
     }
     if head.status >= 200 {
@@ -633,6 +659,8 @@ pub struct Exchange<'a> {
     pub cors_origin: Option<&'a HeaderValue>,
     /// The upstream is a pod's nginx (see [`ClientEdits::pod_router`]).
     pub pod_router: bool,
+    /// Path routing's prefix (see [`ClientEdits::location_prefix`]).
+    pub location_prefix: Option<&'a str>,
     /// Connect to the upstream.
     pub connect_timeout: Duration,
     /// Each wait for the upstream.
@@ -778,6 +806,7 @@ where
         add: ex.add,
         cors_origin: ex.cors_origin,
         pod_router: ex.pod_router,
+        location_prefix: ex.location_prefix,
     };
     // Informational answers (103) are passed on; the final head follows.
     let head = loop {
@@ -1011,7 +1040,7 @@ mod tests {
         let mut out = Vec::new();
         PlainRequest::parse(raw, 16 * 1024)
             .unwrap()
-            .upstream_head(raw, &edits, &mut out);
+            .upstream_head(raw, None, &edits, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /p?q HTTP/1.1\r\nX-Keep: 1\r\nAccept: */*\r\nhost: pod.internal\r\n\
@@ -1027,6 +1056,7 @@ mod tests {
             add: &[],
             cors_origin: None,
             pod_router: true,
+            location_prefix: None,
         };
         ResponseHead::parse(raw.as_bytes(), head_request, &edits, &mut Vec::new())
     }
@@ -1110,6 +1140,7 @@ mod tests {
                 add: &[],
                 cors_origin: None,
                 pod_router: true,
+                location_prefix: None,
             };
             let mut out = Vec::new();
             ResponseHead::parse(raw.as_bytes(), false, &edits, &mut out).unwrap();

@@ -66,7 +66,12 @@ impl PlainRequests for Ingress {
             Target::Dashboard { .. } => 0,
         };
         let mut head = Vec::with_capacity(conn.pending().len() + 256);
-        request.upstream_head(conn.pending(), &plan.edits, &mut head);
+        request.upstream_head(
+            conn.pending(),
+            plan.upstream_target.as_deref(),
+            &plan.edits,
+            &mut head,
+        );
         conn.take_pending_head();
         let timeouts = plan.timeouts();
         record.upstream_started = Some(std::time::Instant::now());
@@ -81,6 +86,7 @@ impl PlainRequests for Ingress {
             add: &plan.add_response,
             cors_origin: plan.cors_origin.as_ref(),
             pod_router: matches!(plan.target, Target::Pod { .. }),
+            location_prefix: plan.location_prefix.as_deref(),
             connect_timeout: timeouts.upstream_connect,
             read_timeout: timeouts.upstream_read,
             write_timeout: timeouts.client_read,

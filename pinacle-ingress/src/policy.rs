@@ -22,6 +22,7 @@ use crate::config::{IngressConfig, Timeouts};
 use crate::cors::{self, CorsMode};
 use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
+use crate::path_routing::{self, PathRoute};
 use crate::proxy::State;
 use crate::responses::{Answer, Page, REQUEST_ID_HEADER};
 use crate::revocation::Grant;
@@ -82,6 +83,11 @@ pub struct Plan {
     /// `Access-Control-Allow-Origin` (this origin), `-Credentials: true` and `Vary: Origin`
     /// unless the pod set its own.
     pub cors_origin: Option<http::HeaderValue>,
+    /// The request target the upstream gets instead of the client's (path routing: the prefix
+    /// removed).
+    pub upstream_target: Option<String>,
+    /// Path routing's prefix: a response `Location` that is a path on this host gets it back.
+    pub location_prefix: Option<String>,
     /// What a pod request was allowed under: a long-lived connection registers it, to be
     /// closed when access goes ([`crate::revocation`]).
     pub grant: Option<Arc<Grant>>,
@@ -254,7 +260,42 @@ impl State {
         if let Some(answer) = https_redirect(config, view, conn) {
             return Verdict::Answer(answer);
         }
-        let pod = match host::route(view.host, &config.base_domains) {
+        // Where the pod's path starts: `(prefix, the path and query the pod gets)` on the
+        // path-routing host; `None` on pod hosts.
+        let mut scoped: Option<(String, String)> = None;
+        let routed = match config
+            .path_routing_host
+            .as_ref()
+            .filter(|h| path_routing::is_routing_host(view.host, h.as_str()))
+        {
+            Some(_) => {
+                record.route = RouteKind::Pod;
+                match path_routing::route(view.uri.path()) {
+                    PathRoute::NotAPod => return Verdict::Answer(Answer::NotAPodPath),
+                    PathRoute::AddSlash => {
+                        let query = view
+                            .uri
+                            .query()
+                            .map(|q| format!("?{q}"))
+                            .unwrap_or_default();
+                        return Verdict::Answer(Answer::AddSlash {
+                            location: format!("{}/{query}", view.uri.path()),
+                        });
+                    }
+                    PathRoute::Pod { pod, prefix, rest } => {
+                        let query = view
+                            .uri
+                            .query()
+                            .map(|q| format!("?{q}"))
+                            .unwrap_or_default();
+                        scoped = Some((prefix, format!("{rest}{query}")));
+                        Route::Pod(pod)
+                    }
+                }
+            }
+            None => host::route(view.host, &config.base_domains),
+        };
+        let pod = match routed {
             Route::Dashboard => {
                 record.route = RouteKind::Dashboard;
                 let target = Target::Dashboard {
@@ -286,17 +327,30 @@ impl State {
             });
             return Verdict::Answer(granted.map_or(Answer::CorsRefused, Answer::Preflight));
         }
-        if view.uri.path() == CALLBACK_PATH {
+        let scope = scoped.as_ref().map_or("", |(prefix, _)| prefix.as_str());
+        let pod_target = scoped.as_ref().map_or_else(
+            || view.uri.path_and_query().map_or("/", |p| p.as_str()),
+            |(_, target)| target.as_str(),
+        );
+        let pod_path = pod_target.split_once('?').map_or(pod_target, |(p, _)| p);
+        if pod_path == CALLBACK_PATH {
             record.route = RouteKind::Callback;
             let query = CallbackQuery::parse(view.uri.query().unwrap_or(""));
             let secure = conn.tls || config.dashboard_https;
-            let answer = callback::answer(&self.verifier, &pod, &query, secure, (self.clock)());
+            let answer =
+                callback::answer(&self.verifier, &pod, &query, secure, (self.clock)(), scope);
             return Verdict::Answer(Answer::Callback(answer));
         }
         record.route = RouteKind::Pod;
         let secure = conn.tls || config.dashboard_https;
         let judged = self
-            .judge_pod(config, view, record.intent, &pod, secure)
+            .judge_pod(
+                config,
+                view,
+                record.intent,
+                &pod,
+                (secure, scope, pod_target),
+            )
             .await;
         match self.apply(record, judged) {
             Ok(allowed) => {
@@ -318,6 +372,16 @@ impl State {
                 }
                 plan.cors_origin = cors_grant(config, view, &pod);
                 plan.grant = Some(Arc::new(allowed.grant));
+                if let Some((prefix, target)) = scoped {
+                    if let Ok(value) = http::HeaderValue::try_from(prefix.as_str()) {
+                        plan.edits.push(HeaderEdit::Set(
+                            http::HeaderName::from_static("x-forwarded-prefix"),
+                            value.as_bytes().to_vec(),
+                        ));
+                    }
+                    plan.upstream_target = Some(target);
+                    plan.location_prefix = Some(prefix);
+                }
                 Verdict::Forward(plan)
             }
             Err(answer) => Verdict::Answer(answer),
@@ -328,11 +392,10 @@ impl State {
     fn unauthenticated(
         config: &IngressConfig,
         pod: &PodHost,
-        uri: &http::Uri,
+        path_and_query: &str,
         intent: Intent,
     ) -> Answer {
         if intent.navigation {
-            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
             Answer::SignIn {
                 location: callback::sign_in_location(&config.dashboard_url, pod, path_and_query),
             }
@@ -349,7 +412,7 @@ impl State {
         view: &RequestView<'_>,
         intent: Intent,
         pod: &PodHost,
-        secure: bool,
+        (secure, scope, pod_target): (bool, &str, &str),
     ) -> Judged {
         let now = (self.clock)();
         let cookies = cookie_header(view.headers);
@@ -385,7 +448,7 @@ impl State {
                     Outcome::Invalid { .. } => "invalid",
                     _ => "missing",
                 };
-                judged.verdict = Err(Self::unauthenticated(config, pod, view.uri, intent));
+                judged.verdict = Err(Self::unauthenticated(config, pod, pod_target, intent));
                 return judged;
             }
         };
@@ -400,7 +463,7 @@ impl State {
             && (scope.pod_slug != pod.slug || scope.target_port != pod.port)
         {
             judged.authz = "token_for_other_pod";
-            judged.verdict = Err(Self::unauthenticated(config, pod, view.uri, intent));
+            judged.verdict = Err(Self::unauthenticated(config, pod, pod_target, intent));
             return judged;
         }
         let decision = match self
@@ -424,7 +487,7 @@ impl State {
                     // A token for an earlier pod with this slug: get a fresh one.
                     (
                         "token_for_replaced_pod",
-                        Err(Self::unauthenticated(config, pod, view.uri, intent)),
+                        Err(Self::unauthenticated(config, pod, pod_target, intent)),
                     )
                 } else {
                     let domain = config
@@ -433,10 +496,12 @@ impl State {
                         .or_else(|| config.base_domains.get(pod.base));
                     let host =
                         domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
-                    let set_cookie = self
-                        .verifier
-                        .renewal(&principal, now)
-                        .map(|(token, embed)| callback::proxy_token_cookie(&token, embed, secure));
+                    let set_cookie =
+                        self.verifier
+                            .renewal(&principal, now)
+                            .map(|(token, embed)| {
+                                callback::proxy_token_cookie(&token, embed, secure, scope)
+                            });
                     let stale = judged.lookup == Some(pinacle_authz::CacheLookup::Stale);
                     (
                         if stale { "allow_stale" } else { "allow" },
@@ -568,6 +633,8 @@ fn plan(
         add_response: Vec::new(),
         cors_origin: None,
         grant: None,
+        upstream_target: None,
+        location_prefix: None,
         config: config.clone(),
     }
 }

@@ -77,6 +77,13 @@ pub enum Answer {
         /// It accepted the connection but did not answer in time.
         timed_out: bool,
     },
+    /// A path on the path-routing host that names no pod and port: 404.
+    NotAPodPath,
+    /// `/_pod/<slug>/<port>` without its slash: 308 to the slash form.
+    AddSlash {
+        /// The slash form, query kept.
+        location: String,
+    },
 }
 
 /// The field the pod's nginx marks its own answers with (`nginx-templates`): `not-listening`
@@ -139,7 +146,7 @@ pub const RETRY_MAX_SECS: u32 = 120;
 
 impl Answer {
     /// Every answer's [`Answer::name`] (metrics start each at zero).
-    pub const NAMES: [&'static str; 23] = [
+    pub const NAMES: [&'static str; 25] = [
         "bad-port",
         "bad-host",
         "sign-in",
@@ -163,6 +170,8 @@ impl Answer {
         "cors-refused",
         "port-not-listening",
         "port-timeout",
+        "not-a-pod-path",
+        "add-slash",
     ];
 
     /// Our answer to an upstream failure (every engine's).
@@ -199,6 +208,8 @@ impl Answer {
             Self::CorsRefused => "cors-refused",
             Self::PortNotAnswering { timed_out: false } => "port-not-listening",
             Self::PortNotAnswering { timed_out: true } => "port-timeout",
+            Self::NotAPodPath => "not-a-pod-path",
+            Self::AddSlash { .. } => "add-slash",
         }
     }
 
@@ -224,6 +235,8 @@ impl Answer {
             Self::CorsRefused => 403,
             Self::PortNotAnswering { timed_out: false } => 502,
             Self::PortNotAnswering { timed_out: true } => 504,
+            Self::NotAPodPath => 404,
+            Self::AddSlash { .. } => 308,
             Self::Callback(c) => match c {
                 CallbackAnswer::SetCookie { .. } => 302,
                 CallbackAnswer::MissingToken => 400,
@@ -352,7 +365,13 @@ impl Answer {
             Self::RequestHeaderTimeout => {
                 return json_reply(status, json!({ "error": "Request header timeout" }));
             }
-            Self::HttpsRedirect { location } => {
+            Self::NotAPodPath => {
+                return json_reply(
+                    status,
+                    json!({ "error": "Not a pod address: use /_pod/<pod>/<port>/" }),
+                );
+            }
+            Self::HttpsRedirect { location } | Self::AddSlash { location } => {
                 headers.push(("location", location.clone()));
                 return Reply {
                     status,
@@ -689,6 +708,10 @@ mod tests {
             Answer::CorsRefused,
             Answer::PortNotAnswering { timed_out: false },
             Answer::PortNotAnswering { timed_out: true },
+            Answer::NotAPodPath,
+            Answer::AddSlash {
+                location: "/".into(),
+            },
         ];
         let mut names: Vec<&str> = all.iter().map(Answer::name).collect();
         names.sort_unstable();

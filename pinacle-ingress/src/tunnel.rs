@@ -80,6 +80,8 @@ pub struct TunnelSpec<'a> {
     pub strip_response_headers: &'a [String],
     /// Fields of ours added to the response (a renewed proxy token, the frame policy).
     pub add: &'a [(http::HeaderName, http::HeaderValue)],
+    /// The request target the upstream gets instead of the client's (path routing).
+    pub request_target: Option<&'a str>,
     /// Timeouts.
     pub timeouts: &'a Timeouts,
     /// The request id.
@@ -120,9 +122,10 @@ async fn within<T>(limit: Duration, fut: impl Future<Output = T>) -> Result<T, A
 fn upstream_request(
     session: &Session,
     edits: &[HeaderEdit],
+    target: Option<&str>,
 ) -> Result<hyper::Request<Empty<Bytes>>, Answer> {
     let req = session.req_header();
-    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = target.unwrap_or_else(|| req.uri.path_and_query().map_or("/", |p| p.as_str()));
     let mut builder = hyper::Request::builder()
         .method(req.method.clone())
         .uri(path)
@@ -228,7 +231,7 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
-    let request = upstream_request(session, spec.edits)?;
+    let request = upstream_request(session, spec.edits, spec.request_target)?;
     let response = within(timeouts.upstream_read, sender.send_request(request))
         .await?
         .map_err(|e| upstream_error(&e))?;

@@ -1781,3 +1781,129 @@ async fn a_port_nobody_listens_on_yet_gets_our_page_until_it_answers(pool: PgPoo
     assert_eq!((r.status, r.text().as_str()), (502, "the app"));
     assert_eq!(r.header("x-pinacle-ingress"), None);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn path_routing_reaches_pods_under_a_prefix_on_one_host(pool: PgPool) {
+    let w = world(pool).await;
+    let directory = Arc::new(PostgresDirectory::from_pool(
+        w.pool.clone(),
+        Duration::from_secs(5),
+    ));
+    let (_ingress, addr) = start_ingress(
+        directory,
+        w.dashboard.addr,
+        "path_routing_host = \"pods.pinacle.test\"",
+    )
+    .await;
+    let redirecting = upstream::recording(Arc::new(|head: &[u8]| {
+        let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+        let location = if head.starts_with("get /e ") {
+            "//evil.example/"
+        } else {
+            "/login?next=%2F"
+        };
+        upstream::Reply::Bytes(
+            format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n")
+                .into_bytes(),
+        )
+    }))
+    .await;
+    seed_pod(
+        &w.pool,
+        "p_redir",
+        "redir",
+        "running",
+        redirecting.upstream.addr.port(),
+    )
+    .await;
+    let ada = session_cookie("ada");
+    let get = |path: String, cookie: Option<String>| async move {
+        let mut headers = vec![("host", "pods.pinacle.test")];
+        if let Some(cookie) = &cookie {
+            headers.push(("cookie", cookie.as_str()));
+        }
+        client::get(addr, &path, &headers).await
+    };
+    let port = w.echo.addr.port();
+    let prefix = format!("/_pod/demo/{port}");
+    // The bare prefix goes to its slash form, query kept.
+    let r = get(format!("{prefix}?a=1"), Some(ada.clone())).await;
+    assert_eq!(r.status, 308);
+    assert_ours(&r, "add-slash");
+    assert_eq!(
+        r.header("location"),
+        Some(format!("{prefix}/?a=1").as_str())
+    );
+    // Through the pod's nginx to the app, the prefix removed and named, no credentials.
+    let r = get(format!("{prefix}/x?y=1"), Some(ada.clone())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo = r.json();
+    assert_eq!(echo["path"], "/x?y=1");
+    assert_eq!(echo["headers"]["x-forwarded-prefix"], prefix);
+    assert!(echo["headers"].get("cookie").is_none());
+    assert_eq!(echo["headers"]["host"], format!("localhost:{port}"));
+    // The same decisions as on pod hosts.
+    let r = get(format!("{prefix}/x"), Some(session_cookie("mal"))).await;
+    assert_eq!(r.status, 403);
+    let r = get(format!("{prefix}/x"), None).await;
+    assert_eq!(r.status, 401);
+    let r = get("/_pod/nope/3000/".to_owned(), Some(ada.clone())).await;
+    assert_eq!(r.status, 403);
+    // Anything else on that host is not a pod address.
+    let r = get("/".to_owned(), Some(ada.clone())).await;
+    assert_eq!(r.status, 404);
+    assert_ours(&r, "not-a-pod-path");
+    // A pod's redirect to a path on its host keeps the prefix; another host's is left alone.
+    let redir = "/_pod/redir/3000";
+    let r = get(format!("{redir}/r"), Some(ada.clone())).await;
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("{redir}/login?next=%2F").as_str())
+    );
+    let r = get(format!("{redir}/e"), Some(ada.clone())).await;
+    assert_eq!(r.header("location"), Some("//evil.example/"));
+    // The callback under the prefix: a cookie scoped to it, and back to the path under it.
+    let token = proxy_token("ada", "p_demo", "demo", port);
+    let r = get(
+        format!("{prefix}/pinacle-proxy-callback?token={token}&return_url=%2Fdocs"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(
+        r.header("location"),
+        Some(format!("{prefix}/docs").as_str())
+    );
+    let set_cookie = r.header("set-cookie").unwrap();
+    assert!(
+        set_cookie.contains(&format!("; Path={prefix}/;")),
+        "{set_cookie}"
+    );
+    let r = get(
+        format!("{prefix}/docs"),
+        Some(format!("pinacle-proxy-token={token}")),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/docs");
+    // Pod hosts and the dashboard work as before on the same ingress.
+    let r = client::get(
+        addr,
+        "/",
+        &[("host", &w.app_host("demo")), ("cookie", &ada)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Never on the dashboard's own host.
+    let env: HashMap<&str, &str> =
+        HashMap::from([("NEXTAUTH_SECRET", SECRET), ("NEXTAUTH_URL", DASHBOARD_URL)]);
+    let refused = config::from_toml(
+        "dashboard_upstream = \"127.0.0.1:1\"\npath_routing_host = \"pinacle.test\"\n",
+        "test",
+        &|k| env.get(k).map(|v| (*v).to_owned()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("path_routing_host"), "{refused}");
+}
