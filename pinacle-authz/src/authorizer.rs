@@ -50,6 +50,10 @@ impl Default for AuthorizerConfig {
 
 type DecisionKey = (UserId, PodSlug);
 
+/// The user id [`Authorizer::locate`] gives the directory (never a real user's: ids the
+/// dashboard makes have no spaces).
+const ANONYMOUS: &str = "pinacle-ingress anonymous";
+
 /// The cache lifetimes, changeable while running ([`Authorizer::set_ttls`]).
 #[derive(Debug)]
 struct Ttls {
@@ -87,6 +91,15 @@ impl TtlByAnswer {
 
     fn deny(&self) -> Duration {
         Duration::from_millis(self.0.deny_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Expiry<PodSlug, Decision> for TtlByAnswer {
+    fn expire_after_create(&self, _: &PodSlug, value: &Decision, _: Instant) -> Option<Duration> {
+        Some(match value {
+            Decision::Allow { .. } => self.allow(),
+            Decision::Unavailable { .. } | Decision::Deny(_) => self.deny(),
+        })
     }
 }
 
@@ -156,6 +169,7 @@ pub struct Authorizer {
     users: Cache<UserId, bool>,
     stale_decisions: Cache<DecisionKey, Decision>,
     stale_sessions: Cache<SessionToken, SessionRecord>,
+    located: Cache<PodSlug, Decision>,
     /// When a stale answer was last given (milliseconds since `started`, 0: never).
     last_stale_ms: Arc<AtomicU64>,
     started: Instant,
@@ -204,6 +218,11 @@ impl Authorizer {
             stale_sessions: Cache::builder()
                 .max_capacity(config.max_entries)
                 .expire_after(StaleTtl(ttls.clone()))
+                .support_invalidation_closures()
+                .build(),
+            located: Cache::builder()
+                .max_capacity(config.max_entries)
+                .expire_after(ttl())
                 .support_invalidation_closures()
                 .build(),
             last_stale_ms: Arc::new(AtomicU64::new(0)),
@@ -379,6 +398,26 @@ impl Authorizer {
         }
     }
 
+    /// Where the pod `slug` names is, for a request that carries no user by design (a CORS
+    /// preflight passed to the pod): [`rule::locate`], cached like decisions (one directory
+    /// query per slug and TTL, however many anonymous requests arrive).
+    ///
+    /// # Errors
+    /// [`DirectoryError`] when the directory could not answer.
+    pub async fn locate(&self, slug: &PodSlug) -> Result<Decision, DirectoryError> {
+        self.located
+            .try_get_with(slug.clone(), async {
+                // The directory's query takes a user for the membership flag, unused here.
+                let nobody = UserId::new(ANONYMOUS).map_err(|_| {
+                    DirectoryError::Query("the anonymous user id is not valid".into())
+                })?;
+                let candidates = self.directory.pods_by_slug(slug, &nobody).await?;
+                Ok(rule::locate(&candidates))
+            })
+            .await
+            .map_err(|e: Arc<DirectoryError>| (*e).clone())
+    }
+
     /// Whether a database session still exists (expired or not: only its deletion revokes).
     ///
     /// # Errors
@@ -431,6 +470,8 @@ impl Authorizer {
         let _ = self
             .stale_decisions
             .invalidate_entries_if(move |(_, k), _| *k == s);
+        let s = slug.clone();
+        let _ = self.located.invalidate_entries_if(move |k, _| *k == s);
     }
 
     /// Forgets everything.
@@ -440,6 +481,7 @@ impl Authorizer {
         self.users.invalidate_all();
         self.stale_decisions.invalidate_all();
         self.stale_sessions.invalidate_all();
+        self.located.invalidate_all();
     }
 }
 

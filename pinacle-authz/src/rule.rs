@@ -56,6 +56,32 @@ pub fn may_access(pod: &PodCandidate, user: &UserId) -> bool {
 }
 
 /// Decides among the non-archived pods that share a slug (in any order).
+/// Where the pod a slug names is, whoever asks (the newest of the pods sharing it, as
+/// [`decide`] would pick for their owners): for requests that carry no user by design (CORS
+/// preflights passed to the pod). Never a grant to anyone.
+pub fn locate(candidates: &[PodCandidate]) -> Decision {
+    let newest = candidates.iter().max_by(|a, b| {
+        a.created_at_ms
+            .cmp(&b.created_at_ms)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    let Some(pod) = newest else {
+        return Decision::Deny(DenyReason::NoSuchPod);
+    };
+    match upstream_of(pod) {
+        Ok(upstream) => Decision::Allow {
+            pod_id: pod.id.clone(),
+            slug: pod.slug.clone(),
+            upstream,
+        },
+        Err(reason) => Decision::Unavailable {
+            pod_id: pod.id.clone(),
+            status: pod.status.clone(),
+            reason,
+        },
+    }
+}
+
 pub fn decide(candidates: &[PodCandidate], user: &UserId) -> Decision {
     let chosen = candidates
         .iter()

@@ -47,6 +47,9 @@ pub struct FileConfig {
     pub cors_preflight: Option<String>,
     /// Origins besides the pod itself and the dashboard that may frame pod pages.
     pub frame_ancestors: Option<Vec<String>>,
+    /// Pod ports whose CORS preflights go to the pod unauthenticated whatever `cors_preflight`
+    /// (strings, as every list here: `["8080"]`).
+    pub cors_pass_ports: Option<Vec<String>>,
     /// Worker threads.
     pub threads: Option<usize>,
     /// Connecting to a pod or the dashboard.
@@ -139,6 +142,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("strip_response_headers", Kind::List),
     ("cors_preflight", Kind::Text),
     ("frame_ancestors", Kind::List),
+    ("cors_pass_ports", Kind::List),
     ("threads", Kind::Count),
     ("upstream_connect_timeout", Kind::Text),
     ("upstream_read_timeout", Kind::Text),
@@ -234,6 +238,8 @@ pub struct IngressConfig {
     pub strip_response_headers: Vec<String>,
     /// How pod hosts treat CORS preflights.
     pub cors: crate::cors::CorsMode,
+    /// Ports whose preflights pass to the pod.
+    pub cors_pass_ports: Vec<u16>,
     /// The dashboard's origin (`scheme://host[:port]`), granted CORS and framing on pods.
     pub dashboard_origin: String,
     /// Extra origins that may frame pod pages (`frame_ancestors`).
@@ -692,11 +698,27 @@ fn validate(
         Some(word) => crate::cors::CorsMode::parse(word).unwrap_or_else(|| {
             problems.push(problem(
                 "cors_preflight",
-                format!("{word:?} is not one of \"same-pod\", \"deny\""),
+                format!("{word:?} is not one of \"same-pod\", \"deny\", \"pass\""),
             ));
             crate::cors::CorsMode::default()
         }),
     };
+    let cors_pass_ports: Vec<u16> = file
+        .cors_pass_ports
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| match p.trim().parse::<u16>() {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                problems.push(problem(
+                    "cors_pass_ports",
+                    format!("{p:?} is not a port (1..=65535)"),
+                ));
+                None
+            }
+        })
+        .collect();
     let dashboard_origin =
         crate::cors::origin_of(&dashboard_url).unwrap_or_else(|| dashboard_url.clone());
     let frame_ancestors: Vec<String> = file
@@ -919,6 +941,7 @@ fn validate(
             directory,
             strip_response_headers,
             cors,
+            cors_pass_ports,
             dashboard_origin,
             frame_ancestors,
             frame_policy,

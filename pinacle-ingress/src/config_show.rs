@@ -148,6 +148,17 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
         ),
         ("cors_preflight", quoted(c.cors.as_str())),
         (
+            "cors_pass_ports",
+            format!(
+                "[{}]",
+                c.cors_pass_ports
+                    .iter()
+                    .map(|p| format!("\"{p}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        (
             "frame_ancestors",
             list(c.frame_ancestors.iter().map(String::as_str)),
         ),

@@ -8,6 +8,8 @@
 //!   origin gets 403 `cors-refused` and no grant. Credentialed responses to those origins get
 //!   `Access-Control-Allow-Origin` / `-Credentials` when the pod set none.
 //! - `cors_preflight = "deny"`: every preflight gets 403 and nothing is added to responses.
+//! - `cors_preflight = "pass"` (or the port in `cors_pass_ports`): preflights go to the pod
+//!   unauthenticated, for apps with their own CORS policy; nothing is added to responses.
 
 use http::HeaderMap;
 
@@ -21,6 +23,9 @@ pub enum CorsMode {
     SamePod,
     /// Grant nothing.
     Deny,
+    /// Pass preflights to the pod unauthenticated (apps with their own CORS policy); the pod's
+    /// answer is relayed, credentials are never forwarded.
+    Pass,
 }
 
 impl CorsMode {
@@ -29,6 +34,7 @@ impl CorsMode {
         match word {
             "same-pod" => Some(Self::SamePod),
             "deny" => Some(Self::Deny),
+            "pass" => Some(Self::Pass),
             _ => None,
         }
     }
@@ -38,6 +44,7 @@ impl CorsMode {
         match self {
             Self::SamePod => "same-pod",
             Self::Deny => "deny",
+            Self::Pass => "pass",
         }
     }
 }

@@ -316,6 +316,11 @@ impl State {
         record.pod = Some(pod.clone());
         if cors::is_preflight(view.method, view.headers) {
             record.route = RouteKind::Pod;
+            if config.cors == CorsMode::Pass || config.cors_pass_ports.contains(&pod.port) {
+                return self
+                    .pass_preflight(config, view, conn, record, &pod, scoped)
+                    .await;
+            }
             let granted = cors::preflight(view.headers).filter(|p| {
                 config.cors == CorsMode::SamePod
                     && cors::origin_allowed(
@@ -372,19 +377,41 @@ impl State {
                 }
                 plan.cors_origin = cors_grant(config, view, &pod);
                 plan.grant = Some(Arc::new(allowed.grant));
-                if let Some((prefix, target)) = scoped {
-                    if let Ok(value) = http::HeaderValue::try_from(prefix.as_str()) {
-                        plan.edits.push(HeaderEdit::Set(
-                            http::HeaderName::from_static("x-forwarded-prefix"),
-                            value.as_bytes().to_vec(),
-                        ));
-                    }
-                    plan.upstream_target = Some(target);
-                    plan.location_prefix = Some(prefix);
-                }
+                scope_plan(&mut plan, scoped);
                 Verdict::Forward(plan)
             }
             Err(answer) => Verdict::Answer(answer),
+        }
+    }
+
+    /// A CORS preflight passed to the pod unauthenticated (`cors_preflight = "pass"`): where
+    /// the slug's pod is, without a user; credentials are removed as always. A pod that cannot
+    /// be reached, or none, is refused like any preflight (nothing told about it).
+    async fn pass_preflight(
+        &self,
+        config: &Arc<IngressConfig>,
+        view: &RequestView<'_>,
+        conn: ConnInfo,
+        record: &mut Record,
+        pod: &PodHost,
+        scoped: Option<(String, String)>,
+    ) -> Verdict {
+        record.authz = "cors_pass";
+        match self.authorizer.locate(&pod.slug).await {
+            Ok(Decision::Allow {
+                pod_id, upstream, ..
+            }) => {
+                let target = pod_upstream(config, pod, pod_id, upstream);
+                let mut plan = plan(config, view, conn, record, target, None);
+                scope_plan(&mut plan, scoped);
+                Verdict::Forward(plan)
+            }
+            Ok(_) => Verdict::Answer(Answer::CorsRefused),
+            Err(e) => {
+                record.authz = "directory_error";
+                tracing::warn!(parent: &record.span, request_id = %record.request_id, error = %e, "pod lookup for a preflight failed");
+                Verdict::Answer(Answer::AuthorizationUnavailable)
+            }
         }
     }
 
@@ -490,12 +517,6 @@ impl State {
                         Err(Self::unauthenticated(config, pod, pod_target, intent)),
                     )
                 } else {
-                    let domain = config
-                        .upstream_domain
-                        .as_ref()
-                        .or_else(|| config.base_domains.get(pod.base));
-                    let host =
-                        domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d));
                     let set_cookie =
                         self.verifier
                             .renewal(&principal, now)
@@ -513,11 +534,7 @@ impl State {
                                 upstream,
                                 sessions,
                             },
-                            target: Target::Pod {
-                                addr: upstream,
-                                pod_id,
-                                host,
-                            },
+                            target: pod_upstream(config, pod, pod_id, upstream),
                             forward_cookie: inspection
                                 .forwardable_cookie_header(&cookies)
                                 .map(std::borrow::Cow::into_owned),
@@ -582,6 +599,38 @@ fn https_redirect(
     Some(Answer::HttpsRedirect {
         location: format!("https://{}{port}{path}", host_without_port(view.host)),
     })
+}
+
+/// A pod's upstream target, with the `Host` its nginx routes by.
+fn pod_upstream(
+    config: &IngressConfig,
+    pod: &PodHost,
+    pod_id: pinacle_authz::PodId,
+    addr: std::net::SocketAddr,
+) -> Target {
+    let domain = config
+        .upstream_domain
+        .as_ref()
+        .or_else(|| config.base_domains.get(pod.base));
+    Target::Pod {
+        addr,
+        pod_id,
+        host: domain.map_or_else(String::new, |d| upstream::pod_upstream_host(pod, d)),
+    }
+}
+
+/// Path routing's part of a plan: the target without the prefix, the prefix named to the pod
+/// (`X-Forwarded-Prefix`) and put back on `Location`s.
+fn scope_plan(plan: &mut Plan, scoped: Option<(String, String)>) {
+    let Some((prefix, target)) = scoped else {
+        return;
+    };
+    plan.edits.push(HeaderEdit::Set(
+        http::HeaderName::from_static("x-forwarded-prefix"),
+        prefix.as_bytes().to_vec(),
+    ));
+    plan.upstream_target = Some(target);
+    plan.location_prefix = Some(prefix);
 }
 
 /// The `Origin` of a cross-origin request to `pod` that the pod's CORS mode grants.

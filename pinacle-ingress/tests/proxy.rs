@@ -1907,3 +1907,49 @@ async fn path_routing_reaches_pods_under_a_prefix_on_one_host(pool: PgPool) {
     .to_string();
     assert!(refused.contains("path_routing_host"), "{refused}");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn preflights_pass_to_pods_with_their_own_cors_policy_without_credentials(pool: PgPool) {
+    let w = world(pool).await;
+    let directory = Arc::new(PostgresDirectory::from_pool(
+        w.pool.clone(),
+        Duration::from_secs(5),
+    ));
+    let passing = w.direct.addr.port();
+    let (_ingress, addr) = start_ingress(
+        directory,
+        w.dashboard.addr,
+        &format!("cors_pass_ports = [\"{passing}\"]"),
+    )
+    .await;
+    let preflight = |host: String| async move {
+        request(
+            addr,
+            "OPTIONS",
+            "/api",
+            &[
+                ("host", host.as_str()),
+                ("origin", "https://evil.example"),
+                ("access-control-request-method", "PUT"),
+                ("cookie", &session_cookie("ada")),
+            ],
+        )
+        .await
+    };
+    // On a passing port the pod answers (the echo), and never sees a credential.
+    let r = preflight(pod_host(passing, "direct")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-pinacle-ingress"), None);
+    let echo = r.json();
+    assert_eq!(echo["method"], "OPTIONS");
+    assert!(echo["headers"].get("cookie").is_none());
+    assert_eq!(echo["headers"]["origin"], "https://evil.example");
+    // A slug that names no pod is refused like any preflight, telling nothing.
+    let r = preflight(pod_host(passing, "nope")).await;
+    assert_eq!(r.status, 403);
+    assert_ours(&r, "cors-refused");
+    // Other ports keep the ingress's own answer.
+    let r = preflight(pod_host(passing + 1, "direct")).await;
+    assert_eq!(r.status, 403);
+    assert_ours(&r, "cors-refused");
+}
