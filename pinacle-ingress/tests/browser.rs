@@ -456,3 +456,48 @@ async fn next_dev_fast_refreshes_through_the_ingress_top_level_and_inside_the_wo
     std::fs::remove_dir_all(&app_dir).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_port_that_starts_later_turns_from_our_page_into_the_app() {
+    let dir = std::env::temp_dir().join(format!("pinacle-waiting-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The pod's real nginx; nothing listens on the app's port yet.
+    let app = reserve_port();
+    let nginx_port = reserve_port();
+    let nginx_dir = pinacle_testkit::nginx::Nginx::make_dir("waiting");
+    let d = nginx_dir.display();
+    let pod_config = format!(
+        r#"{{"listen_port": {nginx_port}, "default_port": {app},
+            "runtime": {{"pid_path": "{d}/nginx.pid", "error_log": "{d}/error.log",
+                         "access_log": "{d}/access.log", "temp_dir": "{d}/temp"}}}}"#
+    );
+    let _nginx = pinacle_testkit::nginx::Nginx::start(
+        nginx_dir,
+        &nginx_templates::render_text(&pod_config).unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], nginx_port)),
+    )
+    .await;
+    let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
+    let _ingress = https_ingress(&dir, nginx_port, listen, tls, dashboard);
+    for port in [listen, tls] {
+        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    }
+    let token = demo_proxy_token(app);
+    let url = format!(
+        "https://localhost-{app}-pod-demo.localhost:{tls}/pinacle-proxy-callback?token={token}&return_url=%2F"
+    );
+    let seen = node_script("waiting.mjs", vec![url.into(), app.to_string().into()]).await;
+    let before = seen["before"]["text"].as_str().unwrap();
+    for expected in [
+        "Nothing is listening on this port yet",
+        &format!("Pod demo, port {app}"),
+    ] {
+        assert!(before.contains(expected), "{expected} not in {before}");
+    }
+    assert_eq!(seen["after"]["title"], "the app");
+    assert_eq!(
+        seen["after"]["url"],
+        format!("https://localhost-{app}-pod-demo.localhost:{tls}/")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
