@@ -49,7 +49,7 @@ cleanup() {
   [ -n "$INGRESS_PID" ] && kill "$INGRESS_PID" 2>/dev/null || true
   kill "$NGINX_PID" 2>/dev/null || true
   wait 2>/dev/null || true
-  rm -rf "$W"
+  [ -n "${KEEP_CALLGRIND:-}" ] && cp "$W"/callgrind.* "$KEEP_CALLGRIND"/ 2>/dev/null; rm -rf "$W"
 }
 trap cleanup EXIT
 cat > "$W/directory.toml" <<T
