@@ -29,6 +29,11 @@ use crate::revocation::Grant;
 use crate::telemetry::RouteKind;
 use crate::upstream::{self, Forwarding, HeaderEdit, Target};
 
+/// The pod status page on every pod host (and under path routing's prefix).
+pub const STATUS_PAGE_PATH: &str = "/__pinacle/status";
+/// Its JSON.
+pub const STATUS_JSON_PATH: &str = "/__pinacle/status.json";
+
 /// The parts of a request the decisions read, as either engine parsed them.
 #[derive(Debug, Clone)]
 pub struct RequestView<'a> {
@@ -357,6 +362,19 @@ impl State {
                 (secure, scope, pod_target),
             )
             .await;
+        if let Some(json) = match pod_path {
+            STATUS_PAGE_PATH => Some(false),
+            STATUS_JSON_PATH => Some(true),
+            _ => None,
+        } {
+            // For whoever may reach the pod, running or not; never forwarded.
+            let status = match self.apply(record, judged) {
+                Ok(_) => "running".to_owned(),
+                Err(Answer::PodUnavailable { status, .. }) => status,
+                Err(other) => return Verdict::Answer(other),
+            };
+            return Verdict::Answer(Answer::PodStatus { status, json });
+        }
         match self.apply(record, judged) {
             Ok(allowed) => {
                 let mut plan = plan(

@@ -79,6 +79,14 @@ pub enum Answer {
     },
     /// A path on the path-routing host that names no pod and port: 404.
     NotAPodPath,
+    /// `/__pinacle/status` (a page) or `/__pinacle/status.json`, for a user who may reach the
+    /// pod: its status, never forwarded to the pod.
+    PodStatus {
+        /// The pod's status (`running`, `stopped`, `starting`...).
+        status: String,
+        /// The JSON form.
+        json: bool,
+    },
     /// `/_pod/<slug>/<port>` without its slash: 308 to the slash form.
     AddSlash {
         /// The slash form, query kept.
@@ -146,7 +154,7 @@ pub const RETRY_MAX_SECS: u32 = 120;
 
 impl Answer {
     /// Every answer's [`Answer::name`] (metrics start each at zero).
-    pub const NAMES: [&'static str; 25] = [
+    pub const NAMES: [&'static str; 26] = [
         "bad-port",
         "bad-host",
         "sign-in",
@@ -172,6 +180,7 @@ impl Answer {
         "port-timeout",
         "not-a-pod-path",
         "add-slash",
+        "pod-status",
     ];
 
     /// Our answer to an upstream failure (every engine's).
@@ -209,6 +218,7 @@ impl Answer {
             Self::PortNotAnswering { timed_out: false } => "port-not-listening",
             Self::PortNotAnswering { timed_out: true } => "port-timeout",
             Self::NotAPodPath => "not-a-pod-path",
+            Self::PodStatus { .. } => "pod-status",
             Self::AddSlash { .. } => "add-slash",
         }
     }
@@ -236,6 +246,7 @@ impl Answer {
             Self::PortNotAnswering { timed_out: false } => 502,
             Self::PortNotAnswering { timed_out: true } => 504,
             Self::NotAPodPath => 404,
+            Self::PodStatus { .. } => 200,
             Self::AddSlash { .. } => 308,
             Self::Callback(c) => match c {
                 CallbackAnswer::SetCookie { .. } => 302,
@@ -364,6 +375,36 @@ impl Answer {
             }
             Self::RequestHeaderTimeout => {
                 return json_reply(status, json!({ "error": "Request header timeout" }));
+            }
+            Self::PodStatus {
+                status: pod_status,
+                json: true,
+            } => {
+                let (slug, port) = page.pod.unwrap_or(("", 0));
+                return json_reply(
+                    status,
+                    json!({
+                        "pod": slug, "status": pod_status, "port": port,
+                        "can_start": false, "can_stop": false,
+                    }),
+                );
+            }
+            Self::PodStatus {
+                status: pod_status,
+                json: false,
+            } => {
+                let class = status_class(pod_status);
+                let message = format!(
+                    "Status: <strong id=\"pod-status\" class=\"s-{class}\">{}</strong>. \
+                     <a id=\"open\" href=\"../\"{}>Open the app</a>",
+                    escape_html(pod_status),
+                    if pod_status == "running" {
+                        ""
+                    } else {
+                        " hidden"
+                    }
+                );
+                return page_reply(status, "Pod status", &message, page, Retry::PollStatus);
             }
             Self::NotAPodPath => {
                 return json_reply(
@@ -571,6 +612,18 @@ enum Retry {
     /// Reloads after [`RETRY_FIRST_SECS`], then twice as long each time up to
     /// [`RETRY_MAX_SECS`] (the count kept per tab in `sessionStorage`).
     Backoff,
+    /// Follows `status.json` beside the page: every 2 s while the pod is starting or stopping,
+    /// every 15 s otherwise; the "Open the app" link shows while it runs.
+    PollStatus,
+}
+
+/// The colour class of a pod status: green running, red stopped or failed, yellow on its way.
+fn status_class(status: &str) -> &'static str {
+    match status {
+        "running" => "running",
+        "stopped" | "error" | "failed" => "stopped",
+        _ => "transition",
+    }
 }
 
 /// A page for a person: what happened (title and message), to which pod and port, who is signed
@@ -615,6 +668,18 @@ fn page_reply(
     }
     let (retry_note, script) = match retry {
         Retry::No => (String::new(), String::new()),
+        Retry::PollStatus => (
+            String::new(),
+            "<script>(function(){var el=document.getElementById('pod-status'),\
+             open=document.getElementById('open'),s=el.textContent;\
+             function cls(t){return t==='running'?'running':(t==='stopped'||t==='error'||t==='failed')?'stopped':'transition';}\
+             function next(){setTimeout(poll,(s==='starting'||s==='stopping'||s==='creating')?2000:15000);}\
+             function poll(){fetch('status.json',{credentials:'same-origin',cache:'no-store'})\
+             .then(function(r){return r.json();}).then(function(j){if(j.status){s=j.status;\
+             el.textContent=s;el.className='s-'+cls(s);open.hidden=s!=='running';}next();})\
+             .catch(next);}next();})();</script>"
+                .to_owned(),
+        ),
         Retry::Backoff => (
             "<p class=\"note\" id=\"retry\">Checking again shortly.</p>".to_owned(),
             format!(
@@ -638,7 +703,8 @@ fn page_reply(
          li{{margin:.25rem 0}}code{{font-size:.85rem}}.actions{{margin-top:1.4rem;display:flex;\
          gap:1rem;align-items:center}}a{{color:#0b5fcc}}a.button{{background:#0b5fcc;color:#fff;\
          padding:.5rem .9rem;border-radius:6px;text-decoration:none}}.note{{color:#57606a;\
-         font-size:.9rem}}</style></head><body><main><h1>{title}</h1><p>{message_html}</p>\
+         font-size:.9rem}}.s-running{{color:#1a7f37}}.s-stopped{{color:#cf222e}}\
+         .s-transition{{color:#9a6700}}</style></head><body><main><h1>{title}</h1><p>{message_html}</p>\
          {retry_note}<ul>{facts}</ul><div class=\"actions\">{actions}</div></main>{script}\
          </body></html>\n"
     );
@@ -709,6 +775,10 @@ mod tests {
             Answer::PortNotAnswering { timed_out: false },
             Answer::PortNotAnswering { timed_out: true },
             Answer::NotAPodPath,
+            Answer::PodStatus {
+                status: "running".into(),
+                json: true,
+            },
             Answer::AddSlash {
                 location: "/".into(),
             },

@@ -1953,3 +1953,65 @@ async fn preflights_pass_to_pods_with_their_own_cors_policy_without_credentials(
     assert_eq!(r.status, 403);
     assert_ours(&r, "cors-refused");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_pod_status_is_answered_to_those_who_may_reach_the_pod_and_never_forwarded(
+    pool: PgPool,
+) {
+    let w = world(pool).await;
+    let before = w.direct.connection_count();
+    for (slug, status, class) in [
+        ("direct", "running", "running"),
+        ("sleepy", "stopped", "stopped"),
+    ] {
+        let host = pod_host(8080, slug);
+        for user in ["ada", "bob"] {
+            let r = w
+                .get(
+                    &host,
+                    "/__pinacle/status.json",
+                    &[("cookie", &session_cookie(user))],
+                )
+                .await;
+            assert_eq!(r.status, 200, "{slug} {user}: {}", r.text());
+            assert_ours(&r, "pod-status");
+            assert_eq!(
+                r.json(),
+                serde_json::json!({
+                    "pod": slug, "status": status, "port": 8080,
+                    "can_start": false, "can_stop": false,
+                })
+            );
+        }
+        let r = w
+            .get(
+                &host,
+                "/__pinacle/status",
+                &[("cookie", &session_cookie("ada")), ("accept", "text/html")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        assert!(r.header("content-type").unwrap().starts_with("text/html"));
+        let page = r.text();
+        let shown = format!("id=\"pod-status\" class=\"s-{class}\">{status}</strong>");
+        for expected in [shown.as_str(), "fetch('status.json'", "Pod <strong>"] {
+            assert!(page.contains(expected), "{expected} not in {page}");
+        }
+        // Strangers and the unauthenticated learn nothing.
+        let r = w
+            .get(
+                &host,
+                "/__pinacle/status.json",
+                &[("cookie", &session_cookie("mal"))],
+            )
+            .await;
+        assert_eq!(r.status, 403);
+        let r = w.get(&host, "/__pinacle/status.json", &[]).await;
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(
+        w.direct.connection_count(),
+        before,
+        "a status request reached the pod"
+    );
+}
