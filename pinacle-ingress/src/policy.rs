@@ -566,6 +566,7 @@ impl State {
                 Err(Answer::PodUnavailable {
                     status: status.as_str().to_owned(),
                     reason: reason.as_str(),
+                    scope: scope.to_owned(),
                 }),
             ),
             Decision::Deny(reason) => (reason.as_str(), Err(Answer::Forbidden)),

@@ -37,6 +37,9 @@ pub enum Answer {
         status: String,
         /// What is missing (stable name).
         reason: &'static str,
+        /// The path prefix the pod is served under (path routing; empty on pod hosts): the
+        /// page follows `<scope>/__pinacle/status.json`.
+        scope: String,
     },
     /// The directory (database) could not answer: fail closed.
     AuthorizationUnavailable,
@@ -404,7 +407,16 @@ impl Answer {
                         " hidden"
                     }
                 );
-                return page_reply(status, "Pod status", &message, page, Retry::PollStatus);
+                return page_reply(
+                    status,
+                    "Pod status",
+                    &message,
+                    page,
+                    Retry::Follow {
+                        status_url: "status.json".to_owned(),
+                        reload: false,
+                    },
+                );
             }
             Self::NotAPodPath => {
                 return json_reply(
@@ -454,12 +466,15 @@ impl Answer {
             Self::PodUnavailable {
                 status: pod_status,
                 reason,
+                scope,
             } => {
                 let retry = UNAVAILABLE_RETRY_SECS;
                 let mut reply = if html {
                     let message = format!(
-                        "It is <strong>{}</strong> right now. Start it from the dashboard; this \
-                         page checks again on its own and opens the pod once it runs.",
+                        "It is <strong id=\"pod-status\" class=\"s-{}\">{}</strong> right now. \
+                         Start it from the dashboard; this page follows the pod's status and \
+                         opens the pod once it runs.",
+                        status_class(pod_status),
                         escape_html(pod_status)
                     );
                     page_reply(
@@ -467,7 +482,10 @@ impl Answer {
                         "This pod is not running",
                         &message,
                         page,
-                        Retry::Backoff,
+                        Retry::Follow {
+                            status_url: format!("{scope}/__pinacle/status.json"),
+                            reload: true,
+                        },
                     )
                 } else {
                     json_reply(
@@ -606,15 +624,21 @@ fn json_reply(status: u16, value: serde_json::Value) -> Reply {
 }
 
 /// Whether a page retries by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Retry {
     No,
     /// Reloads after [`RETRY_FIRST_SECS`], then twice as long each time up to
     /// [`RETRY_MAX_SECS`] (the count kept per tab in `sessionStorage`).
     Backoff,
-    /// Follows `status.json` beside the page: every 2 s while the pod is starting or stopping,
-    /// every 15 s otherwise; the "Open the app" link shows while it runs.
-    PollStatus,
+    /// Follows the pod's status (`status_url`, JSON): every 2 s while the pod is starting or
+    /// stopping, every 15 s otherwise, updating `#pod-status`; once it runs, reloads (the page
+    /// stands where the app will be) or shows the `#open` link.
+    Follow {
+        /// Where `status.json` is, from this page.
+        status_url: String,
+        /// Reload when running (else show `#open`).
+        reload: bool,
+    },
 }
 
 /// The colour class of a pod status: green running, red stopped or failed, yellow on its way.
@@ -668,17 +692,21 @@ fn page_reply(
     }
     let (retry_note, script) = match retry {
         Retry::No => (String::new(), String::new()),
-        Retry::PollStatus => (
-            String::new(),
-            "<script>(function(){var el=document.getElementById('pod-status'),\
-             open=document.getElementById('open'),s=el.textContent;\
-             function cls(t){return t==='running'?'running':(t==='stopped'||t==='error'||t==='failed')?'stopped':'transition';}\
-             function next(){setTimeout(poll,(s==='starting'||s==='stopping'||s==='creating')?2000:15000);}\
-             function poll(){fetch('status.json',{credentials:'same-origin',cache:'no-store'})\
-             .then(function(r){return r.json();}).then(function(j){if(j.status){s=j.status;\
-             el.textContent=s;el.className='s-'+cls(s);open.hidden=s!=='running';}next();})\
-             .catch(next);}next();})();</script>"
-                .to_owned(),
+        Retry::Follow { status_url, reload } => (
+            "<p class=\"note\">This page follows the pod's status.</p>".to_owned(),
+            format!(
+                "<script>(function(){{var el=document.getElementById('pod-status'),\
+                 open=document.getElementById('open'),s=el.textContent;\
+                 function cls(t){{return t==='running'?'running':(t==='stopped'||t==='error'||t==='failed')?'stopped':'transition';}}\
+                 function next(){{setTimeout(poll,(s==='starting'||s==='stopping'||s==='creating')?2000:15000);}}\
+                 function poll(){{fetch({url},{{credentials:'same-origin',cache:'no-store'}})\
+                 .then(function(r){{return r.json();}}).then(function(j){{if(j.status){{s=j.status;\
+                 el.textContent=s;el.className='s-'+cls(s);\
+                 if(s==='running'){{if({reload}){{location.reload();return;}}}}\
+                 if(open){{open.hidden=s!=='running';}}}}next();}})\
+                 .catch(next);}}next();}})();</script>",
+                url = serde_json::Value::String(status_url.clone()),
+            ),
         ),
         Retry::Backoff => (
             "<p class=\"note\" id=\"retry\">Checking again shortly.</p>".to_owned(),
@@ -747,6 +775,7 @@ mod tests {
             Answer::PodUnavailable {
                 status: "stopped".into(),
                 reason: "not_running",
+                scope: String::new(),
             },
             Answer::AuthorizationUnavailable,
             Answer::UpstreamRefused,
@@ -824,16 +853,18 @@ mod tests {
     }
 
     #[test]
-    fn unavailable_pods_get_a_page_that_retries_with_backoff_or_json() {
+    fn unavailable_pods_get_a_page_that_follows_the_status_or_json() {
         let answer = Answer::PodUnavailable {
             status: "<stopped>".into(),
             reason: "not_running",
+            scope: "/_pod/demo/3000".into(),
         };
         let page = answer.reply(true);
         assert_eq!(page.status, 503);
         let text = body(&page);
         assert!(!text.contains("http-equiv=\"refresh\""), "no fixed reload");
-        assert!(text.contains("Math.pow(2,n)") && text.contains("Math.min(120,5*"));
+        assert!(text.contains("fetch(\"/_pod/demo/3000/__pinacle/status.json\""));
+        assert!(text.contains("location.reload()") && text.contains("?2000:15000"));
         assert!(text.contains("&lt;stopped&gt;"));
         assert!(page.headers.contains(&("retry-after", "5".into())));
         let json: serde_json::Value = serde_json::from_slice(&answer.reply(false).body).unwrap();

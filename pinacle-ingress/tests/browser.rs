@@ -149,12 +149,12 @@ async fn the_demo_signs_a_person_in_and_the_ingress_pages_say_no_clearly() {
     ] {
         assert!(stranger.contains(text), "{text} not in {stranger}");
     }
-    // A stopped pod: its status, and it checks again on its own.
+    // A stopped pod: its status, which the page follows on its own.
     let stopped = seen["stopped"]["text"].as_str().unwrap();
     for text in [
         "This pod is not running",
         "stopped",
-        "Checking again in 5 seconds",
+        "This page follows the pod's status",
         "Pod sleepy, port 3000",
     ] {
         assert!(stopped.contains(text), "{text} not in {stopped}");
@@ -499,5 +499,65 @@ async fn a_port_that_starts_later_turns_from_our_page_into_the_app() {
         seen["after"]["url"],
         format!("https://localhost-{app}-pod-demo.localhost:{tls}/")
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_pods_page_follows_its_status_and_opens_the_pod_once_it_runs() {
+    let pod = upstream::http_echo("woken-pod").await;
+    let dir = std::env::temp_dir().join(format!("pinacle-follow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
+    // The example directory's stopped pod `sleepy`, published on this test's pod.
+    let ingress = https_ingress(&dir, pod.addr.port(), listen, tls, dashboard);
+    let stopped = std::fs::read_to_string(dir.join("directory.toml"))
+        .unwrap()
+        .replace(
+            "external = 30002",
+            &format!("external = {}", pod.addr.port()),
+        );
+    std::fs::write(dir.join("directory.toml"), &stopped).unwrap();
+    let started = stopped.replacen("status = \"stopped\"", "status = \"running\"", 1);
+    assert_ne!(started, stopped);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], tls))).await;
+    // The token is for the stopped pod (its id in the example directory).
+    let minted = clean(Command::new(BIN))
+        .args(["session", "mint", "--user", "user_ada", "--pod", "sleepy"])
+        .args(["--pod-id", "pod_stopped", "--port", "3000"])
+        .env("NEXTAUTH_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(minted.status.success());
+    let token = String::from_utf8(minted.stdout).unwrap();
+    let token = token.trim().strip_prefix("pinacle-proxy-token=").unwrap();
+    let url = format!(
+        "https://localhost-3000-pod-sleepy.localhost:{tls}/pinacle-proxy-callback?token={token}&return_url=%2Fdocs%3Fpage%3D2"
+    );
+    let seen = node_script(
+        "follow.mjs",
+        vec![
+            url.into(),
+            dir.join("directory.toml").into(),
+            started.into(),
+            ingress.0.id().to_string().into(),
+        ],
+    )
+    .await;
+    let before = seen["before"]["text"].as_str().unwrap();
+    for expected in [
+        "This pod is not running",
+        "stopped",
+        "follows the pod's status",
+    ] {
+        assert!(before.contains(expected), "{expected} not in {before}");
+    }
+    assert_eq!(
+        seen["after"]["url"],
+        format!("https://localhost-3000-pod-sleepy.localhost:{tls}/docs?page=2")
+    );
+    let echo: serde_json::Value =
+        serde_json::from_str(seen["after"]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(echo["name"], "woken-pod");
+    assert_eq!(echo["path"], "/docs?page=2");
     std::fs::remove_dir_all(&dir).unwrap();
 }
