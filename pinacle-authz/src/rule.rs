@@ -65,9 +65,14 @@ pub fn locate(candidates: &[PodCandidate]) -> Decision {
             .cmp(&b.created_at_ms)
             .then_with(|| a.id.cmp(&b.id))
     });
-    let Some(pod) = newest else {
-        return Decision::Deny(DenyReason::NoSuchPod);
-    };
+    match newest {
+        Some(pod) => reach(pod),
+        None => Decision::Deny(DenyReason::NoSuchPod),
+    }
+}
+
+/// Allow to the pod's upstream, or why it cannot be reached.
+fn reach(pod: &PodCandidate) -> Decision {
     match upstream_of(pod) {
         Ok(upstream) => Decision::Allow {
             pod_id: pod.id.clone(),
@@ -98,18 +103,7 @@ pub fn decide(candidates: &[PodCandidate], user: &UserId) -> Decision {
             DenyReason::NotPermitted
         });
     };
-    match upstream_of(pod) {
-        Ok(upstream) => Decision::Allow {
-            pod_id: pod.id.clone(),
-            slug: pod.slug.clone(),
-            upstream,
-        },
-        Err(reason) => Decision::Unavailable {
-            pod_id: pod.id.clone(),
-            status: pod.status.clone(),
-            reason,
-        },
-    }
+    reach(pod)
 }
 
 #[cfg(test)]

@@ -39,9 +39,22 @@ fn clean(mut cmd: Command) -> Command {
     cmd
 }
 
+/// A fresh directory for one test's files (removed by the test when it passes).
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Runs `node <script> <args>` in `testkit/browser` (off the async runtime) and returns the one
 /// JSON object it prints; its stderr on failure.
 async fn node_script(script: &'static str, args: Vec<std::ffi::OsString>) -> serde_json::Value {
+    assert!(
+        repo()
+            .join("testkit/browser/node_modules/playwright-core")
+            .is_dir(),
+        "playwright-core is not installed: run scripts/test (it runs npm ci in testkit/browser)"
+    );
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .current_dir(repo().join("testkit/browser"))
@@ -62,15 +75,9 @@ async fn node_script(script: &'static str, args: Vec<std::ffi::OsString>) -> ser
 
 #[tokio::test]
 async fn the_demo_signs_a_person_in_and_the_ingress_pages_say_no_clearly() {
-    let browser = repo().join("testkit/browser");
-    assert!(
-        browser.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run scripts/test (it runs npm ci in testkit/browser)"
-    );
     // The demo directory, its pod published on a port of this test's.
     let pod = upstream::http_echo("demo-pod").await;
-    let dir = std::env::temp_dir().join(format!("pinacle-browser-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("pinacle-browser");
     let directory = std::fs::read_to_string(repo().join("config/directory.example.toml"))
         .unwrap()
         .replace(
@@ -234,14 +241,8 @@ fn static_server(dir: &std::path::Path, port: u16) -> Process {
 
 #[tokio::test]
 async fn the_dashboard_can_frame_a_pod_page_and_an_unrelated_origin_cannot() {
-    let browser = repo().join("testkit/browser");
-    assert!(
-        browser.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run scripts/test (it runs npm ci in testkit/browser)"
-    );
     let pod = upstream::http_echo("framed-pod").await;
-    let dir = std::env::temp_dir().join(format!("pinacle-frame-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("pinacle-frame");
     let (listen, tls, dashboard, unrelated) = (
         reserve_port(),
         reserve_port(),
@@ -423,8 +424,7 @@ async fn next_dev_fast_refreshes_through_the_ingress_top_level_and_inside_the_wo
         browser.join("node_modules/next").is_dir(),
         "Next.js is not installed: run scripts/test (it runs npm ci in testkit/browser)"
     );
-    let dir = std::env::temp_dir().join(format!("pinacle-next-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("pinacle-next");
     // Inside testkit/browser, so that `next` and `react` resolve from its node_modules.
     let app_dir = browser.join(format!(".next-run-{}", std::process::id()));
     std::fs::create_dir_all(app_dir.join("app")).unwrap();
@@ -459,8 +459,7 @@ async fn next_dev_fast_refreshes_through_the_ingress_top_level_and_inside_the_wo
 
 #[tokio::test]
 async fn a_port_that_starts_later_turns_from_our_page_into_the_app() {
-    let dir = std::env::temp_dir().join(format!("pinacle-waiting-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("pinacle-waiting");
     // The pod's real nginx; nothing listens on the app's port yet.
     let app = reserve_port();
     let nginx_port = reserve_port();
@@ -505,8 +504,7 @@ async fn a_port_that_starts_later_turns_from_our_page_into_the_app() {
 #[tokio::test]
 async fn a_stopped_pods_page_follows_its_status_and_opens_the_pod_once_it_runs() {
     let pod = upstream::http_echo("woken-pod").await;
-    let dir = std::env::temp_dir().join(format!("pinacle-follow-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("pinacle-follow");
     let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
     // The example directory's stopped pod `sleepy`, published on this test's pod.
     let ingress = https_ingress(&dir, pod.addr.port(), listen, tls, dashboard);
