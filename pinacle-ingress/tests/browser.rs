@@ -87,22 +87,7 @@ async fn the_demo_signs_a_person_in_and_the_ingress_pages_say_no_clearly() {
     std::fs::write(dir.join("directory.toml"), directory).unwrap();
 
     let (listen, dashboard) = (reserve_port(), reserve_port());
-    let mut ingress = clean(Command::new(BIN));
-    ingress
-        .arg("serve")
-        .env("NEXTAUTH_SECRET", SECRET)
-        .env("NEXTAUTH_URL", format!("http://localhost:{dashboard}"))
-        .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{listen}"))
-        .env(
-            "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
-            format!("127.0.0.1:{dashboard}"),
-        )
-        .env("PINACLE_INGRESS_DIRECTORY_FILE", dir.join("directory.toml"))
-        .env("PINACLE_INGRESS_ADMIN_LISTEN", "off")
-        .env("PINACLE_INGRESS_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _ingress = Process(ingress.spawn().unwrap());
+    let _ingress = Process(serve(&dir, listen, dashboard).spawn().unwrap());
     let mut stand_in = clean(Command::new("python3"));
     stand_in
         .arg(repo().join("scripts/demo-dashboard.py"))
@@ -189,15 +174,44 @@ fn https_ingress(
         .replace("external = 30001", &format!("external = {pod_port}"));
     std::fs::write(dir.join("directory.toml"), directory).unwrap();
     pinacle_testkit::tls::Ca::new().leaf(&["*.localhost", "localhost"], dir, "wildcard");
+    let mut ingress = serve(dir, listen, dashboard);
+    ingress
+        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
+        .env("PINACLE_INGRESS_TLS_CERT_FILE", dir.join("wildcard.pem"))
+        .env("PINACLE_INGRESS_TLS_KEY_FILE", dir.join("wildcard.key"));
+    Process(ingress.spawn().unwrap())
+}
+
+/// The pod's nginx rendered by `nginx-templates` in front of `app` (its default port), and the
+/// port it listens on.
+async fn pod_nginx(app: u16, tag: &str) -> (pinacle_testkit::nginx::Nginx, u16) {
+    let port = reserve_port();
+    let dir = pinacle_testkit::nginx::Nginx::make_dir(tag);
+    let d = dir.display();
+    let pod_config = format!(
+        r#"{{"listen_port": {port}, "default_port": {app}, "trusted_proxies": ["127.0.0.1"],
+            "runtime": {{"pid_path": "{d}/nginx.pid", "error_log": "{d}/error.log",
+                         "access_log": "{d}/access.log", "temp_dir": "{d}/temp"}}}}"#
+    );
+    let rendered = nginx_templates::render_text(&pod_config).unwrap();
+    let nginx = pinacle_testkit::nginx::Nginx::start(
+        dir,
+        &rendered,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    )
+    .await;
+    (nginx, port)
+}
+
+/// `pinacle-ingress serve` on `listen` over `<dir>/directory.toml`, the dashboard at
+/// `http://localhost:<dashboard>` (proxied to that port), no admin listener, quiet.
+fn serve(dir: &std::path::Path, listen: u16, dashboard: u16) -> Command {
     let mut ingress = clean(Command::new(BIN));
     ingress
         .arg("serve")
         .env("NEXTAUTH_SECRET", SECRET)
         .env("NEXTAUTH_URL", format!("http://localhost:{dashboard}"))
         .env("PINACLE_INGRESS_LISTEN", format!("127.0.0.1:{listen}"))
-        .env("PINACLE_INGRESS_TLS_LISTEN", format!("127.0.0.1:{tls}"))
-        .env("PINACLE_INGRESS_TLS_CERT_FILE", dir.join("wildcard.pem"))
-        .env("PINACLE_INGRESS_TLS_KEY_FILE", dir.join("wildcard.key"))
         .env(
             "PINACLE_INGRESS_DASHBOARD_UPSTREAM",
             format!("127.0.0.1:{dashboard}"),
@@ -207,7 +221,7 @@ fn https_ingress(
         .env("PINACLE_INGRESS_THREADS", "2")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    Process(ingress.spawn().unwrap())
+    ingress
 }
 
 /// A page that frames `src` and titles itself "framed" once the frame has loaded (or failed to).
@@ -337,21 +351,7 @@ async fn hot_reloads_through_the_ingress(
         .stderr(Stdio::null());
     let _server = Process(server.spawn().unwrap());
     // The pod's nginx from nginx-templates, in front of it.
-    let nginx_port = reserve_port();
-    let nginx_dir = pinacle_testkit::nginx::Nginx::make_dir("devserver");
-    let d = nginx_dir.display();
-    let pod_config = format!(
-        r#"{{"listen_port": {nginx_port}, "default_port": {app}, "trusted_proxies": ["127.0.0.1"],
-            "runtime": {{"pid_path": "{d}/nginx.pid", "error_log": "{d}/error.log",
-                         "access_log": "{d}/access.log", "temp_dir": "{d}/temp"}}}}"#
-    );
-    let rendered = nginx_templates::render_text(&pod_config).unwrap();
-    let _nginx = pinacle_testkit::nginx::Nginx::start(
-        nginx_dir,
-        &rendered,
-        SocketAddr::from(([127, 0, 0, 1], nginx_port)),
-    )
-    .await;
+    let (_nginx, nginx_port) = pod_nginx(app, "devserver").await;
     let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
     let _ingress = https_ingress(dir, nginx_port, listen, tls, dashboard);
     let token = demo_proxy_token(app);
@@ -462,20 +462,7 @@ async fn a_port_that_starts_later_turns_from_our_page_into_the_app() {
     let dir = scratch("pinacle-waiting");
     // The pod's real nginx; nothing listens on the app's port yet.
     let app = reserve_port();
-    let nginx_port = reserve_port();
-    let nginx_dir = pinacle_testkit::nginx::Nginx::make_dir("waiting");
-    let d = nginx_dir.display();
-    let pod_config = format!(
-        r#"{{"listen_port": {nginx_port}, "default_port": {app},
-            "runtime": {{"pid_path": "{d}/nginx.pid", "error_log": "{d}/error.log",
-                         "access_log": "{d}/access.log", "temp_dir": "{d}/temp"}}}}"#
-    );
-    let _nginx = pinacle_testkit::nginx::Nginx::start(
-        nginx_dir,
-        &nginx_templates::render_text(&pod_config).unwrap(),
-        SocketAddr::from(([127, 0, 0, 1], nginx_port)),
-    )
-    .await;
+    let (_nginx, nginx_port) = pod_nginx(app, "waiting").await;
     let (listen, tls, dashboard) = (reserve_port(), reserve_port(), reserve_port());
     let _ingress = https_ingress(&dir, nginx_port, listen, tls, dashboard);
     for port in [listen, tls] {
