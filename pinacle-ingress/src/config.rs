@@ -108,6 +108,21 @@ pub struct FileConfig {
     pub http_redirect_to_https: Option<bool>,
     /// Unix socket for the zero-downtime hand-over between an old and a new process.
     pub upgrade_sock: Option<PathBuf>,
+    /// The control plane's base URL (`https://dashboard.example/api/ingress`): Start, Stop, wake
+    /// on request and activity reports ([`crate::control`]); unset: all of them off.
+    pub control_url: Option<String>,
+    /// The HS256 secret the control plane verifies our tokens with (at least 32 bytes).
+    pub control_secret: Option<String>,
+    /// A file holding `control_secret` (one trailing newline removed).
+    pub control_secret_file: Option<PathBuf>,
+    /// PEM certificates trusted for an https `control_url` besides the system's roots.
+    pub control_ca_file: Option<PathBuf>,
+    /// Longest one call to the control plane may take, connect to last byte.
+    pub control_timeout: Option<String>,
+    /// Whether a navigation to a stopped pod starts it.
+    pub wake_on_request: Option<bool>,
+    /// How often pods that carried traffic are reported to the control plane (`off`: never).
+    pub activity_interval: Option<String>,
 }
 
 /// A certificate and its key (PEM files).
@@ -170,6 +185,13 @@ const KEYS: &[(&str, Kind)] = &[
     ("http_redirect_to_https", Kind::Flag),
     ("plain_path", Kind::Flag),
     ("upgrade_sock", Kind::Text),
+    ("control_url", Kind::Text),
+    ("control_secret", Kind::Text),
+    ("control_secret_file", Kind::Text),
+    ("control_ca_file", Kind::Text),
+    ("control_timeout", Kind::Text),
+    ("wake_on_request", Kind::Flag),
+    ("activity_interval", Kind::Text),
 ];
 
 /// Where pods, users and sessions come from.
@@ -279,6 +301,25 @@ pub struct IngressConfig {
     pub tls: Option<TlsConfig>,
     /// The hand-over socket for `serve --upgrade`.
     pub upgrade_sock: PathBuf,
+    /// The control plane (Start, Stop, wake, activity), if configured.
+    pub control: Option<ControlConfig>,
+}
+
+/// The control plane's settings ([`crate::control`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// The base URL, without a trailing slash.
+    pub url: String,
+    /// The HS256 secret of our tokens (and the key the CSRF tokens derive from).
+    pub secret: Secret,
+    /// Extra trusted roots for https.
+    pub ca_file: Option<PathBuf>,
+    /// One call, connect to last byte.
+    pub timeout: Duration,
+    /// A navigation to a stopped pod starts it.
+    pub wake_on_request: bool,
+    /// How often activity is reported (`None`: never).
+    pub activity_interval: Option<Duration>,
 }
 
 /// HTTPS settings.
@@ -483,6 +524,132 @@ fn duration(
     }
 }
 
+/// The shortest accepted control-plane secret: HS256 keys shorter than the hash are weak
+/// (RFC 7518 §3.2).
+pub const MIN_CONTROL_SECRET_BYTES: usize = 32;
+
+/// `control_*`, `wake_on_request`, `activity_interval`: all or nothing around `control_url`.
+fn control_config(file: &FileConfig, problems: &mut Vec<Problem>) -> Option<ControlConfig> {
+    let secret = match (&file.control_secret, &file.control_secret_file) {
+        (Some(_), Some(_)) => {
+            problems.push(problem(
+                "control_secret_file",
+                "set together with control_secret: keep one",
+            ));
+            None
+        }
+        (Some(text), None) => Some(("control_secret", text.clone())),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                let text = text.strip_suffix('\r').unwrap_or(text);
+                Some(("control_secret_file", text.to_owned()))
+            }
+            Err(e) => {
+                problems.push(problem(
+                    "control_secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let Some(url_text) = file.control_url.as_deref().filter(|u| !u.is_empty()) else {
+        for (key, set) in [
+            ("control_secret", file.control_secret.is_some()),
+            ("control_secret_file", file.control_secret_file.is_some()),
+            ("control_ca_file", file.control_ca_file.is_some()),
+            ("wake_on_request", file.wake_on_request == Some(true)),
+        ] {
+            if set {
+                problems.push(problem(key, "set without control_url"));
+            }
+        }
+        return None;
+    };
+    let url = match url::Url::parse(url_text) {
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some()
+                && u.query().is_none()
+                && u.fragment().is_none()
+                && u.username().is_empty()
+                && u.password().is_none() =>
+        {
+            Some(u.as_str().trim_end_matches('/').to_owned())
+        }
+        _ => {
+            problems.push(problem(
+                "control_url",
+                format!(
+                    "{url_text:?} is not an http(s) URL without credentials, query or fragment"
+                ),
+            ));
+            None
+        }
+    };
+    let secret = match secret {
+        Some((key, text)) if text.len() < MIN_CONTROL_SECRET_BYTES => {
+            problems.push(problem(
+                key,
+                format!("must be at least {MIN_CONTROL_SECRET_BYTES} bytes (HS256 key)"),
+            ));
+            None
+        }
+        Some((_, text)) => Some(Secret::new(text)),
+        None => {
+            if file.control_secret_file.is_none() {
+                problems.push(problem(
+                    "control_secret",
+                    "control_url needs control_secret or control_secret_file",
+                ));
+            }
+            None
+        }
+    };
+    if let Some(path) = &file.control_ca_file
+        && let Err(e) = std::fs::metadata(path)
+    {
+        problems.push(problem(
+            "control_ca_file",
+            format!("cannot read {}: {e}", path.display()),
+        ));
+    }
+    let timeout = duration(
+        "control_timeout",
+        file.control_timeout.as_ref(),
+        defaults::CONTROL_TIMEOUT,
+        problems,
+    );
+    if timeout > Duration::from_secs(60) {
+        problems.push(problem("control_timeout", "must be at most 60s"));
+    }
+    let activity_interval = match file.activity_interval.as_deref().map(str::trim) {
+        Some("off" | "0") => None,
+        _ => {
+            let interval = duration(
+                "activity_interval",
+                file.activity_interval.as_ref(),
+                defaults::ACTIVITY_INTERVAL,
+                problems,
+            );
+            if interval < Duration::from_secs(1) {
+                problems.push(problem("activity_interval", "must be at least 1s (or off)"));
+            }
+            Some(interval)
+        }
+    };
+    Some(ControlConfig {
+        url: url?,
+        secret: secret?,
+        ca_file: file.control_ca_file.clone(),
+        timeout,
+        wake_on_request: file.wake_on_request.unwrap_or(false),
+        activity_interval,
+    })
+}
+
 /// A limit counted in units: at least 1.
 fn count_limit(
     key: &str,
@@ -558,6 +725,10 @@ pub mod defaults {
     /// `upgrade_sock`: the unit's `RuntimeDirectory`, never a world-writable place such as
     /// `/tmp` (another user could sit on the socket and receive the listening sockets).
     pub const UPGRADE_SOCK: &str = "/run/pinacle-ingress/upgrade.sock";
+    /// `control_timeout`.
+    pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `activity_interval`.
+    pub const ACTIVITY_INTERVAL: Duration = Duration::from_secs(60);
 }
 
 fn validate(
@@ -924,6 +1095,7 @@ fn validate(
             "must be shorter than upstream_read_timeout (the request budget)",
         ));
     }
+    let control = control_config(file, &mut problems);
     let upgrade_sock = file
         .upgrade_sock
         .clone()
@@ -957,6 +1129,7 @@ fn validate(
             max_request_header_bytes,
             max_concurrent_requests,
             max_connections,
+            control,
             plain_path: file.plain_path.unwrap_or(true),
             directory_notifications: file.directory_notifications.unwrap_or(true),
             tls,
@@ -1093,6 +1266,77 @@ mod tests {
         ] {
             assert!(keys.contains(&key), "{key} not in {problems:?}");
         }
+    }
+
+    #[test]
+    fn the_control_plane_is_all_or_nothing_around_control_url() {
+        let c = from_toml("", "t", &env(&[SECRET])).unwrap();
+        assert_eq!(c.control, None);
+        let good = "control_url = \"https://dash.example/api/ingress/\"\n\
+                    control_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let c = from_toml(good, "t", &env(&[SECRET])).unwrap();
+        let control = c.control.unwrap();
+        assert_eq!(control.url, "https://dash.example/api/ingress");
+        assert_eq!(control.timeout, Duration::from_secs(5));
+        assert!(!control.wake_on_request);
+        assert_eq!(control.activity_interval, Some(Duration::from_secs(60)));
+        let off = format!("{good}activity_interval = \"off\"\nwake_on_request = true\n");
+        let control = from_toml(&off, "t", &env(&[SECRET]))
+            .unwrap()
+            .control
+            .unwrap();
+        assert_eq!(control.activity_interval, None);
+        assert!(control.wake_on_request);
+        for (text, key) in [
+            ("control_url = \"https://d.example\"", "control_secret"),
+            (
+                "control_secret = \"0123456789abcdef0123456789abcdef\"",
+                "control_secret",
+            ),
+            ("wake_on_request = true", "wake_on_request"),
+            (
+                "control_url = \"https://d.example\"\ncontrol_secret = \"short\"",
+                "control_secret",
+            ),
+            (
+                "control_url = \"ftp://d.example\"\ncontrol_secret = \"0123456789abcdef0123456789abcdef\"",
+                "control_url",
+            ),
+            (
+                "control_url = \"https://user:pw@d.example\"\ncontrol_secret = \"0123456789abcdef0123456789abcdef\"",
+                "control_url",
+            ),
+            (
+                &format!("{good}activity_interval = \"500ms\""),
+                "activity_interval",
+            ),
+            (
+                &format!("{good}control_timeout = \"5m\""),
+                "control_timeout",
+            ),
+            (
+                &format!("{good}control_secret_file = \"/nonexistent\""),
+                "control_secret_file",
+            ),
+        ] {
+            let problems = from_toml(text, "t", &env(&[SECRET])).unwrap_err().0;
+            assert!(
+                problems.iter().any(|p| p.key == key),
+                "{text}: {problems:?}"
+            );
+        }
+        // The secret from a file, one trailing newline removed; never shown.
+        let file = std::env::temp_dir().join(format!("control-secret-{}", std::process::id()));
+        std::fs::write(&file, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let text = format!(
+            "control_url = \"http://127.0.0.1:9/x\"\ncontrol_secret_file = \"{}\"",
+            file.display()
+        );
+        let c = from_toml(&text, "t", &env(&[SECRET])).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let control = c.control.clone().unwrap();
+        assert_eq!(control.secret.expose(), b"0123456789abcdef0123456789abcdef");
+        assert!(!crate::config_show::render(&c).contains("0123456789abcdef"));
     }
 
     #[test]

@@ -222,6 +222,40 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
             quoted(&c.upgrade_sock.display().to_string()),
         ),
     ];
+    let control = c.control.as_ref();
+    lines.extend([
+        (
+            "control_url",
+            control.map(|c| quoted(&c.url)).unwrap_or_default(),
+        ),
+        (
+            "control_secret",
+            control.map(|_| quoted("REDACTED")).unwrap_or_default(),
+        ),
+        (
+            "control_ca_file",
+            control
+                .and_then(|c| c.ca_file.as_ref())
+                .map(|p| quoted(&p.display().to_string()))
+                .unwrap_or_default(),
+        ),
+        (
+            "control_timeout",
+            control.map(|c| duration(c.timeout)).unwrap_or_default(),
+        ),
+        (
+            "wake_on_request",
+            control
+                .map(|c| c.wake_on_request.to_string())
+                .unwrap_or_default(),
+        ),
+        (
+            "activity_interval",
+            control
+                .map(|c| c.activity_interval.map_or_else(|| quoted("off"), duration))
+                .unwrap_or_default(),
+        ),
+    ]);
     if let Some(tls) = &c.tls {
         lines.push(("tls_listen", quoted(&tls.listen.to_string())));
         lines.push(("http_redirect_to_https", tls.redirect_http.to_string()));

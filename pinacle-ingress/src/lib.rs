@@ -57,6 +57,7 @@ pub mod cli;
 pub mod config;
 pub mod config_show;
 pub mod connections;
+pub mod control;
 pub mod cors;
 pub mod directory;
 pub mod framing;

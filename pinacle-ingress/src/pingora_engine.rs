@@ -165,6 +165,7 @@ impl Ingress {
                     finished: None,
                     registration,
                     websocket,
+                    activity: plan.activity.clone(),
                 }));
                 Ok(true)
             }
@@ -657,6 +658,8 @@ pub struct TunnelHandover {
     registration: Option<Registration>,
     /// A WebSocket (a revocation sends a close frame first).
     websocket: bool,
+    /// Where its traffic is noted for the activity reports.
+    activity: Option<crate::control::Touch>,
 }
 
 impl TunnelHandover {
@@ -697,6 +700,7 @@ impl TakeoverTask for TunnelHandover {
         let metrics = self.metrics.clone();
         let idle = self.idle;
         let websocket = self.websocket;
+        let activity = self.activity.take();
         Box::pin(async move {
             let Some(upgraded) = upgraded else {
                 return;
@@ -705,6 +709,7 @@ impl TakeoverTask for TunnelHandover {
                 idle,
                 revocation: registration.as_mut(),
                 websocket,
+                activity: activity.as_ref(),
             };
             let report = tunnel::relay(&mut client, &early, upgraded, watch, &metrics).await;
             let error = if report.revoked {

@@ -5,7 +5,9 @@
 //!
 //! The order of the checks: a head the engine could not normalise, the head's size, the
 //! in-flight limit, the https redirect, the host's route, the proxy-token callback, then the
-//! credentials and the owner-or-team rule (the only step that may wait, on the directory).
+//! credentials and the owner-or-team rule (the step that may wait, on the directory); then the
+//! pod's own paths under `/__pinacle/status` (the status, and Start and Stop, which wait on the
+//! control plane, bounded by `control_timeout`), or the plan.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,13 +20,14 @@ use pinacle_authz::{
 
 use crate::access::Record;
 use crate::callback::{self, CALLBACK_PATH, CallbackQuery};
-use crate::config::{IngressConfig, Timeouts};
+use crate::config::{ControlConfig, IngressConfig, Timeouts};
+use crate::control::{self, Action, Outcome as ControlOutcome};
 use crate::cors::{self, CorsMode};
 use crate::host::{self, PodHost, Route};
 use crate::intent::{self, Intent};
 use crate::path_routing::{self, PathRoute};
 use crate::proxy::State;
-use crate::responses::{Answer, Page, REQUEST_ID_HEADER};
+use crate::responses::{Answer, Lifecycle, Page, REQUEST_ID_HEADER};
 use crate::revocation::Grant;
 use crate::telemetry::RouteKind;
 use crate::upstream::{self, Forwarding, HeaderEdit, Target};
@@ -33,6 +36,10 @@ use crate::upstream::{self, Forwarding, HeaderEdit, Target};
 pub const STATUS_PAGE_PATH: &str = "/__pinacle/status";
 /// Its JSON.
 pub const STATUS_JSON_PATH: &str = "/__pinacle/status.json";
+/// Start, from the status page (`POST`).
+pub const START_PATH: &str = "/__pinacle/status/start";
+/// Stop, from the status page (`POST`).
+pub const STOP_PATH: &str = "/__pinacle/status/stop";
 
 /// The parts of a request the decisions read, as either engine parsed them.
 #[derive(Debug, Clone)]
@@ -96,6 +103,9 @@ pub struct Plan {
     /// What a pod request was allowed under: a long-lived connection registers it, to be
     /// closed when access goes ([`crate::revocation`]).
     pub grant: Option<Arc<Grant>>,
+    /// Where a long-lived connection notes its traffic for the activity reports (none when
+    /// they are off).
+    pub activity: Option<control::Touch>,
     /// The configuration the request was judged under.
     config: Arc<IngressConfig>,
 }
@@ -197,9 +207,10 @@ fn host_without_port(host: &str) -> &str {
 }
 
 impl State {
-    /// Judges a request, once. The only step that waits is the directory's (bounded by
-    /// `directory_query_timeout`); it records the cache lookup in the metrics and a directory
-    /// failure in the log, nothing else.
+    /// Judges a request, once. The steps that wait are the directory's (bounded by
+    /// `directory_query_timeout`) and, for a Start or Stop only, the control plane's (bounded by
+    /// `control_timeout`); it records the cache lookup in the metrics and a directory failure in
+    /// the log. A wake (`wake_on_request`) is a background task, never waited for.
     pub async fn decide(&self, view: &RequestView<'_>, conn: ConnInfo) -> Judgement {
         let config = self.config.load_full();
         let mut record = self.identify(&config, view, conn);
@@ -362,18 +373,40 @@ impl State {
                 (secure, scope, pod_target),
             )
             .await;
-        if let Some(json) = match pod_path {
+        let action = match pod_path {
+            START_PATH => Some(Action::Start),
+            STOP_PATH => Some(Action::Stop),
+            _ => None,
+        };
+        if let Some(action) = action {
+            if view.method != http::Method::POST {
+                return Verdict::Answer(Answer::MethodNotAllowed);
+            }
+            return Verdict::Answer(
+                self.lifecycle_action(config, view, conn, record, &pod, action, judged)
+                    .await,
+            );
+        }
+        let status_json = match pod_path {
             STATUS_PAGE_PATH => Some(false),
             STATUS_JSON_PATH => Some(true),
             _ => None,
-        } {
+        };
+        let user = judged.user.clone();
+        let pod_id = judged.pod_id.clone();
+        if let Some(json) = status_json {
             // For whoever may reach the pod, running or not; never forwarded.
             let status = match self.apply(record, judged) {
                 Ok(_) => "running".to_owned(),
                 Err(Answer::PodUnavailable { status, .. }) => status,
                 Err(other) => return Verdict::Answer(other),
             };
-            return Verdict::Answer(Answer::PodStatus { status, json });
+            let lifecycle = self.lifecycle(config, user.as_ref(), &pod, &status, scope);
+            return Verdict::Answer(Answer::PodStatus {
+                status,
+                json,
+                lifecycle,
+            });
         }
         match self.apply(record, judged) {
             Ok(allowed) => {
@@ -394,12 +427,202 @@ impl State {
                     plan.add_response.push((header::SET_COOKIE, cookie));
                 }
                 plan.cors_origin = cors_grant(config, view, &pod);
+                if config
+                    .control
+                    .as_ref()
+                    .is_some_and(|c| c.activity_interval.is_some())
+                {
+                    let touch = control::Touch {
+                        activity: self.activity.clone(),
+                        pod: allowed.grant.pod_id.clone(),
+                        user: allowed.grant.user.clone(),
+                        clock: self.clock,
+                    };
+                    if !self
+                        .activity
+                        .record(&touch.pod, &touch.user, (self.clock)())
+                    {
+                        self.metrics.activity_dropped(1);
+                    }
+                    plan.activity = Some(touch);
+                }
                 plan.grant = Some(Arc::new(allowed.grant));
                 scope_plan(&mut plan, scoped);
                 Verdict::Forward(plan)
             }
+            Err(Answer::PodUnavailable {
+                status,
+                reason,
+                lifecycle: _,
+            }) => {
+                let mut lifecycle = self.lifecycle(config, user.as_ref(), &pod, &status, scope);
+                if record.intent.navigation
+                    && status == "stopped"
+                    && let (Some(control), Some(user), Some(pod_id)) = (
+                        config.control.as_ref().filter(|c| c.wake_on_request),
+                        user.as_ref(),
+                        pod_id.as_ref(),
+                    )
+                {
+                    self.wake(control, &pod, pod_id, user, record);
+                    lifecycle.waking = true;
+                    lifecycle.can_start = false;
+                }
+                Verdict::Answer(Answer::PodUnavailable {
+                    status,
+                    reason,
+                    lifecycle,
+                })
+            }
             Err(answer) => Verdict::Answer(answer),
         }
+    }
+
+    /// What a status page offers this user: Start and Stop where they apply, with a CSRF token
+    /// bound to the user and pod, when a control plane is configured.
+    fn lifecycle(
+        &self,
+        config: &IngressConfig,
+        user: Option<&UserId>,
+        pod: &PodHost,
+        status: &str,
+        scope: &str,
+    ) -> Lifecycle {
+        let control = config.control.as_ref();
+        Lifecycle {
+            can_start: control.is_some() && Action::Start.applies_to(status),
+            can_stop: control.is_some() && Action::Stop.applies_to(status),
+            csrf: control.zip(user).map(|(c, user)| {
+                control::csrf_token(&c.secret, user, pod.slug.as_str(), (self.clock)())
+            }),
+            scope: scope.to_owned(),
+            waking: false,
+        }
+    }
+
+    /// `POST /__pinacle/status/start|stop`: the user must be allowed the pod, the request must
+    /// come from the pod's own page (same origin, a valid CSRF token), a control plane must be
+    /// configured and the action must apply to the pod's status; then the control plane is
+    /// asked, bounded by `control_timeout`.
+    #[allow(clippy::too_many_arguments)]
+    async fn lifecycle_action(
+        &self,
+        config: &IngressConfig,
+        view: &RequestView<'_>,
+        conn: ConnInfo,
+        record: &mut Record,
+        pod: &PodHost,
+        action: Action,
+        judged: Judged,
+    ) -> Answer {
+        let user = judged.user.clone();
+        let pod_id = judged.pod_id.clone();
+        let status = match self.apply(record, judged) {
+            Ok(_) => "running".to_owned(),
+            Err(Answer::PodUnavailable { status, .. }) => status,
+            Err(other) => return other,
+        };
+        let (Some(user), Some(pod_id)) = (user, pod_id) else {
+            return Answer::Internal;
+        };
+        if let Some(why) = cross_site(view, conn) {
+            tracing::warn!(parent: &record.span, request_id = %record.request_id, why, action = action.as_str(), "pod lifecycle request refused");
+            return Answer::LifecycleForbidden { why };
+        }
+        let Some(control) = config.control.as_ref() else {
+            return Answer::LifecycleUnavailable;
+        };
+        let csrf = view
+            .headers
+            .get(control::CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !control::csrf_valid(
+            &control.secret,
+            &user,
+            pod.slug.as_str(),
+            csrf,
+            (self.clock)(),
+        ) {
+            tracing::warn!(parent: &record.span, request_id = %record.request_id, action = action.as_str(), "pod lifecycle request without a valid CSRF token");
+            return Answer::LifecycleForbidden {
+                why: "This page's form token is missing or expired: reload the page and try again",
+            };
+        }
+        if !action.applies_to(&status) {
+            return Answer::LifecycleConflict { action, status };
+        }
+        let outcome = self
+            .control
+            .lifecycle(control, action, &pod_id, &user, (self.clock)())
+            .await;
+        self.metrics.control_call(action.as_str(), outcome.as_str());
+        match &outcome {
+            ControlOutcome::Accepted | ControlOutcome::InTransition => {
+                tracing::info!(parent: &record.span, request_id = %record.request_id, action = action.as_str(), pod_id = pod_id.as_str(), result = outcome.as_str(), "pod lifecycle request passed to the control plane");
+                // The status is about to change: ask the directory again.
+                self.authorizer.invalidate_pod(&pod.slug);
+            }
+            ControlOutcome::Refused { status, message } => {
+                tracing::warn!(parent: &record.span, request_id = %record.request_id, action = action.as_str(), pod_id = pod_id.as_str(), status, message = %message, "the control plane refused a pod lifecycle request");
+            }
+            ControlOutcome::Unreachable | ControlOutcome::TimedOut => {
+                tracing::warn!(parent: &record.span, request_id = %record.request_id, action = action.as_str(), pod_id = pod_id.as_str(), result = outcome.as_str(), url = %control.url, "the control plane could not be asked");
+            }
+        }
+        Answer::Control { action, outcome }
+    }
+
+    /// Asks the control plane to start a stopped pod a navigation reached (`wake_on_request`),
+    /// in the background: one call per pod at a time, and none again for a while after one
+    /// was accepted (the pod is on its way; the page follows it).
+    fn wake(
+        &self,
+        control: &ControlConfig,
+        pod: &PodHost,
+        pod_id: &pinacle_authz::PodId,
+        user: &UserId,
+        record: &Record,
+    ) {
+        let Some(waking) = self.wakes.begin(pod_id) else {
+            return;
+        };
+        let client = self.control.clone();
+        let authorizer = self.authorizer.clone();
+        let metrics = self.metrics.clone();
+        let (control, slug, pod_id, user) = (
+            control.clone(),
+            pod.slug.clone(),
+            pod_id.clone(),
+            user.clone(),
+        );
+        let request_id = record.request_id.clone();
+        let now = (self.clock)();
+        tokio::spawn(async move {
+            let outcome = client
+                .lifecycle(&control, Action::Start, &pod_id, &user, now)
+                .await;
+            metrics.control_call("wake", outcome.as_str());
+            match &outcome {
+                ControlOutcome::Accepted | ControlOutcome::InTransition => {
+                    tracing::info!(
+                        request_id,
+                        pod_id = pod_id.as_str(),
+                        result = outcome.as_str(),
+                        "woke a stopped pod on request"
+                    );
+                    authorizer.invalidate_pod(&slug);
+                    tokio::time::sleep(WAKE_COOLDOWN).await;
+                }
+                ControlOutcome::Refused { status, message } => {
+                    tracing::warn!(request_id, pod_id = pod_id.as_str(), status, message = %message, "the control plane refused to wake a pod");
+                }
+                ControlOutcome::Unreachable | ControlOutcome::TimedOut => {
+                    tracing::warn!(request_id, pod_id = pod_id.as_str(), result = outcome.as_str(), url = %control.url, "the control plane could not be asked to wake a pod");
+                }
+            }
+            drop(waking);
+        });
     }
 
     /// A CORS preflight passed to the pod unauthenticated (`cors_preflight = "pass"`): where
@@ -476,6 +699,7 @@ impl State {
         let mut judged = Judged {
             verdict: Err(Answer::Internal),
             authz: "none",
+            pod_id: None,
             user: None,
             user_email: None,
             lookup: None,
@@ -526,6 +750,7 @@ impl State {
             Decision::Allow {
                 pod_id, upstream, ..
             } => {
+                judged.pod_id = Some(pod_id.clone());
                 if let Some(scope) = &principal.scope
                     && scope.pod_id != pod_id
                 {
@@ -561,14 +786,24 @@ impl State {
                     )
                 }
             }
-            Decision::Unavailable { status, reason, .. } => (
-                "allow_unavailable",
-                Err(Answer::PodUnavailable {
-                    status: status.as_str().to_owned(),
-                    reason: reason.as_str(),
-                    scope: scope.to_owned(),
-                }),
-            ),
+            Decision::Unavailable {
+                status,
+                reason,
+                pod_id,
+            } => {
+                judged.pod_id = Some(pod_id);
+                (
+                    "allow_unavailable",
+                    Err(Answer::PodUnavailable {
+                        status: status.as_str().to_owned(),
+                        reason: reason.as_str(),
+                        lifecycle: Lifecycle {
+                            scope: scope.to_owned(),
+                            ..Lifecycle::default()
+                        },
+                    }),
+                )
+            }
             Decision::Deny(reason) => (reason.as_str(), Err(Answer::Forbidden)),
         };
         judged.authz = authz;
@@ -594,6 +829,35 @@ impl State {
         }
         judged.verdict
     }
+}
+
+/// How long after an accepted wake no other is sent for the pod.
+const WAKE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a Start or Stop did not come from the pod's own page: `Origin` must be present and
+/// name this host (https on TLS), and `Sec-Fetch-Site`, when sent, must be `same-origin`.
+fn cross_site(view: &RequestView<'_>, conn: ConnInfo) -> Option<&'static str> {
+    const WHY: &str = "Start and Stop only work from the pod's own status page";
+    if view
+        .headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() != b"same-origin")
+    {
+        return Some(WHY);
+    }
+    let origin = view
+        .headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok());
+    let Some((scheme, authority)) = origin.and_then(|o| o.split_once("://")) else {
+        return Some(WHY);
+    };
+    let scheme_ok = match scheme {
+        "https" => true,
+        "http" => !conn.tls,
+        _ => false,
+    };
+    (!scheme_ok || !authority.eq_ignore_ascii_case(view.host)).then_some(WHY)
 }
 
 /// On the cleartext listener (`listen`) with TLS configured and `http_redirect_to_https`: 308 to https,
@@ -701,6 +965,7 @@ fn plan(
         add_response: Vec::new(),
         cors_origin: None,
         grant: None,
+        activity: None,
         upstream_target: None,
         location_prefix: None,
         config: config.clone(),
@@ -711,6 +976,8 @@ fn plan(
 struct Judged {
     verdict: Result<Allowed, Answer>,
     authz: &'static str,
+    /// The pod the user may reach (allowed or unavailable).
+    pod_id: Option<pinacle_authz::PodId>,
     user: Option<UserId>,
     user_email: Option<String>,
     lookup: Option<pinacle_authz::CacheLookup>,

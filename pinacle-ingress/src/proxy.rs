@@ -40,6 +40,12 @@ pub struct State {
     pub(crate) pool: UpstreamPool,
     /// Long-lived connections, closed when their user loses access.
     pub(crate) revocations: crate::revocation::Registry,
+    /// Calls to the control plane.
+    pub(crate) control: Arc<crate::control::Client>,
+    /// Start calls in flight for `wake_on_request`.
+    pub(crate) wakes: Arc<crate::control::Wakes>,
+    /// Traffic since the last activity report.
+    pub(crate) activity: Arc<crate::control::Activity>,
 }
 
 impl std::fmt::Debug for State {
@@ -105,6 +111,9 @@ impl Ingress {
             in_flight: Arc::new(AtomicUsize::new(0)),
             pool,
             revocations: crate::revocation::Registry::default(),
+            control: Arc::default(),
+            wakes: Arc::default(),
+            activity: Arc::default(),
         }))
     }
 

@@ -7,6 +7,7 @@ use pingora::http::ResponseHeader;
 use serde_json::json;
 
 use crate::callback::CallbackAnswer;
+use crate::control::Outcome;
 
 /// The header that marks a response as the ingress's own; its value names the answer.
 pub const MARKER_HEADER: &str = "x-pinacle-ingress";
@@ -37,9 +38,8 @@ pub enum Answer {
         status: String,
         /// What is missing (stable name).
         reason: &'static str,
-        /// The path prefix the pod is served under (path routing; empty on pod hosts): the
-        /// page follows `<scope>/__pinacle/status.json`.
-        scope: String,
+        /// What the page offers (Start, Stop) and where it follows the status.
+        lifecycle: Lifecycle,
     },
     /// The directory (database) could not answer: fail closed.
     AuthorizationUnavailable,
@@ -89,12 +89,53 @@ pub enum Answer {
         status: String,
         /// The JSON form.
         json: bool,
+        /// What the page offers (Start, Stop) and where it follows the status.
+        lifecycle: Lifecycle,
+    },
+    /// `/__pinacle/status/start|stop` with anything but `POST`: 405.
+    MethodNotAllowed,
+    /// A Start or Stop that did not come from the pod's own page (`Origin`, `Sec-Fetch-Site`)
+    /// or lacks a valid CSRF token: 403, nothing asked of the control plane.
+    LifecycleForbidden {
+        /// What is wrong, for the user.
+        why: &'static str,
+    },
+    /// Start or Stop without a control plane configured (`control_url`): 501.
+    LifecycleUnavailable,
+    /// Start or Stop that does not apply to the pod's status now: 409.
+    LifecycleConflict {
+        /// The action.
+        action: crate::control::Action,
+        /// The pod's status.
+        status: String,
+    },
+    /// What the control plane said to a Start or Stop.
+    Control {
+        /// The action.
+        action: crate::control::Action,
+        /// Its answer.
+        outcome: crate::control::Outcome,
     },
     /// `/_pod/<slug>/<port>` without its slash: 308 to the slash form.
     AddSlash {
         /// The slash form, query kept.
         location: String,
     },
+}
+
+/// What a pod's status page offers, and where it follows the status from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Start applies now (a control plane is configured and the pod is stopped).
+    pub can_start: bool,
+    /// Stop applies now (a control plane is configured and the pod runs).
+    pub can_stop: bool,
+    /// The token the page's buttons send ([`crate::control::csrf_token`]); none: no buttons.
+    pub csrf: Option<String>,
+    /// The path prefix the pod is served under (path routing; empty on pod hosts).
+    pub scope: String,
+    /// This request asked the control plane to start the pod (`wake_on_request`).
+    pub waking: bool,
 }
 
 /// The field the pod's nginx marks its own answers with (`nginx-templates`): `not-listening`
@@ -157,7 +198,7 @@ pub const RETRY_MAX_SECS: u32 = 120;
 
 impl Answer {
     /// Every answer's [`Answer::name`] (metrics start each at zero).
-    pub const NAMES: [&'static str; 26] = [
+    pub const NAMES: [&'static str; 35] = [
         "bad-port",
         "bad-host",
         "sign-in",
@@ -184,6 +225,15 @@ impl Answer {
         "not-a-pod-path",
         "add-slash",
         "pod-status",
+        "method-not-allowed",
+        "lifecycle-forbidden",
+        "lifecycle-unavailable",
+        "lifecycle-conflict",
+        "control-accepted",
+        "control-in-transition",
+        "control-refused",
+        "control-unreachable",
+        "control-timeout",
     ];
 
     /// Our answer to an upstream failure (every engine's).
@@ -223,6 +273,17 @@ impl Answer {
             Self::NotAPodPath => "not-a-pod-path",
             Self::PodStatus { .. } => "pod-status",
             Self::AddSlash { .. } => "add-slash",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::LifecycleForbidden { .. } => "lifecycle-forbidden",
+            Self::LifecycleUnavailable => "lifecycle-unavailable",
+            Self::LifecycleConflict { .. } => "lifecycle-conflict",
+            Self::Control { outcome, .. } => match outcome {
+                Outcome::Accepted => "control-accepted",
+                Outcome::InTransition => "control-in-transition",
+                Outcome::Refused { .. } => "control-refused",
+                Outcome::Unreachable => "control-unreachable",
+                Outcome::TimedOut => "control-timeout",
+            },
         }
     }
 
@@ -251,6 +312,16 @@ impl Answer {
             Self::NotAPodPath => 404,
             Self::PodStatus { .. } => 200,
             Self::AddSlash { .. } => 308,
+            Self::MethodNotAllowed => 405,
+            Self::LifecycleForbidden { .. } => 403,
+            Self::LifecycleUnavailable => 501,
+            Self::LifecycleConflict { .. } => 409,
+            Self::Control { outcome, .. } => match outcome {
+                Outcome::Accepted | Outcome::InTransition => 202,
+                Outcome::Refused { .. } => 502,
+                Outcome::Unreachable => 503,
+                Outcome::TimedOut => 504,
+            },
             Self::Callback(c) => match c {
                 CallbackAnswer::SetCookie { .. } => 302,
                 CallbackAnswer::MissingToken => 400,
@@ -382,25 +453,26 @@ impl Answer {
             Self::PodStatus {
                 status: pod_status,
                 json: true,
+                lifecycle,
             } => {
                 let (slug, port) = page.pod.unwrap_or(("", 0));
                 return json_reply(
                     status,
                     json!({
                         "pod": slug, "status": pod_status, "port": port,
-                        "can_start": false, "can_stop": false,
+                        "can_start": lifecycle.can_start, "can_stop": lifecycle.can_stop,
                     }),
                 );
             }
             Self::PodStatus {
                 status: pod_status,
                 json: false,
+                lifecycle,
             } => {
-                let class = status_class(pod_status);
                 let message = format!(
-                    "Status: <strong id=\"pod-status\" class=\"s-{class}\">{}</strong>. \
-                     <a id=\"open\" href=\"../\"{}>Open the app</a>",
-                    escape_html(pod_status),
+                    "Status: {}. <a id=\"open\" href=\"{}/\"{}>Open the app</a>",
+                    status_badge(pod_status),
+                    escape_html(&lifecycle.scope),
                     if pod_status == "running" {
                         ""
                     } else {
@@ -413,10 +485,73 @@ impl Answer {
                     &message,
                     page,
                     Retry::Follow {
-                        status_url: "status.json".to_owned(),
+                        lifecycle: lifecycle.clone(),
+                        status: pod_status.clone(),
                         reload: false,
                     },
                 );
+            }
+            Self::MethodNotAllowed => {
+                let mut reply = json_reply(status, json!({ "error": "Use POST" }));
+                reply.headers.push(("allow", "POST".to_owned()));
+                return reply;
+            }
+            Self::LifecycleForbidden { why } => {
+                return json_reply(status, json!({ "error": why }));
+            }
+            Self::LifecycleUnavailable => {
+                return json_reply(
+                    status,
+                    json!({ "error": "Starting and stopping pods is not set up on this ingress" }),
+                );
+            }
+            Self::LifecycleConflict {
+                action,
+                status: pod_status,
+            } => {
+                return json_reply(
+                    status,
+                    json!({
+                        "error": format!("The pod is {pod_status}: it cannot be {} now", match action {
+                            crate::control::Action::Start => "started",
+                            crate::control::Action::Stop => "stopped",
+                        }),
+                        "status": pod_status,
+                    }),
+                );
+            }
+            Self::Control { action, outcome } => {
+                let verb = match action {
+                    crate::control::Action::Start => "start",
+                    crate::control::Action::Stop => "stop",
+                };
+                let body = match outcome {
+                    Outcome::Accepted => json!({ "result": "accepted", "action": verb }),
+                    Outcome::InTransition => json!({ "result": "in_transition", "action": verb }),
+                    Outcome::Refused {
+                        status: code,
+                        message,
+                    } => json!({
+                        "error": if message.is_empty() {
+                            format!("The control plane refused to {verb} the pod (HTTP {code})")
+                        } else {
+                            format!("The control plane refused to {verb} the pod (HTTP {code}): {message}")
+                        },
+                    }),
+                    Outcome::Unreachable => json!({
+                        "error": format!("The control plane cannot be reached, so the pod was not asked to {verb}. Try again in a moment."),
+                    }),
+                    Outcome::TimedOut => json!({
+                        "error": format!("The control plane did not answer in time; the pod may or may not {verb}. This page shows its status."),
+                    }),
+                };
+                let mut reply = json_reply(status, body);
+                if matches!(outcome, Outcome::Unreachable | Outcome::TimedOut) {
+                    reply
+                        .headers
+                        .push(("retry-after", UNAVAILABLE_RETRY_SECS.to_string()));
+                }
+                return reply;
             }
             Self::NotAPodPath => {
                 return json_reply(
@@ -466,16 +601,21 @@ impl Answer {
             Self::PodUnavailable {
                 status: pod_status,
                 reason,
-                scope,
+                lifecycle,
             } => {
                 let retry = UNAVAILABLE_RETRY_SECS;
                 let mut reply = if html {
+                    let next = if lifecycle.waking {
+                        "It is being started now"
+                    } else if lifecycle.can_start {
+                        "Start it here or from the dashboard"
+                    } else {
+                        "Start it from the dashboard"
+                    };
                     let message = format!(
-                        "It is <strong id=\"pod-status\" class=\"s-{}\">{}</strong> right now. \
-                         Start it from the dashboard; this page follows the pod's status and \
-                         opens the pod once it runs.",
-                        status_class(pod_status),
-                        escape_html(pod_status)
+                        "It is {} right now. <span id=\"hint\">{next}</span>; this page follows \
+                         the pod's status and opens the pod once it runs.",
+                        status_badge(pod_status),
                     );
                     page_reply(
                         status,
@@ -483,7 +623,8 @@ impl Answer {
                         &message,
                         page,
                         Retry::Follow {
-                            status_url: format!("{scope}/__pinacle/status.json"),
+                            lifecycle: lifecycle.clone(),
+                            status: pod_status.clone(),
                             reload: true,
                         },
                     )
@@ -634,11 +775,93 @@ enum Retry {
     /// stopping, every 15 s otherwise, updating `#pod-status`; once it runs, reloads (the page
     /// stands where the app will be) or shows the `#open` link.
     Follow {
-        /// Where `status.json` is, from this page.
-        status_url: String,
+        /// Start and Stop, and the scope `status.json` is under.
+        lifecycle: Lifecycle,
+        /// The status the page was made with.
+        status: String,
         /// Reload when running (else show `#open`).
         reload: bool,
     },
+}
+
+/// The page's script that follows the status and works Start and Stop
+/// (`__CONFIG__`: [`follow_script`]'s JSON).
+const FOLLOW_SCRIPT: &str = r#"<script>(function(){var c=__CONFIG__,$=function(i){return document.getElementById(i);},
+el=$('pod-status'),open=$('open'),start=$('start'),stop=$('stop'),msg=$('lifecycle-message'),hint=$('hint'),
+s=el.textContent,cs=c.can_start,cp=c.can_stop,timer,progress=false,
+pending=c.waking?{from:s,until:Date.now()+120000}:null;
+function cls(t){return t==='running'?'running':(t==='stopped'||t==='error'||t==='failed')?'stopped':'transition';}
+function moving(t){return t==='starting'||t==='stopping'||t==='creating'||t==='provisioning';}
+function show(b,visible,enabled){if(b){b.hidden=!visible;b.disabled=!enabled;}}
+function say(text,error){if(msg){msg.textContent=text;msg.className=error?'error':'';}progress=!!text&&!error;}
+function render(){el.textContent=s;el.className='s-'+cls(s);show(start,cs||moving(s),cs&&!pending);
+show(stop,cp||moving(s),cp&&!pending);if(open){open.hidden=s!=='running';}
+if(hint){hint.textContent=(pending||moving(s))?(s==='stopping'?'It is stopping':'It is being started now'):cs?'Start it here or from the dashboard':'Start it from the dashboard';}
+if(progress&&!pending&&!moving(s)){say('');}}
+function next(){clearTimeout(timer);timer=setTimeout(poll,(moving(s)||pending)?2000:15000);}
+function poll(){fetch(c.base+'.json',{credentials:'same-origin',cache:'no-store'})
+.then(function(r){return r.json();}).then(function(j){if(!j.status){next();return;}
+if(pending&&j.status===pending.from&&Date.now()<pending.until){next();return;}
+pending=null;s=j.status;cs=!!j.can_start;cp=!!j.can_stop;
+if(s==='running'&&c.reload){location.reload();return;}render();next();}).catch(next);}
+function act(a,b){b.disabled=true;say('');var from=s;
+fetch(c.base+'/'+a,{method:'POST',credentials:'same-origin',cache:'no-store',headers:{'x-pinacle-csrf':c.csrf}})
+.then(function(r){return r.json().catch(function(){return {};}).then(function(j){
+if(r.ok){pending={from:from,until:Date.now()+120000};s=a==='start'?'starting':'stopping';cs=cp=false;
+say(a==='start'?'Starting the pod\u2026':'Stopping the pod\u2026');render();next();}
+else{say(j.error||('Failed (HTTP '+r.status+')'),true);b.disabled=false;}});})
+.catch(function(){say('The ingress could not be reached. Try again.',true);b.disabled=false;});}
+if(start){start.onclick=function(){act('start',start);};}
+if(stop){stop.onclick=function(){act('stop',stop);};}
+render();next();})();</script>"#;
+
+/// [`FOLLOW_SCRIPT`] with its settings.
+fn follow_script(lifecycle: &Lifecycle, reload: bool) -> String {
+    let config = json!({
+        "base": format!("{}/__pinacle/status", lifecycle.scope),
+        "csrf": lifecycle.csrf,
+        "can_start": lifecycle.can_start,
+        "can_stop": lifecycle.can_stop,
+        "reload": reload,
+        "waking": lifecycle.waking,
+    })
+    .to_string()
+    // Inside a <script>: no `</script>` or `<!--` from a value.
+    .replace('<', "\\u003c");
+    FOLLOW_SCRIPT.replace("__CONFIG__", &config)
+}
+
+/// Start and Stop (when a control plane is configured): Start when the pod is stopped, Stop
+/// when it runs, both shown and disabled while it is on its way; and where their errors go.
+fn lifecycle_controls(lifecycle: &Lifecycle, status: &str) -> String {
+    if lifecycle.csrf.is_none() {
+        return String::new();
+    }
+    let moving = matches!(
+        status,
+        "starting" | "stopping" | "creating" | "provisioning"
+    );
+    let button = |id: &str, label: &str, can: bool| {
+        format!(
+            "<button type=\"button\" id=\"{id}\"{}{}>{label}</button>",
+            if can || moving { "" } else { " hidden" },
+            if can { "" } else { " disabled" }
+        )
+    };
+    format!(
+        "<div class=\"controls\">{}{}</div><p id=\"lifecycle-message\" role=\"status\"></p>",
+        button("start", "Start", lifecycle.can_start),
+        button("stop", "Stop", lifecycle.can_stop)
+    )
+}
+
+/// The status as the page shows it (`#pod-status`, coloured by [`status_class`]).
+fn status_badge(status: &str) -> String {
+    format!(
+        "<strong id=\"pod-status\" class=\"s-{}\">{}</strong>",
+        status_class(status),
+        escape_html(status)
+    )
 }
 
 /// The colour class of a pod status: green running, red stopped or failed, yellow on its way.
@@ -692,21 +915,16 @@ fn page_reply(
     }
     let (retry_note, script) = match retry {
         Retry::No => (String::new(), String::new()),
-        Retry::Follow { status_url, reload } => (
-            "<p class=\"note\">This page follows the pod's status.</p>".to_owned(),
+        Retry::Follow {
+            lifecycle,
+            status: pod_status,
+            reload,
+        } => (
             format!(
-                "<script>(function(){{var el=document.getElementById('pod-status'),\
-                 open=document.getElementById('open'),s=el.textContent;\
-                 function cls(t){{return t==='running'?'running':(t==='stopped'||t==='error'||t==='failed')?'stopped':'transition';}}\
-                 function next(){{setTimeout(poll,(s==='starting'||s==='stopping'||s==='creating')?2000:15000);}}\
-                 function poll(){{fetch({url},{{credentials:'same-origin',cache:'no-store'}})\
-                 .then(function(r){{return r.json();}}).then(function(j){{if(j.status){{s=j.status;\
-                 el.textContent=s;el.className='s-'+cls(s);\
-                 if(s==='running'){{if({reload}){{location.reload();return;}}}}\
-                 if(open){{open.hidden=s!=='running';}}}}next();}})\
-                 .catch(next);}}next();}})();</script>",
-                url = serde_json::Value::String(status_url.clone()),
+                "{}<p class=\"note\">This page follows the pod's status.</p>",
+                lifecycle_controls(&lifecycle, &pod_status)
             ),
+            follow_script(&lifecycle, reload),
         ),
         Retry::Backoff => (
             "<p class=\"note\" id=\"retry\">Checking again shortly.</p>".to_owned(),
@@ -732,7 +950,11 @@ fn page_reply(
          gap:1rem;align-items:center}}a{{color:#0b5fcc}}a.button{{background:#0b5fcc;color:#fff;\
          padding:.5rem .9rem;border-radius:6px;text-decoration:none}}.note{{color:#57606a;\
          font-size:.9rem}}.s-running{{color:#1a7f37}}.s-stopped{{color:#cf222e}}\
-         .s-transition{{color:#9a6700}}</style></head><body><main><h1>{title}</h1><p>{message_html}</p>\
+         .s-transition{{color:#9a6700}}.controls{{display:flex;gap:.6rem}}\
+         button{{font:inherit;padding:.45rem 1rem;border-radius:6px;border:1px solid;color:#fff;\
+         cursor:pointer}}#start{{background:#1a7f37;border-color:#1a7f37}}\
+         #stop{{background:#cf222e;border-color:#cf222e}}button:disabled{{opacity:.45;cursor:default}}\
+         #lifecycle-message{{color:#57606a;font-size:.92rem}}#lifecycle-message.error{{color:#cf222e}}</style></head><body><main><h1>{title}</h1><p>{message_html}</p>\
          {retry_note}<ul>{facts}</ul><div class=\"actions\">{actions}</div></main>{script}\
          </body></html>\n"
     );
@@ -775,7 +997,7 @@ mod tests {
             Answer::PodUnavailable {
                 status: "stopped".into(),
                 reason: "not_running",
-                scope: String::new(),
+                lifecycle: Lifecycle::default(),
             },
             Answer::AuthorizationUnavailable,
             Answer::UpstreamRefused,
@@ -807,9 +1029,40 @@ mod tests {
             Answer::PodStatus {
                 status: "running".into(),
                 json: true,
+                lifecycle: Lifecycle::default(),
             },
             Answer::AddSlash {
                 location: "/".into(),
+            },
+            Answer::MethodNotAllowed,
+            Answer::LifecycleForbidden { why: "x" },
+            Answer::LifecycleUnavailable,
+            Answer::LifecycleConflict {
+                action: crate::control::Action::Start,
+                status: "running".into(),
+            },
+            Answer::Control {
+                action: crate::control::Action::Start,
+                outcome: Outcome::Accepted,
+            },
+            Answer::Control {
+                action: crate::control::Action::Start,
+                outcome: Outcome::InTransition,
+            },
+            Answer::Control {
+                action: crate::control::Action::Start,
+                outcome: Outcome::Refused {
+                    status: 500,
+                    message: String::new(),
+                },
+            },
+            Answer::Control {
+                action: crate::control::Action::Start,
+                outcome: Outcome::Unreachable,
+            },
+            Answer::Control {
+                action: crate::control::Action::Start,
+                outcome: Outcome::TimedOut,
             },
         ];
         let mut names: Vec<&str> = all.iter().map(Answer::name).collect();
@@ -857,15 +1110,42 @@ mod tests {
         let answer = Answer::PodUnavailable {
             status: "<stopped>".into(),
             reason: "not_running",
-            scope: "/_pod/demo/3000".into(),
+            lifecycle: Lifecycle {
+                scope: "/_pod/demo/3000".into(),
+                ..Lifecycle::default()
+            },
         };
         let page = answer.reply(true);
         assert_eq!(page.status, 503);
         let text = body(&page);
         assert!(!text.contains("http-equiv=\"refresh\""), "no fixed reload");
-        assert!(text.contains("fetch(\"/_pod/demo/3000/__pinacle/status.json\""));
+        assert!(text.contains("\"base\":\"/_pod/demo/3000/__pinacle/status\""));
+        assert!(text.contains("fetch(c.base+'.json'"));
         assert!(text.contains("location.reload()") && text.contains("?2000:15000"));
-        assert!(text.contains("&lt;stopped&gt;"));
+        assert!(text.contains("\"reload\":true"));
+        // No control plane: no buttons.
+        assert!(!text.contains("<button"));
+        let offered = Answer::PodUnavailable {
+            status: "stopped".into(),
+            reason: "not_running",
+            lifecycle: Lifecycle {
+                can_start: true,
+                csrf: Some("1.ab</script>".into()),
+                ..Lifecycle::default()
+            },
+        };
+        let text = body(&offered.reply(true));
+        assert!(
+            text.contains("<button type=\"button\" id=\"start\">Start</button>"),
+            "{text}"
+        );
+        assert!(
+            text.contains("id=\"stop\" hidden disabled>Stop</button>"),
+            "{text}"
+        );
+        assert!(text.contains("Start it here or from the dashboard"));
+        assert!(text.contains("\"csrf\":\"1.ab\\u003c/script>\""), "{text}");
+        assert!(body(&page).contains("&lt;stopped&gt;"));
         assert!(page.headers.contains(&("retry-after", "5".into())));
         let json: serde_json::Value = serde_json::from_slice(&answer.reply(false).body).unwrap();
         assert_eq!(json["status"], "<stopped>");

@@ -334,6 +334,9 @@ pub fn build(
         prepared.metrics.clone(),
         move || sweep_state.current_config().authorizer.allow_ttl,
     ));
+    prepared
+        .side
+        .spawn(crate::control::report_activity(state.clone()));
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
     let gate = Gate::new(proxy, limits, prepared.metrics.clone()).with_plain_requests(plain);
     let limits = gate.limits();

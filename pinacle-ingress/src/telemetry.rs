@@ -42,6 +42,8 @@ pub struct Metrics {
     notifications: IntCounter,
     listener_reconnects: IntCounter,
     revoked: IntCounterVec,
+    control_calls: IntCounterVec,
+    activity_dropped: IntCounter,
     /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
     /// under a lock on every request otherwise.
     route_series: Arc<[OnceLock<RouteSeries>; RouteKind::ALL.len()]>,
@@ -266,6 +268,28 @@ impl Metrics {
         for kind in ["tunnel", "stream"] {
             revoked.with_label_values(&[kind]);
         }
+        let control_calls = counter(
+            "pinacle_ingress_control_calls_total",
+            "Calls to the control plane by act (start, stop, wake, activity) and result \
+             (accepted, in_transition, refused, unreachable, timeout).",
+            &["act", "result"],
+        )?;
+        for act in ["start", "stop", "wake", "activity"] {
+            for result in [
+                "accepted",
+                "in_transition",
+                "refused",
+                "unreachable",
+                "timeout",
+            ] {
+                control_calls.with_label_values(&[act, result]);
+            }
+        }
+        let activity_dropped = IntCounter::new(
+            "pinacle_ingress_activity_dropped_total",
+            "Pods left out of activity reports because a batch was full (10000 pods).",
+        )?;
+        registry.register(Box::new(activity_dropped.clone()))?;
         let metrics = Self {
             registry,
             answers,
@@ -273,6 +297,8 @@ impl Metrics {
             notifications,
             listener_reconnects,
             revoked,
+            control_calls,
+            activity_dropped,
             connections_open,
             connections_refused,
             header_timeouts,
@@ -449,6 +475,16 @@ impl Metrics {
     /// A connection closed because its user lost access (`tunnel` or `stream`).
     pub fn revoked(&self, kind: &str) {
         self.revoked.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a call to the control plane.
+    pub fn control_call(&self, act: &str, result: &str) {
+        self.control_calls.with_label_values(&[act, result]).inc();
+    }
+
+    /// Counts pods left out of an activity report.
+    pub fn activity_dropped(&self, pods: usize) {
+        self.activity_dropped.inc_by(pods as u64);
     }
 
     /// Records a request served by the plain path (`crate::plain`).

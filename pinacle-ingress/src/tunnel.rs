@@ -63,6 +63,8 @@ pub struct Watch<'a> {
     pub revocation: Option<&'a mut Registration>,
     /// A WebSocket: a revocation sends the client a close frame (1008) first.
     pub websocket: bool,
+    /// Where traffic is noted for the activity reports (at most once a second).
+    pub activity: Option<&'a crate::control::Touch>,
 }
 
 /// The WebSocket close frame a revoked tunnel sends the client: unmasked (server to client),
@@ -321,6 +323,7 @@ pub async fn relay(
         idle,
         mut revocation,
         websocket,
+        activity,
     } = watch;
     let Upgraded {
         mut upstream,
@@ -354,6 +357,8 @@ pub async fn relay(
     let mut buf = vec![0u8; RELAY_BUFFER];
     // Re-armed only when it fires (from the last activity), not on every message.
     let mut last_activity = tokio::time::Instant::now();
+    // The request that opened the tunnel was noted already.
+    let mut last_touch = last_activity;
     let silence = tokio::time::sleep(idle);
     tokio::pin!(silence);
     let mut upstream_first = false;
@@ -444,7 +449,14 @@ pub async fn relay(
         if !moved {
             break;
         }
-        last_activity = tokio::time::Instant::now();
+        let now = tokio::time::Instant::now();
+        if let Some(touch) = activity
+            && now.duration_since(last_touch) >= Duration::from_secs(1)
+        {
+            touch.touch();
+            last_touch = now;
+        }
+        last_activity = now;
     }
     // A clean end for the client (TLS close_notify, then FIN), bounded.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;

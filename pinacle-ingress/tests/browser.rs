@@ -546,3 +546,282 @@ async fn a_stopped_pods_page_follows_its_status_and_opens_the_pod_once_it_runs()
     assert_eq!(echo["path"], "/docs?page=2");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The secret the control-plane stand-in and the ingress share.
+const CONTROL_SECRET: &str = "browser-control-secret-of-32-bytes";
+
+/// A proxy token for `user` on `slug` (pod id `pod_id`), port 3000.
+fn proxy_token_for(user: &str, slug: &str, pod_id: &str) -> String {
+    let minted = clean(Command::new(BIN))
+        .args(["session", "mint", "--user", user, "--pod", slug])
+        .args(["--pod-id", pod_id, "--port", "3000"])
+        .env("NEXTAUTH_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(minted.status.success());
+    String::from_utf8(minted.stdout)
+        .unwrap()
+        .trim()
+        .strip_prefix("pinacle-proxy-token=")
+        .unwrap()
+        .to_owned()
+}
+
+/// `DATABASE_URL` for the binary: the test's own database on the suite's server.
+fn database_url_of(pool: &sqlx::PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(pool.connect_options().get_database().unwrap());
+    url.to_string()
+}
+
+/// A control-plane stand-in that flips the status in Postgres as a real one would: `starting`
+/// (`stopping`) at once, `running` (`stopped`) a second and a half later.
+async fn flipping_control_plane(pool: &sqlx::PgPool) -> pinacle_testkit::control::ControlPlane {
+    let pool = pool.clone();
+    let on_action: pinacle_testkit::control::OnAction = std::sync::Arc::new(move |act, pod| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let (now, then) = match act.as_str() {
+                "start" => ("starting", "running"),
+                _ => ("stopping", "stopped"),
+            };
+            let set = |status: &'static str, pool: sqlx::PgPool, pod: String| async move {
+                sqlx::query("UPDATE pod SET status = $1 WHERE id = $2")
+                    .bind(status)
+                    .bind(pod)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            };
+            set(now, pool.clone(), pod.clone()).await;
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                set(then, pool, pod).await;
+            });
+        })
+    });
+    pinacle_testkit::control::ControlPlane::start(CONTROL_SECRET, on_action).await
+}
+
+/// `ada`'s team, server `s1`, and her pods `sleepy` (stopped) and `awake` (running), both
+/// published on `pod_port`.
+async fn seed_lifecycle(pool: &sqlx::PgPool, pod_port: u16) {
+    use pinacle_authz::testing::{PodSeed, Seed, ports_json};
+    let seed = Seed(pool);
+    seed.people().await.unwrap();
+    seed.server("s1", "127.0.0.1").await.unwrap();
+    let ports = ports_json(pod_port);
+    for (id, slug, status) in [
+        ("p_sleepy", "sleepy", "stopped"),
+        ("p_awake", "awake", "running"),
+    ] {
+        seed.pod(&PodSeed {
+            id,
+            slug,
+            owner_id: "ada",
+            team_id: "t1",
+            server_id: Some("s1"),
+            status,
+            ports: Some(&ports),
+            age_secs: 60.0,
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The binary over the test's database, with the control plane at `control`.
+fn lifecycle_ingress(
+    dir: &std::path::Path,
+    pool: &sqlx::PgPool,
+    control: &str,
+    listen: u16,
+    extra: &[(&str, &str)],
+) -> Process {
+    std::fs::write(dir.join("directory.toml"), "").unwrap();
+    let mut ingress = serve(dir, listen, reserve_port());
+    ingress
+        .env_remove("PINACLE_INGRESS_DIRECTORY_FILE")
+        .env("DATABASE_URL", database_url_of(pool))
+        .env("PINACLE_INGRESS_CONTROL_URL", control)
+        .env("PINACLE_INGRESS_CONTROL_SECRET", CONTROL_SECRET)
+        .env("PINACLE_INGRESS_AUTHZ_DENY_TTL", "30s");
+    for (k, v) in extra {
+        ingress.env(k, v);
+    }
+    Process(ingress.spawn().unwrap())
+}
+
+/// Where the screenshots of the lifecycle tests go (kept: `target/screenshots`).
+fn screenshots() -> PathBuf {
+    let dir = repo().join("target/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn start_on_a_stopped_pods_page_reaches_the_control_plane_and_lands_on_the_pod(
+    pool: sqlx::PgPool,
+) {
+    let pod = upstream::http_echo("started-pod").await;
+    seed_lifecycle(&pool, pod.addr.port()).await;
+    let control = flipping_control_plane(&pool).await;
+    let dir = scratch("pinacle-lifecycle-start");
+    let listen = reserve_port();
+    let _ingress = lifecycle_ingress(&dir, &pool, &control.url(), listen, &[]);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], listen))).await;
+    let token = proxy_token_for("ada", "sleepy", "p_sleepy");
+    let url = format!(
+        "http://localhost-3000-pod-sleepy.localhost:{listen}/pinacle-proxy-callback?token={token}&return_url=%2Fdocs%3Fpage%3D2"
+    );
+    let shots = screenshots();
+    let seen = node_script(
+        "lifecycle.mjs",
+        vec!["start".into(), url.into(), shots.clone().into()],
+    )
+    .await;
+    let before = &seen["before"];
+    assert_eq!(before["title"], "This pod is not running");
+    assert_eq!(before["status"], "stopped");
+    assert_eq!(
+        (before["start"].as_bool(), before["startEnabled"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(before["stop"], false);
+    let during = &seen["during"];
+    assert_eq!(during["message"], "Starting the pod\u{2026}");
+    assert_eq!(during["startEnabled"], false);
+    // The click reached the stand-in with the contract's claims.
+    let calls = control.calls_to("/start");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let claims = calls[0]
+        .claims
+        .clone()
+        .unwrap_or_else(|| panic!("{:?}", calls[0].token_error));
+    assert_eq!(calls[0].path, "/api/ingress/pods/p_sleepy/start");
+    assert_eq!(
+        (claims["sub"].as_str(), claims["act"].as_str()),
+        (Some("ada"), Some("start"))
+    );
+    // And the page landed on the pod at the path first asked for.
+    assert_eq!(
+        seen["after"]["url"],
+        format!("http://localhost-3000-pod-sleepy.localhost:{listen}/docs?page=2")
+    );
+    let echo: serde_json::Value =
+        serde_json::from_str(seen["after"]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (echo["name"].as_str(), echo["path"].as_str()),
+        (Some("started-pod"), Some("/docs?page=2"))
+    );
+    for step in ["before", "during"] {
+        assert!(
+            std::fs::metadata(shots.join(format!("start-{step}.png")))
+                .unwrap()
+                .len()
+                > 1000
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn stop_on_a_running_pods_status_page_then_start_again_and_open_it(pool: sqlx::PgPool) {
+    let pod = upstream::http_echo("stopped-pod").await;
+    seed_lifecycle(&pool, pod.addr.port()).await;
+    let control = flipping_control_plane(&pool).await;
+    let dir = scratch("pinacle-lifecycle-stop");
+    let listen = reserve_port();
+    let _ingress = lifecycle_ingress(&dir, &pool, &control.url(), listen, &[]);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], listen))).await;
+    let token = proxy_token_for("ada", "awake", "p_awake");
+    let url = format!(
+        "http://localhost-3000-pod-awake.localhost:{listen}/pinacle-proxy-callback?token={token}&return_url=%2F__pinacle%2Fstatus"
+    );
+    let seen = node_script(
+        "lifecycle.mjs",
+        vec!["stop".into(), url.into(), screenshots().into()],
+    )
+    .await;
+    let before = &seen["before"];
+    assert_eq!(
+        (before["title"].as_str(), before["status"].as_str()),
+        (Some("Pod status"), Some("running"))
+    );
+    assert_eq!(
+        (before["stop"].as_bool(), before["start"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(seen["during"]["message"], "Stopping the pod\u{2026}");
+    let stopped = &seen["stopped"];
+    assert_eq!(
+        (stopped["start"].as_bool(), stopped["stop"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(seen["running"]["status"], "running");
+    let acts: Vec<String> = control
+        .calls()
+        .iter()
+        .map(|c| {
+            c.claims.as_ref().unwrap()["act"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(acts, ["stop", "start"]);
+    assert_eq!(
+        seen["after"]["url"],
+        format!("http://localhost-3000-pod-awake.localhost:{listen}/")
+    );
+    assert!(
+        seen["after"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("stopped-pod")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn wake_on_request_opens_a_stopped_pod_without_a_click(pool: sqlx::PgPool) {
+    let pod = upstream::http_echo("woken-pod").await;
+    seed_lifecycle(&pool, pod.addr.port()).await;
+    let control = flipping_control_plane(&pool).await;
+    let dir = scratch("pinacle-lifecycle-wake");
+    let listen = reserve_port();
+    let _ingress = lifecycle_ingress(
+        &dir,
+        &pool,
+        &control.url(),
+        listen,
+        &[("PINACLE_INGRESS_WAKE_ON_REQUEST", "true")],
+    );
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], listen))).await;
+    let token = proxy_token_for("ada", "sleepy", "p_sleepy");
+    let url = format!(
+        "http://localhost-3000-pod-sleepy.localhost:{listen}/pinacle-proxy-callback?token={token}&return_url=%2Fnotes%2F7"
+    );
+    let seen = node_script(
+        "lifecycle.mjs",
+        vec!["wake".into(), url.into(), screenshots().into()],
+    )
+    .await;
+    assert!(
+        seen["first"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("It is being started now"),
+        "{}",
+        seen["first"]
+    );
+    assert_eq!(
+        seen["after"]["url"],
+        format!("http://localhost-3000-pod-sleepy.localhost:{listen}/notes/7")
+    );
+    let calls = control.calls_to("/start");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].claims.as_ref().unwrap()["sub"], "ada");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -409,7 +409,9 @@ async fn archived_pod_is_unreachable_and_stopped_pod_is_503(pool: PgPool) {
     assert!(text.contains("class=\"s-stopped\">stopped</strong>"));
     // It follows the pod's status by itself (and opens the pod once it runs), and names the
     // pod, the user and the request.
-    assert!(text.contains("fetch(\"/__pinacle/status.json\""));
+    assert!(
+        text.contains("\"base\":\"/__pinacle/status\"") && text.contains("fetch(c.base+'.json'")
+    );
     assert!(text.contains("location.reload()") && !text.contains("http-equiv=\"refresh\""));
     assert!(text.contains("Pod <strong>sleepy</strong>, port <strong>"));
     assert!(text.contains(page.header("x-request-id").unwrap()));
@@ -1996,7 +1998,11 @@ async fn the_pod_status_is_answered_to_those_who_may_reach_the_pod_and_never_for
         assert!(r.header("content-type").unwrap().starts_with("text/html"));
         let page = r.text();
         let shown = format!("id=\"pod-status\" class=\"s-{class}\">{status}</strong>");
-        for expected in [shown.as_str(), "fetch(\"status.json\"", "Pod <strong>"] {
+        for expected in [
+            shown.as_str(),
+            "\"base\":\"/__pinacle/status\"",
+            "Pod <strong>",
+        ] {
             assert!(page.contains(expected), "{expected} not in {page}");
         }
         // Strangers and the unauthenticated learn nothing.

@@ -8,6 +8,7 @@
 //! - [`nginx`]: runs nginx with a given config, stopped (by its PID) on drop.
 //! - [`client`]: one request on a fresh or given connection, the whole response read.
 //! - [`tls`]: a certificate authority made in the test and a client connector trusting it.
+//! - [`control`]: a control-plane stand-in that verifies the ingress's tokens.
 //! - [`relay`]: a TCP relay the test can cut and restore (fault tests: a database outage).
 
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 #![allow(clippy::result_large_err)] // tungstenite's handshake callback signature, not ours
 
 pub mod client;
+pub mod control;
 pub mod nginx;
 pub mod relay;
 pub mod tls;
