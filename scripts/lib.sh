@@ -22,6 +22,7 @@ ensure_packages() {
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   if [ "${#missing[@]}" -gt 0 ]; then

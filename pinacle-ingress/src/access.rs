@@ -65,6 +65,8 @@ pub struct Record {
     pub user_email: Option<String>,
     /// The authorization outcome (`allow`, `not_member`, `missing`…).
     pub authz: &'static str,
+    /// The machine credential used (`jwt`, `hmac`), when one was.
+    pub credential: Option<&'static str>,
     /// Why the directory could not answer, for the access line's `error`.
     pub directory_error: Option<&'static str>,
     /// Which engine carried the request.
@@ -100,6 +102,7 @@ impl Default for Record {
             user: None,
             user_email: None,
             authz: "none",
+            credential: None,
             directory_error: None,
             engine: Engine::Pingora,
             upstream: None,
@@ -167,6 +170,7 @@ impl Record {
             status = end.status,
             answer = self.answer.unwrap_or(""),
             authz = self.authz,
+            credential = self.credential.unwrap_or(""),
             upstream = %self.upstream.map(|a| a.to_string()).unwrap_or_default(),
             upgraded = end.upgraded,
             bytes_in = end.bytes_in,

@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pinacle_authz::{AuthorizerConfig, Secret, SessionCookie};
@@ -123,6 +124,69 @@ pub struct FileConfig {
     pub wake_on_request: Option<bool>,
     /// How often pods that carried traffic are reported to the control plane (`off`: never).
     pub activity_interval: Option<String>,
+    /// `[api]`: credentials for machines (bearer JWTs, HMAC-signed requests).
+    pub api: Option<ApiFile>,
+    /// `[rate_limits]`: token buckets and daily quotas.
+    pub rate_limits: Option<RateLimitsFile>,
+}
+
+/// `[api]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// A JWKS file (RS256, ES256, EdDSA keys); re-read on SIGHUP.
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL: fetched at start, every 5 minutes, and on an unknown `kid` (at most once per
+    /// `jwks_refresh_interval`).
+    pub jwks_url: Option<String>,
+    /// Longest one JWKS fetch may take.
+    pub jwks_timeout: Option<String>,
+    /// The shortest time between two fetches on unknown key ids.
+    pub jwks_refresh_interval: Option<String>,
+    /// HS256 secrets (at least 32 bytes each).
+    pub hs256_secrets: Option<Vec<String>>,
+    /// Files each holding one HS256 secret.
+    pub hs256_secret_files: Option<Vec<PathBuf>>,
+    /// Required `aud` (default `pinacle-ingress`).
+    pub audience: Option<String>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Clock leeway for `exp` and `nbf` (default 30s).
+    pub leeway: Option<String>,
+    /// HMAC clients (`[[clients]]` with `id`, `secret` or `secret_file`, `user_id`).
+    pub hmac_clients_file: Option<PathBuf>,
+    /// How far an HMAC timestamp may be from now (default 5m).
+    pub hmac_clock_tolerance: Option<String>,
+}
+
+/// `[rate_limits]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsFile {
+    /// Per user, API clients.
+    pub api_per_user: Option<LimitFile>,
+    /// Per pod, API clients.
+    pub api_per_pod: Option<LimitFile>,
+    /// Per user, browsers.
+    pub browser_per_user: Option<LimitFile>,
+    /// `redis://host:port/db`: buckets shared by every gateway (unset: in memory).
+    pub redis_url: Option<String>,
+    /// A file holding `redis_url` (it may carry a password).
+    pub redis_url_file: Option<PathBuf>,
+    /// Longest one Redis check may take (default 50ms).
+    pub redis_timeout: Option<String>,
+}
+
+/// `{ burst = 10, per_second = 5, daily = 200000 }`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitFile {
+    /// Bucket size.
+    pub burst: u32,
+    /// Refill per second.
+    pub per_second: f64,
+    /// Requests per UTC day.
+    pub daily: Option<u64>,
 }
 
 /// A certificate and its key (PEM files).
@@ -143,6 +207,8 @@ enum Kind {
     Flag,
     /// Not settable from the environment (arrays of tables).
     FileOnly,
+    /// A table (`[api]`), not settable from the environment.
+    Table,
 }
 
 /// Every key, its type, for unknown-key reports and environment overrides.
@@ -192,6 +258,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("control_timeout", Kind::Text),
     ("wake_on_request", Kind::Flag),
     ("activity_interval", Kind::Text),
+    ("api", Kind::Table),
+    ("rate_limits", Kind::Table),
 ];
 
 /// Where pods, users and sessions come from.
@@ -303,6 +371,10 @@ pub struct IngressConfig {
     pub upgrade_sock: PathBuf,
     /// The control plane (Start, Stop, wake, activity), if configured.
     pub control: Option<ControlConfig>,
+    /// Machine credentials (`[api]`; none: `Authorization` is never ours).
+    pub api: Option<Arc<crate::api_auth::ApiConfig>>,
+    /// Rate limits and quotas (`[rate_limits]`).
+    pub rate_limits: crate::rate_limit::RateLimits,
 }
 
 /// The control plane's settings ([`crate::control`]).
@@ -435,6 +507,7 @@ fn drop_mistyped(table: &mut toml::Table, problems: &mut Vec<Problem>) {
                     .is_some_and(|items| items.iter().all(Value::is_table)),
                 "a list of tables ([[...]])",
             ),
+            Kind::Table => (value.is_table(), "a table ([...])"),
         };
         if !ok {
             problems.push(problem(
@@ -492,7 +565,7 @@ fn apply_env(
                     continue;
                 }
             },
-            Kind::FileOnly => {
+            Kind::FileOnly | Kind::Table => {
                 problems.push(problem(var, "can only be set in the configuration file"));
                 continue;
             }
@@ -648,6 +721,183 @@ fn control_config(file: &FileConfig, problems: &mut Vec<Problem>) -> Option<Cont
         wake_on_request: file.wake_on_request.unwrap_or(false),
         activity_interval,
     })
+}
+
+/// `[api]`, its files read.
+fn api_config(file: &ApiFile, problems: &mut Vec<Problem>) -> Option<crate::api_auth::ApiConfig> {
+    use crate::api_auth::{HmacClients, KeySet};
+    let before = problems.len();
+    let file_keys = match &file.jwks_file {
+        Some(path) => KeySet::load(path)
+            .map_err(|m| {
+                problems.push(problem("api.jwks_file", format!("{}: {m}", path.display())))
+            })
+            .unwrap_or_default(),
+        None => KeySet::default(),
+    };
+    let jwks_url = file
+        .jwks_url
+        .as_ref()
+        .and_then(|u| match url::Url::parse(u) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+                Some(u.clone())
+            }
+            _ => {
+                problems.push(problem(
+                    "api.jwks_url",
+                    format!("{u:?} is not an http(s) URL"),
+                ));
+                None
+            }
+        });
+    let mut hs256: Vec<Secret> = Vec::new();
+    for text in file.hs256_secrets.iter().flatten() {
+        hs256.push(Secret::new(text.clone()));
+    }
+    for path in file.hs256_secret_files.iter().flatten() {
+        match std::fs::read_to_string(path) {
+            Ok(t) => hs256.push(Secret::new(t.trim_end_matches(['\r', '\n']).to_owned())),
+            Err(e) => problems.push(problem(
+                "api.hs256_secret_files",
+                format!("cannot read {}: {e}", path.display()),
+            )),
+        }
+    }
+    if hs256.iter().any(|s| s.expose().len() < 32) {
+        problems.push(problem(
+            "api.hs256_secrets",
+            "each must be at least 32 bytes",
+        ));
+    }
+    let clients = match &file.hmac_clients_file {
+        Some(path) => HmacClients::load(path)
+            .map_err(|m| {
+                problems.push(problem(
+                    "api.hmac_clients_file",
+                    format!("{}: {m}", path.display()),
+                ));
+            })
+            .unwrap_or_default(),
+        None => HmacClients::default(),
+    };
+    if file_keys.is_empty() && jwks_url.is_none() && hs256.is_empty() && clients.is_empty() {
+        problems.push(problem(
+            "api",
+            "names no keys, secrets or clients (jwks_file, jwks_url, hs256_secrets, \
+             hmac_clients_file)",
+        ));
+    }
+    let d = |key: &str, value: &Option<String>, default, problems: &mut Vec<Problem>| {
+        duration(key, value.as_ref(), default, problems)
+    };
+    let config = crate::api_auth::ApiConfig {
+        audience: file
+            .audience
+            .clone()
+            .unwrap_or_else(|| "pinacle-ingress".to_owned()),
+        issuer: file.issuer.clone(),
+        leeway: match file.leeway.as_deref() {
+            Some("0" | "0s") => Duration::ZERO,
+            _ => d(
+                "api.leeway",
+                &file.leeway,
+                Duration::from_secs(30),
+                problems,
+            ),
+        },
+        jwks_file: file.jwks_file.clone(),
+        file_keys: Arc::new(file_keys),
+        jwks_url,
+        jwks_timeout: d(
+            "api.jwks_timeout",
+            &file.jwks_timeout,
+            Duration::from_secs(2),
+            problems,
+        ),
+        jwks_refresh_interval: d(
+            "api.jwks_refresh_interval",
+            &file.jwks_refresh_interval,
+            Duration::from_secs(60),
+            problems,
+        ),
+        hs256,
+        hmac_clients_file: file.hmac_clients_file.clone(),
+        clients: Arc::new(clients),
+        hmac_tolerance: d(
+            "api.hmac_clock_tolerance",
+            &file.hmac_clock_tolerance,
+            Duration::from_secs(300),
+            problems,
+        ),
+    };
+    (problems.len() == before).then_some(config)
+}
+
+/// `[rate_limits]`.
+fn rate_limits_config(
+    file: Option<&RateLimitsFile>,
+    problems: &mut Vec<Problem>,
+) -> crate::rate_limit::RateLimits {
+    let Some(file) = file else {
+        return crate::rate_limit::RateLimits {
+            redis_timeout: Duration::from_millis(50),
+            ..Default::default()
+        };
+    };
+    let limit = |key: &str, l: Option<LimitFile>, problems: &mut Vec<Problem>| {
+        let l = l?;
+        if l.burst == 0 || !(l.per_second > 0.0 && l.per_second.is_finite()) || l.daily == Some(0) {
+            problems.push(problem(
+                format!("rate_limits.{key}"),
+                "burst, per_second and daily must be above zero",
+            ));
+            return None;
+        }
+        Some(crate::rate_limit::Limit {
+            burst: l.burst,
+            per_second: l.per_second,
+            daily: l.daily,
+        })
+    };
+    let redis_url = match (&file.redis_url, &file.redis_url_file) {
+        (Some(_), Some(_)) => {
+            problems.push(problem(
+                "rate_limits.redis_url_file",
+                "set together with redis_url",
+            ));
+            None
+        }
+        (Some(u), None) => Some(u.clone()),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| {
+                problems.push(problem(
+                    "rate_limits.redis_url_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            })
+            .ok(),
+        (None, None) => None,
+    };
+    let redis_url = redis_url.and_then(|u| match url::Url::parse(&u) {
+        Ok(url) if matches!(url.scheme(), "redis" | "rediss") => Some(Secret::new(u)),
+        _ => {
+            problems.push(problem("rate_limits.redis_url", "is not a redis:// URL"));
+            None
+        }
+    });
+    crate::rate_limit::RateLimits {
+        api_per_user: limit("api_per_user", file.api_per_user, problems),
+        api_per_pod: limit("api_per_pod", file.api_per_pod, problems),
+        browser_per_user: limit("browser_per_user", file.browser_per_user, problems),
+        redis_url,
+        redis_timeout: duration(
+            "rate_limits.redis_timeout",
+            file.redis_timeout.as_ref(),
+            Duration::from_millis(50),
+            problems,
+        ),
+    }
 }
 
 /// A limit counted in units: at least 1.
@@ -1096,6 +1346,12 @@ fn validate(
         ));
     }
     let control = control_config(file, &mut problems);
+    let api = file
+        .api
+        .as_ref()
+        .and_then(|a| api_config(a, &mut problems))
+        .map(Arc::new);
+    let rate_limits = rate_limits_config(file.rate_limits.as_ref(), &mut problems);
     let upgrade_sock = file
         .upgrade_sock
         .clone()
@@ -1130,6 +1386,8 @@ fn validate(
             max_concurrent_requests,
             max_connections,
             control,
+            api,
+            rate_limits,
             plain_path: file.plain_path.unwrap_or(true),
             directory_notifications: file.directory_notifications.unwrap_or(true),
             tls,

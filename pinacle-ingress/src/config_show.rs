@@ -256,6 +256,8 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
                 .unwrap_or_default(),
         ),
     ]);
+    lines.push(("api", c.api.as_deref().map(api_table).unwrap_or_default()));
+    lines.push(("rate_limits", rate_limits_table(&c.rate_limits)));
     if let Some(tls) = &c.tls {
         lines.push(("tls_listen", quoted(&tls.listen.to_string())));
         lines.push(("http_redirect_to_https", tls.redirect_http.to_string()));
@@ -267,6 +269,78 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
         lines.push(("tls_certificates", list(files.iter().map(String::as_str))));
     }
     lines.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// `[api]` as an inline table; secrets as `REDACTED`, with how many keys and clients were
+/// loaded in a comment-free form (`jwks_file` keys are re-read on reload).
+fn api_table(api: &crate::api_auth::ApiConfig) -> String {
+    let mut parts = vec![
+        format!("audience = {}", quoted(&api.audience)),
+        format!("leeway = {}", duration(api.leeway)),
+        format!("jwks_timeout = {}", duration(api.jwks_timeout)),
+        format!(
+            "jwks_refresh_interval = {}",
+            duration(api.jwks_refresh_interval)
+        ),
+        format!("hmac_clock_tolerance = {}", duration(api.hmac_tolerance)),
+    ];
+    if let Some(iss) = &api.issuer {
+        parts.push(format!("issuer = {}", quoted(iss)));
+    }
+    if let Some(path) = &api.jwks_file {
+        parts.push(format!(
+            "jwks_file = {}",
+            quoted(&path.display().to_string())
+        ));
+    }
+    if let Some(url) = &api.jwks_url {
+        parts.push(format!("jwks_url = {}", quoted(url)));
+    }
+    if !api.hs256.is_empty() {
+        parts.push(format!(
+            "hs256_secrets = [{}]",
+            vec![quoted("REDACTED"); api.hs256.len()].join(", ")
+        ));
+    }
+    if let Some(path) = &api.hmac_clients_file {
+        parts.push(format!(
+            "hmac_clients_file = {}",
+            quoted(&path.display().to_string())
+        ));
+    }
+    format!("{{ {} }}", parts.join(", "))
+}
+
+/// `[rate_limits]` as an inline table, the Redis URL's password redacted.
+fn rate_limits_table(r: &crate::rate_limit::RateLimits) -> String {
+    let limit = |name: &str, l: Option<crate::rate_limit::Limit>| {
+        l.map(|l| {
+            let daily = l
+                .daily
+                .map(|d| format!(", daily = {d}"))
+                .unwrap_or_default();
+            format!(
+                "{name} = {{ burst = {}, per_second = {}{daily} }}",
+                l.burst, l.per_second
+            )
+        })
+    };
+    let mut parts: Vec<String> = [
+        limit("api_per_user", r.api_per_user),
+        limit("api_per_pod", r.api_per_pod),
+        limit("browser_per_user", r.browser_per_user),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if let Some(url) = &r.redis_url {
+        parts.push(format!(
+            "redis_url = {}",
+            quoted(&redact_url(&String::from_utf8_lossy(url.expose())))
+        ));
+    }
+    parts.push(format!("redis_timeout = {}", duration(r.redis_timeout)));
+    format!("{{ {} }}", parts.join(", "))
 }
 
 fn render_tls(c: &IngressConfig, out: &mut String) {

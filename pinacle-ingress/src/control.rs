@@ -16,14 +16,11 @@
 //! the build already) instead of a client crate: one request per call, no pool, no redirects.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
 use pinacle_authz::{PodId, Secret, UserId};
 use serde::Serialize;
 use sha2::Sha256;
@@ -243,14 +240,10 @@ pub enum CallError {
     TimedOut,
 }
 
-/// Which `control_ca_file` (path and modification time) TLS settings were built from.
-type CaVersion = Option<(PathBuf, Option<std::time::SystemTime>)>;
-
-/// Makes the calls. The TLS settings are built again only when `control_ca_file` (its path or
-/// its modification time) changes.
+/// Makes the calls (TLS settings cached per `control_ca_file`).
 #[derive(Debug, Default)]
 pub struct Client {
-    tls: Mutex<Option<(CaVersion, Arc<rustls::ClientConfig>)>>,
+    tls: crate::http_client::TlsCache,
 }
 
 impl Client {
@@ -309,19 +302,9 @@ impl Client {
     }
 
     fn tls_config(&self, config: &ControlConfig) -> Result<Arc<rustls::ClientConfig>, CallError> {
-        let version: CaVersion = config.ca_file.as_ref().map(|path| {
-            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-            (path.clone(), modified)
-        });
-        let mut cached = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((built_from, tls)) = cached.as_ref()
-            && *built_from == version
-        {
-            return Ok(tls.clone());
-        }
-        let tls = Arc::new(client_tls(config.ca_file.as_deref()).map_err(CallError::Unreachable)?);
-        *cached = Some((version, tls.clone()));
-        Ok(tls)
+        self.tls
+            .get(config.ca_file.as_deref())
+            .map_err(CallError::Unreachable)
     }
 }
 
@@ -332,31 +315,6 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
-/// The system's roots and `ca_file`'s.
-fn client_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().unwrap_or_default() {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-}
-
-/// A connection to the control plane, TLS or not.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
 async fn post(
     config: &ControlConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -364,74 +322,21 @@ async fn post(
     bearer: &str,
     body: Bytes,
 ) -> Result<(u16, Bytes), CallError> {
-    let unreachable = |e: &dyn std::fmt::Display| CallError::Unreachable(e.to_string());
-    let url = url::Url::parse(&format!("{}{path}", config.url)).map_err(|e| unreachable(&e))?;
-    let host = url
-        .host_str()
-        .ok_or_else(|| CallError::Unreachable("no host".into()))?
-        .to_owned();
-    let port = url
-        .port_or_known_default()
-        .ok_or_else(|| CallError::Unreachable("no port".into()))?;
-    let bare_host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let tcp = tokio::net::TcpStream::connect((bare_host.as_str(), port))
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let _ = tcp.set_nodelay(true);
-    let io: Box<dyn Io> = match tls {
-        Some(tls) => {
-            let name = rustls_pki_types::ServerName::try_from(bare_host.clone())
-                .map_err(|e| unreachable(&e))?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| unreachable(&e))?;
-            Box::new(stream)
-        }
-        None => Box::new(tcp),
-    };
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let driver = tokio::spawn(connection);
-    let authority = match url.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host.clone(),
-    };
-    let target = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_owned(),
-    };
-    let request = http::Request::post(target)
-        .header(http::header::HOST, authority)
-        .header(http::header::AUTHORIZATION, format!("Bearer {bearer}"))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .header(
-            http::header::USER_AGENT,
-            format!("pinacle-ingress/{}", crate::VERSION),
-        )
-        .body(Full::new(body))
-        .map_err(|e| unreachable(&e))?;
-    let result = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| CallError::Unreachable(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
-    }
-    .await;
-    driver.abort();
-    result
+    let url = format!("{}{path}", config.url);
+    let authorization = format!("Bearer {bearer}");
+    crate::http_client::request(
+        http::Method::POST,
+        &url,
+        tls,
+        &[
+            (http::header::AUTHORIZATION, authorization.as_str()),
+            (http::header::CONTENT_TYPE, "application/json"),
+        ],
+        body,
+        MAX_ANSWER_BYTES,
+    )
+    .await
+    .map_err(CallError::Unreachable)
 }
 
 /// Starts a stopped pod on a navigation (`wake_on_request`): at most one start call per pod

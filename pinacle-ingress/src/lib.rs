@@ -52,6 +52,7 @@ pub const LONG_VERSION: &str = concat!(
 
 pub mod access;
 pub mod admin;
+pub mod api_auth;
 pub mod callback;
 pub mod cli;
 pub mod config;
@@ -62,6 +63,7 @@ pub mod cors;
 pub mod directory;
 pub mod framing;
 pub mod host;
+pub mod http_client;
 pub mod inspect;
 pub mod intent;
 pub mod path_routing;
@@ -70,6 +72,7 @@ pub mod plain;
 pub mod plain_engine;
 pub mod policy;
 pub mod proxy;
+pub mod rate_limit;
 pub mod reload;
 pub mod request_id;
 pub mod responses;

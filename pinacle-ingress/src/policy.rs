@@ -410,6 +410,11 @@ impl State {
         }
         match self.apply(record, judged) {
             Ok(allowed) => {
+                if config.rate_limits.any()
+                    && let Some(limited) = self.rate_limit(config, record, &allowed).await
+                {
+                    return Verdict::Answer(limited);
+                }
                 let mut plan = plan(
                     config,
                     view,
@@ -427,6 +432,9 @@ impl State {
                     plan.add_response.push((header::SET_COOKIE, cookie));
                 }
                 plan.cors_origin = cors_grant(config, view, &pod);
+                if allowed.machine.is_some_and(|m| m.strip_authorization) {
+                    plan.edits.push(HeaderEdit::Remove(header::AUTHORIZATION));
+                }
                 if config
                     .control
                     .as_ref()
@@ -475,6 +483,68 @@ impl State {
                 })
             }
             Err(answer) => Verdict::Answer(answer),
+        }
+    }
+
+    /// Checks the request against its kind's rate limits and quotas; the answer when over.
+    async fn rate_limit(
+        &self,
+        config: &IngressConfig,
+        record: &Record,
+        allowed: &Allowed,
+    ) -> Option<Answer> {
+        use crate::rate_limit::{Backend, Check, Kind, RedisEvent, Verdict as Limit};
+        let kind = if allowed.machine.is_some() {
+            Kind::Api
+        } else {
+            Kind::Browser
+        };
+        let check = Check::of(
+            &config.rate_limits,
+            kind,
+            allowed.grant.user.as_str(),
+            allowed.grant.pod_id.as_str(),
+        );
+        if check.counters.is_empty() {
+            return None;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let (verdict, backend, event) = self
+            .limiter
+            .check(&config.rate_limits, &check, now_ms)
+            .await;
+        match event {
+            RedisEvent::Failed => {
+                self.metrics.redis_failure();
+                tracing::warn!(parent: &record.span, request_id = %record.request_id, "Redis did not answer a rate-limit check in time: this gateway counts limits in memory until it does");
+            }
+            RedisEvent::Recovered => {
+                tracing::info!(parent: &record.span, request_id = %record.request_id, "Redis answers rate-limit checks again");
+            }
+            RedisEvent::None
+                if backend == Backend::Memory && config.rate_limits.redis_url.is_some() =>
+            {
+                // Still in memory after a failure (counted once, at the failure).
+            }
+            RedisEvent::None => {}
+        }
+        let outcome = match verdict {
+            Limit::Allowed => "allowed",
+            Limit::Limited { .. } => "limited",
+        };
+        self.metrics
+            .rate_limit(kind.as_str(), outcome, backend.as_str());
+        match verdict {
+            Limit::Allowed => None,
+            Limit::Limited {
+                retry_after, daily, ..
+            } => Some(Answer::RateLimited {
+                retry_after,
+                fields: crate::rate_limit::fields(&check, &verdict),
+                daily,
+            }),
         }
     }
 
@@ -704,40 +774,75 @@ impl State {
             user_email: None,
             lookup: None,
             directory_error: None,
+            machine: None,
         };
-        let outcome = match self.authorizer.resolve(verification, now).await {
-            Ok(outcome) => outcome,
-            Err(e) => return judged.directory_failed("session lookup", e),
+        // A machine's credentials, when it presents ours, decide alone (a cookie beside them
+        // is still stripped, never used).
+        let machine = match self.machine(config, view, now).await {
+            MachineCheck::Absent => None,
+            MachineCheck::Invalid(reason) => {
+                judged.authz = reason;
+                judged.verdict = Err(Answer::ApiUnauthorized);
+                return judged;
+            }
+            MachineCheck::Valid(machine, bearer_ours) => Some((machine, bearer_ours)),
         };
-        let principal: Principal = match outcome {
-            Outcome::Valid(p) => p,
-            other => {
-                judged.authz = match other {
-                    Outcome::Expired { .. } => "expired",
-                    Outcome::Invalid { .. } => "invalid",
-                    _ => "missing",
+        let principal: Option<Principal> = match &machine {
+            Some((m, bearer_ours)) => {
+                judged.user = Some(m.user.clone());
+                judged.machine = Some(MachineUse {
+                    kind: m.kind,
+                    strip_authorization: *bearer_ours,
+                });
+                if !m.scope.allows(pod.slug.as_str(), pod.port) {
+                    judged.authz = "api_scope";
+                    judged.verdict = Err(Answer::Forbidden);
+                    return judged;
+                }
+                None
+            }
+            None => {
+                let outcome = match self.authorizer.resolve(verification, now).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => return judged.directory_failed("session lookup", e),
                 };
+                match outcome {
+                    Outcome::Valid(p) => Some(p),
+                    other => {
+                        judged.authz = match other {
+                            Outcome::Expired { .. } => "expired",
+                            Outcome::Invalid { .. } => "invalid",
+                            _ => "missing",
+                        };
+                        judged.verdict =
+                            Err(Self::unauthenticated(config, pod, pod_target, intent));
+                        return judged;
+                    }
+                }
+            }
+        };
+        if let Some(principal) = &principal {
+            judged.user = Some(principal.user_id.clone());
+            judged.user_email = principal
+                .claims
+                .0
+                .get("email")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
+            if let Some(scope) = &principal.scope
+                && (scope.pod_slug != pod.slug || scope.target_port != pod.port)
+            {
+                judged.authz = "token_for_other_pod";
                 judged.verdict = Err(Self::unauthenticated(config, pod, pod_target, intent));
                 return judged;
             }
-        };
-        judged.user = Some(principal.user_id.clone());
-        judged.user_email = principal
-            .claims
-            .0
-            .get("email")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
-        if let Some(scope) = &principal.scope
-            && (scope.pod_slug != pod.slug || scope.target_port != pod.port)
-        {
-            judged.authz = "token_for_other_pod";
-            judged.verdict = Err(Self::unauthenticated(config, pod, pod_target, intent));
-            return judged;
         }
+        let Some(user) = judged.user.clone() else {
+            return judged;
+        };
         let decision = match self
             .authorizer
-            .authorize_with_lookup(&principal.user_id, &pod.slug)
+            .authorize_with_lookup(&user, &pod.slug)
             .await
         {
             Ok((d, lookup)) => {
@@ -751,7 +856,7 @@ impl State {
                 pod_id, upstream, ..
             } => {
                 judged.pod_id = Some(pod_id.clone());
-                if let Some(scope) = &principal.scope
+                if let Some(scope) = principal.as_ref().and_then(|p| p.scope.as_ref())
                     && scope.pod_id != pod_id
                 {
                     // A token for an earlier pod with this slug: get a fresh one.
@@ -760,18 +865,19 @@ impl State {
                         Err(Self::unauthenticated(config, pod, pod_target, intent)),
                     )
                 } else {
-                    let set_cookie =
-                        self.verifier
-                            .renewal(&principal, now)
-                            .map(|(token, embed)| {
-                                callback::proxy_token_cookie(&token, embed, secure, scope)
-                            });
+                    let set_cookie = principal
+                        .as_ref()
+                        .and_then(|p| self.verifier.renewal(p, now))
+                        .map(|(token, embed)| {
+                            callback::proxy_token_cookie(&token, embed, secure, scope)
+                        });
                     let stale = judged.lookup == Some(pinacle_authz::CacheLookup::Stale);
                     (
                         if stale { "allow_stale" } else { "allow" },
                         Ok(Allowed {
+                            machine: judged.machine,
                             grant: Grant {
-                                user: principal.user_id.clone(),
+                                user: user.clone(),
                                 slug: pod.slug.clone(),
                                 pod_id: pod_id.clone(),
                                 upstream,
@@ -811,9 +917,62 @@ impl State {
         judged
     }
 
+    /// The request's machine credentials (`[api]`): an HMAC signature when it names a client,
+    /// else a bearer token of ours (an unknown key id fetches the JWKS URL again, at most once
+    /// per `jwks_refresh_interval`, bounded by `jwks_timeout`).
+    async fn machine(
+        &self,
+        config: &IngressConfig,
+        view: &RequestView<'_>,
+        now: i64,
+    ) -> MachineCheck {
+        use crate::api_auth::{self, Bearer, Verdict as Machine};
+        let Some(api) = config.api.as_deref() else {
+            return MachineCheck::Absent;
+        };
+        let signed = api_auth::Signed {
+            method: view.method.as_str(),
+            host: view.host,
+            path_and_query: view.uri.path_and_query().map_or("/", |p| p.as_str()),
+        };
+        if let Some(verdict) = api_auth::verify_hmac(view.headers, signed, api, now) {
+            return match verdict {
+                Machine::Valid(m) => MachineCheck::Valid(m, false),
+                Machine::Invalid(reason) => MachineCheck::Invalid(reason),
+                Machine::Absent => MachineCheck::Absent,
+            };
+        }
+        let Some(token) = view
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| api_auth::bearer_token(v.as_bytes()))
+        else {
+            return MachineCheck::Absent;
+        };
+        let mut url_keys = self.url_keys.current();
+        let Bearer::Ours { token, unknown_kid } = api_auth::classify(token, api, &url_keys) else {
+            return MachineCheck::Absent;
+        };
+        if unknown_kid.is_some()
+            && let Some(url) = &api.jwks_url
+            && self
+                .url_keys
+                .refresh_on_unknown_kid(url, api, &self.metrics)
+                .await
+        {
+            url_keys = self.url_keys.current();
+        }
+        match api_auth::verify_jwt(token, api, &url_keys, now) {
+            Machine::Valid(m) => MachineCheck::Valid(m, true),
+            Machine::Invalid(reason) => MachineCheck::Invalid(reason),
+            Machine::Absent => MachineCheck::Absent,
+        }
+    }
+
     /// Records a judgement in the request's record, the metrics and the log.
     fn apply(&self, record: &mut Record, judged: Judged) -> Result<Allowed, Answer> {
         record.authz = judged.authz;
+        record.credential = judged.machine.map(|m| m.kind);
         record.user = judged.user;
         record.user_email = judged.user_email;
         if let Some(lookup) = judged.lookup {
@@ -957,6 +1116,19 @@ fn plan(
         original_host: view.host,
         request_id: &record.request_id,
     });
+    let mut edits = edits;
+    if record.trusted_client {
+        // Our HMAC fields never travel on (an untrusted client's are `RemoveSpoofable`'s).
+        for name in [
+            crate::api_auth::CLIENT_HEADER,
+            crate::api_auth::TIMESTAMP_HEADER,
+            crate::api_auth::SIGNATURE_HEADER,
+        ] {
+            if view.headers.contains_key(name) {
+                edits.push(HeaderEdit::Remove(http::HeaderName::from_static(name)));
+            }
+        }
+    }
     record.upstream = Some(target.addr());
     Plan {
         tunnel: record.intent.upgrade && !view.http2,
@@ -982,11 +1154,32 @@ struct Judged {
     user_email: Option<String>,
     lookup: Option<pinacle_authz::CacheLookup>,
     directory_error: Option<(&'static str, DirectoryError)>,
+    /// The request came with a machine's credentials.
+    machine: Option<MachineUse>,
+}
+
+/// How a machine's credentials were used.
+#[derive(Debug, Clone, Copy)]
+struct MachineUse {
+    /// `jwt` or `hmac`.
+    kind: &'static str,
+    /// The `Authorization` field was ours: removed before forwarding.
+    strip_authorization: bool,
+}
+
+/// What a request's machine credentials came to.
+enum MachineCheck {
+    Absent,
+    Invalid(&'static str),
+    /// Valid; whether it was our bearer token (else an HMAC signature).
+    Valid(crate::api_auth::Machine, bool),
 }
 
 /// Where an allowed pod request goes, the `Cookie` left for it, what it was allowed under, and
 /// a renewed proxy token's `Set-Cookie`.
 struct Allowed {
+    /// The machine credential it came with.
+    machine: Option<MachineUse>,
     target: Target,
     forward_cookie: Option<Vec<u8>>,
     grant: Grant,

@@ -46,6 +46,10 @@ pub struct State {
     pub(crate) wakes: Arc<crate::control::Wakes>,
     /// Traffic since the last activity report.
     pub(crate) activity: Arc<crate::control::Activity>,
+    /// Keys from `[api] jwks_url`.
+    pub(crate) url_keys: Arc<crate::api_auth::UrlKeys>,
+    /// Rate limits and quotas.
+    pub(crate) limiter: Arc<crate::rate_limit::Limiter>,
 }
 
 impl std::fmt::Debug for State {
@@ -114,6 +118,8 @@ impl Ingress {
             control: Arc::default(),
             wakes: Arc::default(),
             activity: Arc::default(),
+            url_keys: Arc::default(),
+            limiter: Arc::default(),
         }))
     }
 

@@ -109,6 +109,19 @@ pub enum Answer {
         /// The pod's status.
         status: String,
     },
+    /// A machine credential of ours that does not hold (expired, wrong key or audience,
+    /// bad signature, stale timestamp): 401, naming nothing inside.
+    ApiUnauthorized,
+    /// Over a rate limit or the daily quota: 429 with `Retry-After` and the `RateLimit-Policy`
+    /// and `RateLimit` fields.
+    RateLimited {
+        /// Seconds until a request would pass.
+        retry_after: u64,
+        /// The `RateLimit*` fields ([`crate::rate_limit::fields`]).
+        fields: Vec<(&'static str, String)>,
+        /// The limit was the daily quota.
+        daily: bool,
+    },
     /// What the control plane said to a Start or Stop.
     Control {
         /// The action.
@@ -198,7 +211,7 @@ pub const RETRY_MAX_SECS: u32 = 120;
 
 impl Answer {
     /// Every answer's [`Answer::name`] (metrics start each at zero).
-    pub const NAMES: [&'static str; 35] = [
+    pub const NAMES: [&'static str; 37] = [
         "bad-port",
         "bad-host",
         "sign-in",
@@ -234,6 +247,8 @@ impl Answer {
         "control-refused",
         "control-unreachable",
         "control-timeout",
+        "api-unauthorized",
+        "rate-limited",
     ];
 
     /// Our answer to an upstream failure (every engine's).
@@ -277,6 +292,8 @@ impl Answer {
             Self::LifecycleForbidden { .. } => "lifecycle-forbidden",
             Self::LifecycleUnavailable => "lifecycle-unavailable",
             Self::LifecycleConflict { .. } => "lifecycle-conflict",
+            Self::ApiUnauthorized => "api-unauthorized",
+            Self::RateLimited { .. } => "rate-limited",
             Self::Control { outcome, .. } => match outcome {
                 Outcome::Accepted => "control-accepted",
                 Outcome::InTransition => "control-in-transition",
@@ -316,6 +333,8 @@ impl Answer {
             Self::LifecycleForbidden { .. } => 403,
             Self::LifecycleUnavailable => 501,
             Self::LifecycleConflict { .. } => 409,
+            Self::ApiUnauthorized => 401,
+            Self::RateLimited { .. } => 429,
             Self::Control { outcome, .. } => match outcome {
                 Outcome::Accepted | Outcome::InTransition => 202,
                 Outcome::Refused { .. } => 502,
@@ -490,6 +509,30 @@ impl Answer {
                         reload: false,
                     },
                 );
+            }
+            Self::ApiUnauthorized => {
+                let mut reply = json_reply(status, json!({ "error": "Invalid credentials" }));
+                reply.headers.push((
+                    "www-authenticate",
+                    "Bearer error=\"invalid_token\"".to_owned(),
+                ));
+                return reply;
+            }
+            Self::RateLimited {
+                retry_after,
+                fields,
+                daily,
+            } => {
+                let mut reply = json_reply(
+                    status,
+                    json!({
+                        "error": if *daily { "Daily quota exhausted" } else { "Too many requests" },
+                        "retry_after": retry_after,
+                    }),
+                );
+                reply.headers.push(("retry-after", retry_after.to_string()));
+                reply.headers.extend(fields.iter().cloned());
+                return reply;
             }
             Self::MethodNotAllowed => {
                 let mut reply = json_reply(status, json!({ "error": "Use POST" }));
@@ -1035,6 +1078,12 @@ mod tests {
                 location: "/".into(),
             },
             Answer::MethodNotAllowed,
+            Answer::ApiUnauthorized,
+            Answer::RateLimited {
+                retry_after: 1,
+                fields: Vec::new(),
+                daily: false,
+            },
             Answer::LifecycleForbidden { why: "x" },
             Answer::LifecycleUnavailable,
             Answer::LifecycleConflict {

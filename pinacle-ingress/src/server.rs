@@ -337,6 +337,9 @@ pub fn build(
     prepared
         .side
         .spawn(crate::control::report_activity(state.clone()));
+    prepared
+        .side
+        .spawn(crate::api_auth::run_jwks_refresh(state.clone()));
     let proxy = pingora::proxy::http_proxy(&server.configuration, ingress);
     let gate = Gate::new(proxy, limits, prepared.metrics.clone()).with_plain_requests(plain);
     let limits = gate.limits();

@@ -43,6 +43,9 @@ pub struct Metrics {
     listener_reconnects: IntCounter,
     revoked: IntCounterVec,
     control_calls: IntCounterVec,
+    jwks_fetches: IntCounterVec,
+    rate_limits: IntCounterVec,
+    redis_failures: IntCounter,
     activity_dropped: IntCounter,
     /// Each [`RouteKind`]'s series, resolved on first use: a labelled lookup hashes its labels
     /// under a lock on every request otherwise.
@@ -285,6 +288,33 @@ impl Metrics {
                 control_calls.with_label_values(&[act, result]);
             }
         }
+        let jwks_fetches = counter(
+            "pinacle_ingress_jwks_fetches_total",
+            "Fetches of [api] jwks_url by result (ok, failed).",
+            &["result"],
+        )?;
+        for result in ["ok", "failed"] {
+            jwks_fetches.with_label_values(&[result]);
+        }
+        let rate_limits = counter(
+            "pinacle_ingress_rate_limit_checks_total",
+            "Rate-limit checks by kind of client (api, browser), outcome (allowed, limited) \
+             and where they were counted (redis, memory).",
+            &["kind", "outcome", "backend"],
+        )?;
+        for kind in ["api", "browser"] {
+            for outcome in ["allowed", "limited"] {
+                for backend in ["redis", "memory"] {
+                    rate_limits.with_label_values(&[kind, outcome, backend]);
+                }
+            }
+        }
+        let redis_failures = IntCounter::new(
+            "pinacle_ingress_rate_limit_redis_failures_total",
+            "Times Redis could not answer a rate-limit check in time (the gateway then counts \
+             in memory for a second before trying again).",
+        )?;
+        registry.register(Box::new(redis_failures.clone()))?;
         let activity_dropped = IntCounter::new(
             "pinacle_ingress_activity_dropped_total",
             "Pods left out of activity reports because a batch was full (10000 pods).",
@@ -298,6 +328,9 @@ impl Metrics {
             listener_reconnects,
             revoked,
             control_calls,
+            jwks_fetches,
+            rate_limits,
+            redis_failures,
             activity_dropped,
             connections_open,
             connections_refused,
@@ -480,6 +513,23 @@ impl Metrics {
     /// Counts a call to the control plane.
     pub fn control_call(&self, act: &str, result: &str) {
         self.control_calls.with_label_values(&[act, result]).inc();
+    }
+
+    /// Counts a JWKS fetch.
+    pub fn jwks_fetch(&self, result: &str) {
+        self.jwks_fetches.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a rate-limit check.
+    pub fn rate_limit(&self, kind: &str, outcome: &str, backend: &str) {
+        self.rate_limits
+            .with_label_values(&[kind, outcome, backend])
+            .inc();
+    }
+
+    /// Counts a Redis failure of a rate-limit check.
+    pub fn redis_failure(&self) {
+        self.redis_failures.inc();
     }
 
     /// Counts pods left out of an activity report.

@@ -9,6 +9,7 @@
 //! - [`client`]: one request on a fresh or given connection, the whole response read.
 //! - [`tls`]: a certificate authority made in the test and a client connector trusting it.
 //! - [`control`]: a control-plane stand-in that verifies the ingress's tokens.
+//! - [`redis`]: a Redis server of the test's own, to kill and start again.
 //! - [`relay`]: a TCP relay the test can cut and restore (fault tests: a database outage).
 
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@
 pub mod client;
 pub mod control;
 pub mod nginx;
+pub mod redis;
 pub mod relay;
 pub mod tls;
 pub mod upstream;

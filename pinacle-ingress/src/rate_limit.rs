@@ -1,0 +1,650 @@
+//! Rate limits and daily quotas: token buckets per user and per pod and a quota per UTC day,
+//! per kind of client (API clients, browsers), kept in Redis and so shared by every gateway
+//! (one Lua script, one round trip, atomic across the request's buckets and quota), or in
+//! memory when no Redis is configured or while it cannot be reached (the same limits, quota
+//! included; each gateway then counts on its own).
+//!
+//! The bucket: `burst` tokens, refilled at `per_second`; a request takes one token from each
+//! of its buckets and one unit of each quota, all or nothing. Redis keeps its own clock
+//! (`TIME`), so gateways with skewed clocks share one bucket correctly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use pinacle_authz::Secret;
+
+/// One limit (`{ burst = 10, per_second = 5, daily = 200000 }`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    /// Tokens the bucket holds.
+    pub burst: u32,
+    /// Tokens refilled per second.
+    pub per_second: f64,
+    /// Requests per UTC day (none: no quota).
+    pub daily: Option<u64>,
+}
+
+/// `[rate_limits]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateLimits {
+    /// Per user, for API clients (bearer JWT, HMAC).
+    pub api_per_user: Option<Limit>,
+    /// Per pod, for API clients.
+    pub api_per_pod: Option<Limit>,
+    /// Per user, for browsers (cookies, proxy tokens).
+    pub browser_per_user: Option<Limit>,
+    /// Where buckets are shared (none: in memory).
+    pub redis_url: Option<Secret>,
+    /// Longest one Redis check may take before this gateway counts in memory.
+    pub redis_timeout: Duration,
+}
+
+impl RateLimits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.api_per_user.is_some() || self.api_per_pod.is_some() || self.browser_per_user.is_some()
+    }
+}
+
+/// The kind of client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Authenticated by a bearer JWT or an HMAC signature.
+    Api,
+    /// Authenticated by a session cookie or a proxy token.
+    Browser,
+}
+
+impl Kind {
+    /// `api` or `browser`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Browser => "browser",
+        }
+    }
+}
+
+/// One bucket or quota of a check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counter {
+    /// The policy's name (`api-user`, `api-pod`, `browser-user`), as the `RateLimit` fields say.
+    pub policy: &'static str,
+    /// The key (without the day for quotas).
+    pub key: String,
+    /// The limit.
+    pub limit: Limit,
+}
+
+/// What a request is checked against.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Check {
+    /// Its counters.
+    pub counters: Vec<Counter>,
+}
+
+impl Check {
+    /// The counters for a request of `kind` by `user` to pod `pod`.
+    pub fn of(limits: &RateLimits, kind: Kind, user: &str, pod: &str) -> Self {
+        let mut counters = Vec::new();
+        let mut add = |policy: &'static str, limit: Option<Limit>, key: String| {
+            if let Some(limit) = limit {
+                counters.push(Counter { policy, key, limit });
+            }
+        };
+        match kind {
+            Kind::Api => {
+                add("api-user", limits.api_per_user, format!("api:user:{user}"));
+                add("api-pod", limits.api_per_pod, format!("api:pod:{pod}"));
+            }
+            Kind::Browser => {
+                add(
+                    "browser-user",
+                    limits.browser_per_user,
+                    format!("browser:user:{user}"),
+                );
+            }
+        }
+        Self { counters }
+    }
+}
+
+/// The verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Go ahead.
+    Allowed,
+    /// Over a limit.
+    Limited {
+        /// Seconds until a request would pass (at least 1).
+        retry_after: u64,
+        /// The counter that limited it.
+        policy: &'static str,
+        /// Its limit.
+        limit: Limit,
+        /// A bucket (false) or the daily quota (true).
+        daily: bool,
+    },
+}
+
+/// Seconds from `now` (unix) to the next UTC midnight, and the day's number.
+pub fn utc_day(now: i64) -> (i64, u64) {
+    let day = now.div_euclid(86_400);
+    (day, u64::try_from((day + 1) * 86_400 - now).unwrap_or(1))
+}
+
+/// A bucket in memory.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at_ms: i64,
+}
+
+/// The in-memory store: buckets and the day's counts. Bounded: at most [`MEMORY_KEYS`] keys;
+/// a full store forgets full buckets and other days' counts first, then refuses nothing (a
+/// key it cannot track is allowed and counted in the metric).
+#[derive(Debug, Default)]
+pub struct Memory {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    buckets: HashMap<String, Bucket>,
+    counts: HashMap<(String, i64), u64>,
+}
+
+/// Keys the memory store tracks at most.
+pub const MEMORY_KEYS: usize = 200_000;
+
+impl Memory {
+    /// Checks and, if allowed, takes (`now_ms`: unix milliseconds).
+    pub fn check(&self, check: &Check, now_ms: i64) -> Verdict {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (day, to_midnight) = utc_day(now_ms.div_euclid(1000));
+        if state.buckets.len() + state.counts.len() >= MEMORY_KEYS {
+            state.prune(now_ms, day);
+        }
+        let mut worst: Option<Verdict> = None;
+        let mut refilled = Vec::with_capacity(check.counters.len());
+        for counter in &check.counters {
+            let limit = counter.limit;
+            let bucket = state.buckets.get(&counter.key).copied().unwrap_or(Bucket {
+                tokens: f64::from(limit.burst),
+                at_ms: now_ms,
+            });
+            let tokens = refill(bucket, limit, now_ms);
+            refilled.push(tokens);
+            if tokens < 1.0 {
+                let wait = ((1.0 - tokens) / limit.per_second).ceil().max(1.0) as u64;
+                worse(&mut worst, wait, counter, false);
+            }
+            if let Some(daily) = limit.daily {
+                let used = state
+                    .counts
+                    .get(&(counter.key.clone(), day))
+                    .copied()
+                    .unwrap_or(0);
+                if used >= daily {
+                    worse(&mut worst, to_midnight, counter, true);
+                }
+            }
+        }
+        if let Some(limited) = worst {
+            return limited;
+        }
+        for (counter, tokens) in check.counters.iter().zip(refilled) {
+            state.buckets.insert(
+                counter.key.clone(),
+                Bucket {
+                    tokens: tokens - 1.0,
+                    at_ms: now_ms,
+                },
+            );
+            if counter.limit.daily.is_some() {
+                *state.counts.entry((counter.key.clone(), day)).or_insert(0) += 1;
+            }
+        }
+        Verdict::Allowed
+    }
+}
+
+impl MemoryState {
+    /// Forgets buckets that are full again and counts of other days.
+    fn prune(&mut self, now_ms: i64, day: i64) {
+        self.counts.retain(|(_, d), _| *d == day);
+        // A bucket untouched for an hour is full for any sane rate.
+        self.buckets.retain(|_, b| now_ms - b.at_ms < 3_600_000);
+    }
+}
+
+fn refill(bucket: Bucket, limit: Limit, now_ms: i64) -> f64 {
+    let elapsed = (now_ms - bucket.at_ms).max(0) as f64 / 1000.0;
+    (bucket.tokens + elapsed * limit.per_second).min(f64::from(limit.burst))
+}
+
+/// Keeps the longest wait.
+fn worse(worst: &mut Option<Verdict>, wait: u64, counter: &Counter, daily: bool) {
+    let longer = match worst {
+        Some(Verdict::Limited { retry_after, .. }) => wait > *retry_after,
+        _ => true,
+    };
+    if longer {
+        *worst = Some(Verdict::Limited {
+            retry_after: wait.max(1),
+            policy: counter.policy,
+            limit: counter.limit,
+            daily,
+        });
+    }
+}
+
+/// The Redis script: every bucket refilled by Redis's clock, every quota read; all allowed,
+/// all taken; else the longest wait and which counter. KEYS: the buckets, then the quotas.
+/// ARGV: bucket count, quota count, then burst and rate per bucket, then limit and seconds to
+/// midnight per quota. Returns `{allowed, wait_ms, index}` (index 1-based over KEYS).
+pub const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nb, nq = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tokens, wait, which = {}, 0, 0
+for i = 1, nb do
+  local burst, rate = tonumber(ARGV[2 + 2 * i - 1]), tonumber(ARGV[2 + 2 * i])
+  local s = redis.call('HMGET', KEYS[i], 't', 'at')
+  local have, at = tonumber(s[1]) or burst, tonumber(s[2]) or now
+  local elapsed = now - at
+  if elapsed < 0 then elapsed = 0 end
+  have = math.min(burst, have + elapsed * rate / 1000)
+  tokens[i] = have
+  if have < 1 then
+    local w = math.ceil((1 - have) * 1000 / rate)
+    if w > wait then wait, which = w, i end
+  end
+end
+local base = 2 + 2 * nb
+for j = 1, nq do
+  local limit, left = tonumber(ARGV[base + 2 * j - 1]), tonumber(ARGV[base + 2 * j])
+  local used = tonumber(redis.call('GET', KEYS[nb + j]) or '0')
+  if used >= limit and left * 1000 > wait then wait, which = left * 1000, nb + j end
+end
+if wait > 0 then return {0, wait, which} end
+for i = 1, nb do
+  local burst, rate = tonumber(ARGV[2 + 2 * i - 1]), tonumber(ARGV[2 + 2 * i])
+  redis.call('HSET', KEYS[i], 't', tostring(tokens[i] - 1), 'at', now)
+  redis.call('PEXPIRE', KEYS[i], math.ceil(burst * 1000 / rate) + 1000)
+end
+for j = 1, nq do
+  local used = redis.call('INCR', KEYS[nb + j])
+  if used == 1 then redis.call('EXPIRE', KEYS[nb + j], tonumber(ARGV[base + 2 * j]) + 3600) end
+end
+return {1, 0, 0}
+";
+
+/// The prefix of every key the ingress writes to Redis.
+pub const KEY_PREFIX: &str = "pinacle:rl:";
+
+/// Where a check was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Shared, in Redis.
+    Redis,
+    /// This gateway's memory.
+    Memory,
+}
+
+impl Backend {
+    /// `redis` or `memory`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Memory => "memory",
+        }
+    }
+}
+
+/// How long after a Redis failure checks stay in memory before Redis is tried again.
+pub const REDIS_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The limiter: Redis when configured and reachable, memory otherwise.
+#[derive(Default)]
+pub struct Limiter {
+    memory: Memory,
+    redis: ArcSwapOption<RedisLink>,
+    /// Unix ms until which Redis is not tried (after a failure).
+    down_until_ms: AtomicU64,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("redis", &self.redis.load().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A Redis connection for one URL.
+struct RedisLink {
+    url: Secret,
+    connection: redis::aio::MultiplexedConnection,
+}
+
+/// What happened to Redis during a check (for the log and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisEvent {
+    /// Nothing new.
+    None,
+    /// It failed: checks go to memory for a while.
+    Failed,
+    /// It answered again after failing.
+    Recovered,
+}
+
+impl Limiter {
+    /// Checks `check` (empty: allowed at once) for a request at `now_ms` (unix ms).
+    pub async fn check(
+        &self,
+        limits: &RateLimits,
+        check: &Check,
+        now_ms: i64,
+    ) -> (Verdict, Backend, RedisEvent) {
+        if check.counters.is_empty() {
+            return (Verdict::Allowed, Backend::Memory, RedisEvent::None);
+        }
+        let Some(url) = &limits.redis_url else {
+            return (
+                self.memory.check(check, now_ms),
+                Backend::Memory,
+                RedisEvent::None,
+            );
+        };
+        let now_u = u64::try_from(now_ms).unwrap_or(0);
+        let down_until = self.down_until_ms.load(Ordering::Acquire);
+        if now_u < down_until {
+            return (
+                self.memory.check(check, now_ms),
+                Backend::Memory,
+                RedisEvent::None,
+            );
+        }
+        let answered = tokio::time::timeout(
+            limits.redis_timeout,
+            self.redis_check(url, limits.redis_timeout, check, now_ms),
+        )
+        .await;
+        match answered {
+            Ok(Ok(verdict)) => {
+                let recovered = down_until != 0
+                    && self
+                        .down_until_ms
+                        .compare_exchange(down_until, 0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok();
+                let event = if recovered {
+                    RedisEvent::Recovered
+                } else {
+                    RedisEvent::None
+                };
+                (verdict, Backend::Redis, event)
+            }
+            _ => {
+                // Forget the connection (a new one is made when Redis is tried again) and count
+                // here for a while.
+                self.redis.store(None);
+                let until = now_u + REDIS_RETRY_AFTER.as_millis() as u64;
+                let previous = self.down_until_ms.swap(until, Ordering::AcqRel);
+                let event = if previous == 0 {
+                    RedisEvent::Failed
+                } else {
+                    RedisEvent::None
+                };
+                (self.memory.check(check, now_ms), Backend::Memory, event)
+            }
+        }
+    }
+
+    async fn redis_check(
+        &self,
+        url: &Secret,
+        timeout: Duration,
+        check: &Check,
+        now_ms: i64,
+    ) -> Result<Verdict, String> {
+        let mut connection = self.connection(url, timeout).await?;
+        let (day, to_midnight) = utc_day(now_ms.div_euclid(1000));
+        let mut invocation = script().prepare_invoke();
+        let buckets: Vec<&Counter> = check.counters.iter().collect();
+        let quotas: Vec<&Counter> = check
+            .counters
+            .iter()
+            .filter(|c| c.limit.daily.is_some())
+            .collect();
+        for c in &buckets {
+            invocation.key(format!("{KEY_PREFIX}b:{}", c.key));
+        }
+        for c in &quotas {
+            invocation.key(format!("{KEY_PREFIX}q:{}:{day}", c.key));
+        }
+        invocation.arg(buckets.len()).arg(quotas.len());
+        for c in &buckets {
+            invocation.arg(c.limit.burst).arg(c.limit.per_second);
+        }
+        for c in &quotas {
+            invocation
+                .arg(c.limit.daily.unwrap_or(u64::MAX))
+                .arg(to_midnight);
+        }
+        let (allowed, wait_ms, index): (i64, i64, usize) = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| e.to_string())?;
+        if allowed == 1 {
+            return Ok(Verdict::Allowed);
+        }
+        let daily = index > buckets.len();
+        let counter = if daily {
+            quotas.get(index - buckets.len() - 1)
+        } else {
+            buckets.get(index.saturating_sub(1))
+        };
+        let Some(counter) = counter else {
+            return Err(format!("the script named counter {index}"));
+        };
+        Ok(Verdict::Limited {
+            retry_after: u64::try_from((wait_ms + 999) / 1000).unwrap_or(1).max(1),
+            policy: counter.policy,
+            limit: counter.limit,
+            daily,
+        })
+    }
+
+    /// The connection for `url`, made once (again after a failure or a change of URL).
+    async fn connection(
+        &self,
+        url: &Secret,
+        timeout: Duration,
+    ) -> Result<redis::aio::MultiplexedConnection, String> {
+        if let Some(link) = self.redis.load_full()
+            && link.url == *url
+        {
+            return Ok(link.connection.clone());
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(link) = self.redis.load_full()
+            && link.url == *url
+        {
+            return Ok(link.connection.clone());
+        }
+        let text = std::str::from_utf8(url.expose()).map_err(|e| e.to_string())?;
+        let client = redis::Client::open(text).map_err(|e| e.to_string())?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.redis.store(Some(Arc::new(RedisLink {
+            url: url.clone(),
+            connection: connection.clone(),
+        })));
+        Ok(connection)
+    }
+}
+
+fn script() -> &'static redis::Script {
+    static SCRIPT_ONCE: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT_ONCE.get_or_init(|| redis::Script::new(SCRIPT))
+}
+
+/// The `RateLimit-Policy` and `RateLimit` fields (IETF httpapi draft) of a 429: every policy
+/// of the request's kind, and how much of the one that limited is left (`r=0`) and when it
+/// comes back (`t`).
+pub fn fields(check: &Check, verdict: &Verdict) -> Vec<(&'static str, String)> {
+    let Verdict::Limited {
+        retry_after,
+        policy,
+        daily,
+        ..
+    } = verdict
+    else {
+        return Vec::new();
+    };
+    let mut policies = Vec::new();
+    for c in &check.counters {
+        let window = (f64::from(c.limit.burst) / c.limit.per_second)
+            .ceil()
+            .max(1.0) as u64;
+        policies.push(format!("\"{}\";q={};w={window}", c.policy, c.limit.burst));
+        if let Some(daily) = c.limit.daily {
+            policies.push(format!("\"{}-daily\";q={daily};w=86400", c.policy));
+        }
+    }
+    let name = if *daily {
+        format!("{policy}-daily")
+    } else {
+        (*policy).to_owned()
+    };
+    vec![
+        ("ratelimit-policy", policies.join(", ")),
+        ("ratelimit", format!("\"{name}\";r=0;t={retry_after}")),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> RateLimits {
+        RateLimits {
+            api_per_user: Some(Limit {
+                burst: 3,
+                per_second: 1.0,
+                daily: Some(5),
+            }),
+            api_per_pod: Some(Limit {
+                burst: 10,
+                per_second: 10.0,
+                daily: None,
+            }),
+            browser_per_user: None,
+            redis_url: None,
+            redis_timeout: Duration::from_millis(50),
+        }
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_refills_at_its_rate() {
+        let memory = Memory::default();
+        let check = Check::of(&limits(), Kind::Api, "ada", "p1");
+        let t0 = 1_000_000_000_000;
+        for _ in 0..3 {
+            assert_eq!(memory.check(&check, t0), Verdict::Allowed);
+        }
+        match memory.check(&check, t0) {
+            Verdict::Limited {
+                retry_after,
+                policy,
+                daily,
+                ..
+            } => assert_eq!((retry_after, policy, daily), (1, "api-user", false)),
+            other => unreachable!("{other:?}"),
+        }
+        // One second later: one token.
+        assert_eq!(memory.check(&check, t0 + 1000), Verdict::Allowed);
+        assert!(matches!(
+            memory.check(&check, t0 + 1000),
+            Verdict::Limited { .. }
+        ));
+        // A refused request took nothing: the quota counts 4 of 5 so far.
+        assert_eq!(memory.check(&check, t0 + 10_000), Verdict::Allowed);
+        match memory.check(&check, t0 + 20_000) {
+            Verdict::Limited {
+                daily, retry_after, ..
+            } => {
+                assert!(daily);
+                assert_eq!(retry_after, utc_day(t0 / 1000 + 20).1);
+            }
+            other => unreachable!("{other:?}"),
+        }
+        // Browsers have no limit here; another user has their own bucket.
+        let browser = Check::of(&limits(), Kind::Browser, "ada", "p1");
+        assert!(browser.counters.is_empty());
+        let bob = Check::of(&limits(), Kind::Api, "bob", "p1");
+        assert_eq!(memory.check(&bob, t0 + 20_000), Verdict::Allowed);
+    }
+
+    #[test]
+    fn the_quota_resets_at_utc_midnight() {
+        let memory = Memory::default();
+        let check = Check::of(&limits(), Kind::Api, "ada", "p1");
+        let before_midnight = 86_400 * 20_000 - 10;
+        for i in 0..5 {
+            assert_eq!(
+                memory.check(&check, (before_midnight + i) * 1000),
+                Verdict::Allowed
+            );
+        }
+        assert!(matches!(
+            memory.check(&check, (before_midnight + 8) * 1000),
+            Verdict::Limited {
+                daily: true,
+                retry_after: 2,
+                ..
+            }
+        ));
+        assert_eq!(
+            memory.check(&check, (before_midnight + 10) * 1000),
+            Verdict::Allowed
+        );
+    }
+
+    #[test]
+    fn the_fields_name_every_policy_and_the_one_that_limited() {
+        let check = Check::of(&limits(), Kind::Api, "ada", "p1");
+        let verdict = Verdict::Limited {
+            retry_after: 7,
+            policy: "api-user",
+            limit: limits().api_per_user.unwrap_or(Limit {
+                burst: 0,
+                per_second: 1.0,
+                daily: None,
+            }),
+            daily: true,
+        };
+        assert_eq!(
+            fields(&check, &verdict),
+            vec![
+                (
+                    "ratelimit-policy",
+                    "\"api-user\";q=3;w=3, \"api-user-daily\";q=5;w=86400, \"api-pod\";q=10;w=1"
+                        .to_owned()
+                ),
+                ("ratelimit", "\"api-user-daily\";r=0;t=7".to_owned()),
+            ]
+        );
+    }
+}
