@@ -1598,6 +1598,64 @@ mod tests {
     }
 
     #[test]
+    fn api_and_rate_limit_tables_are_checked_and_loaded() {
+        let jwks = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/api/keys.jwks.json"
+        );
+        let text = format!(
+            "[api]\njwks_file = \"{jwks}\"\nissuer = \"https://i.example\"\n\
+             [rate_limits]\napi_per_user = {{ burst = 10, per_second = 5, daily = 200000 }}\n\
+             redis_url = \"redis://:pw@127.0.0.1:6390/2\"\n"
+        );
+        let c = from_toml(&text, "t", &env(&[SECRET])).unwrap();
+        let api = c.api.clone().unwrap();
+        assert_eq!(api.audience, "pinacle-ingress");
+        assert_eq!(api.file_keys.len(), 3);
+        assert_eq!(api.hmac_tolerance, Duration::from_secs(300));
+        let limit = c.rate_limits.api_per_user.unwrap();
+        assert_eq!((limit.burst, limit.daily), (10, Some(200_000)));
+        assert!(c.rate_limits.api_per_pod.is_none());
+        assert_eq!(c.rate_limits.redis_timeout, Duration::from_millis(50));
+        let shown = crate::config_show::render(&c);
+        assert!(!shown.contains(":pw@"), "{shown}");
+        assert!(shown.contains("api_per_user = { burst = 10, per_second = 5, daily = 200000 }"));
+        for (text, key) in [
+            ("[api]\naudience = \"x\"", "api"),
+            ("[api]\njwks_file = \"/nonexistent.json\"", "api.jwks_file"),
+            ("[api]\nhs256_secrets = [\"short\"]", "api.hs256_secrets"),
+            ("[api]\njwks_url = \"ftp://x\"", "api.jwks_url"),
+            (
+                "[rate_limits]\napi_per_pod = { burst = 0, per_second = 1 }",
+                "rate_limits.api_per_pod",
+            ),
+            (
+                "[rate_limits]\nbrowser_per_user = { burst = 5, per_second = 0 }",
+                "rate_limits.browser_per_user",
+            ),
+            (
+                "[rate_limits]\nredis_url = \"http://x\"",
+                "rate_limits.redis_url",
+            ),
+            ("rate_limits = 5", "rate_limits"),
+        ] {
+            let problems = from_toml(text, "t", &env(&[SECRET])).unwrap_err().0;
+            assert!(
+                problems.iter().any(|p| p.key == key),
+                "{text}: {problems:?}"
+            );
+        }
+        let problems = from_toml(
+            "",
+            "t",
+            &env(&[SECRET, ("PINACLE_INGRESS_RATE_LIMITS", "x")]),
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(problems[0].key, "PINACLE_INGRESS_RATE_LIMITS");
+    }
+
+    #[test]
     fn unknown_environment_variables_are_named() {
         let problems = unknown_env_vars([
             "PINACLE_INGRESS_LISTEN",

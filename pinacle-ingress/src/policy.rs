@@ -5,7 +5,8 @@
 //!
 //! The order of the checks: a head the engine could not normalise, the head's size, the
 //! in-flight limit, the https redirect, the host's route, the proxy-token callback, then the
-//! credentials and the owner-or-team rule (the step that may wait, on the directory); then the
+//! credentials (a machine's, `[api]`, else the browser's) and the owner-or-team rule (the
+//! step that may wait, on the directory), the rate limits (Redis, bounded); then the
 //! pod's own paths under `/__pinacle/status` (the status, and Start and Stop, which wait on the
 //! control plane, bounded by `control_timeout`), or the plan.
 
@@ -927,9 +928,10 @@ impl State {
         now: i64,
     ) -> MachineCheck {
         use crate::api_auth::{self, Bearer, Verdict as Machine};
-        let Some(api) = config.api.as_deref() else {
+        let Some(api_arc) = config.api.as_ref() else {
             return MachineCheck::Absent;
         };
+        let api = &**api_arc;
         let signed = api_auth::Signed {
             method: view.method.as_str(),
             host: view.host,
@@ -962,8 +964,14 @@ impl State {
         {
             url_keys = self.url_keys.current();
         }
+        if let Some(machine) = self.verified_tokens.get(token, api_arc, &url_keys, now) {
+            return MachineCheck::Valid(machine, true);
+        }
         match api_auth::verify_jwt(token, api, &url_keys, now) {
-            Machine::Valid(m) => MachineCheck::Valid(m, true),
+            Machine::Valid(m) => {
+                self.verified_tokens.insert(token, &m, api_arc, &url_keys);
+                MachineCheck::Valid(m, true)
+            }
             Machine::Invalid(reason) => MachineCheck::Invalid(reason),
             Machine::Absent => MachineCheck::Absent,
         }

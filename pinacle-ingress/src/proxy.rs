@@ -50,6 +50,8 @@ pub struct State {
     pub(crate) url_keys: Arc<crate::api_auth::UrlKeys>,
     /// Rate limits and quotas.
     pub(crate) limiter: Arc<crate::rate_limit::Limiter>,
+    /// Bearer tokens verified lately.
+    pub(crate) verified_tokens: crate::api_auth::VerifiedTokens,
 }
 
 impl std::fmt::Debug for State {
@@ -120,6 +122,7 @@ impl Ingress {
             activity: Arc::default(),
             url_keys: Arc::default(),
             limiter: Arc::default(),
+            verified_tokens: crate::api_auth::VerifiedTokens::default(),
         }))
     }
 

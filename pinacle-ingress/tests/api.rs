@@ -736,3 +736,35 @@ async fn two_gateways_share_one_bucket_and_redis_dying_leaves_each_limited(pool:
     std::fs::remove_dir_all(a_dir).unwrap();
     std::fs::remove_dir_all(b_dir).unwrap();
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_remembered_token_still_expires_and_the_issuer_is_checked(pool: PgPool) {
+    let w = world(
+        pool,
+        "leeway = \"0s\"\nissuer = \"https://issuer.test\"",
+        "",
+    )
+    .await;
+    let mut short = claims("ada");
+    short["iss"] = json!("https://issuer.test");
+    short["exp"] = json!(unix_now() + 2);
+    let token = jwt("rsa-1", Some("rsa-1"), &short);
+    // Verified once, then remembered.
+    assert_eq!(w.bearer(&token).await.status, 200);
+    assert_eq!(w.bearer(&token).await.status, 200);
+    // Past its exp, the remembered token is refused like any other.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while unix_now() <= short["exp"].as_i64().unwrap() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_refused(&w.bearer(&token).await, "expired after being remembered");
+    let mut other_issuer = claims("ada");
+    other_issuer["iss"] = json!("https://elsewhere.test");
+    assert_refused(
+        &w.bearer(&jwt("rsa-1", Some("rsa-1"), &other_issuer)).await,
+        "another issuer",
+    );
+    let no_issuer = jwt("rsa-1", Some("rsa-1"), &claims("ada"));
+    assert_refused(&w.bearer(&no_issuer).await, "no issuer");
+}
