@@ -79,7 +79,9 @@ fn rate_limit(c: &mut Criterion) {
     c.bench_function("rate_limit/redis, 64 at once (divide by 64)", |b| {
         b.to_async(&rt).iter(|| async {
             let now = now_ms();
-            let all = checks.iter().map(|check| limiter.check(&shared, check, now));
+            let all = checks
+                .iter()
+                .map(|check| limiter.check(&shared, check, now));
             black_box(futures_util::future::join_all(all).await)
         })
     });
