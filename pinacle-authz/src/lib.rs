@@ -116,8 +116,8 @@ pub use credentials::{
     SessionFormat, SessionToken, Verification,
 };
 pub use directory::{
-    DirectoryError, FileDirectory, FileDirectoryError, PodDirectory, PostgresDirectory,
-    PostgresOptions, SessionRecord,
+    AgentRegistration, DirectoryError, FileDirectory, FileDirectoryError, PodDirectory,
+    PostgresDirectory, PostgresOptions, SessionRecord,
 };
 pub use ids::{IdError, PodId, PodSlug, UserId};
 pub use pod::{PodCandidate, PodStatus, UnavailableReason};

@@ -56,6 +56,9 @@ impl PodDirectory for CountingDirectory {
     async fn user_exists(&self, user: &UserId) -> Result<bool, DirectoryError> {
         self.inner.user_exists(user).await
     }
+    async fn agents(&self) -> Result<Vec<crate::AgentRegistration>, DirectoryError> {
+        self.inner.agents().await
+    }
     async fn ping(&self) -> Result<(), DirectoryError> {
         self.inner.ping().await
     }

@@ -36,6 +36,8 @@ pub struct AdminState {
     /// The authorizer, once built: with the directory down, grants it can still honour
     /// (stale-if-error) make `/readyz` say `degraded` (200) instead of 503.
     pub authorizer: Arc<std::sync::OnceLock<Arc<pinacle_authz::Authorizer>>>,
+    /// The agent tunnels (`/agents`).
+    pub agents: Arc<crate::agents::Agents>,
 }
 
 /// How recent a stale answer must be for `/readyz` to call the gateway degraded rather than
@@ -132,6 +134,7 @@ async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
                 _ => reply(503, JSON, r#"{"status":"directory unavailable"}"#.into()),
             }
         }
+        "/agents" => reply(200, JSON, state.agents.list().to_string()),
         "/metrics" => reply(
             200,
             "text/plain; version=0.0.4; charset=utf-8",

@@ -29,6 +29,9 @@ pub enum Command {
     /// Inspect or mint dashboard session cookies.
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Reverse-tunnel agents of pod servers the ingress cannot dial (`pinacle-agent`).
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Apply `migrations/` to `DATABASE_URL` (tests and standalone use; never against the
     /// dashboard's own database, whose schema Drizzle owns).
     Migrate,
@@ -97,7 +100,29 @@ pub enum ConfigCommand {
     },
 }
 
-/// `session ...`
+/// `agent ...`
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Register the agent of a server (again: a new secret replaces the old one, whose agent
+    /// is disconnected). With `DATABASE_URL` the row is stored (only the secret's SHA-256);
+    /// either way the `[[agents]]` row for a directory file is printed, and the secret, shown
+    /// this once, is the last line of stdout.
+    Register {
+        /// The server (`server.id`).
+        #[arg(long)]
+        server: String,
+    },
+    /// Remove a server's agent (`DATABASE_URL`): every gateway disconnects it within seconds;
+    /// the server's pods are then dialed directly again (behind NAT: 502 or 504) until an
+    /// agent is registered anew.
+    Revoke {
+        /// The server (`server.id`).
+        #[arg(long)]
+        server: String,
+    },
+}
+
+/// `session` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
     /// Decode the credentials in a Cookie header and print one JSON object.
@@ -162,6 +187,8 @@ pub fn run(cli: Cli) -> ExitCode {
             _ => session_mint(&user, ttl_secs.unwrap_or(30 * 24 * 3600), &cookie_name),
         },
         Command::Migrate => migrate(),
+        Command::Agent(AgentCommand::Register { server }) => agent_register(&server),
+        Command::Agent(AgentCommand::Revoke { server }) => agent_revoke(&server),
         Command::RenderNginx { pod_config } => render_nginx(&pod_config),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -393,6 +420,75 @@ fn migrate() -> anyhow::Result<ExitCode> {
             .context("applying migrations")
     })?;
     println!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)] // the row and the secret are this command's output
+fn agent_register(server: &str) -> anyhow::Result<ExitCode> {
+    use sha2::Digest as _;
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let secret: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let digest: String = sha2::Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let rt = runtime()?;
+    let _context = rt.enter();
+    let stored = match postgres_from_env()? {
+        Some(directory) => {
+            rt.block_on(async {
+                sqlx::query(
+                    "INSERT INTO pinacle_agent (server_id, secret_sha256) VALUES ($1, $2) \
+                     ON CONFLICT (server_id) DO UPDATE \
+                     SET secret_sha256 = EXCLUDED.secret_sha256, created_at = now()",
+                )
+                .bind(server)
+                .bind(&digest)
+                .execute(directory.pool())
+                .await
+            })
+            .with_context(|| {
+                format!("registering the agent of server {server:?} (does the server exist, and did `pinacle-ingress migrate` run?)")
+            })?;
+            true
+        }
+        None => false,
+    };
+    if stored {
+        println!("# stored in the database; for a directory file instead, this row:");
+    } else {
+        println!("# no DATABASE_URL: add this row to the directory file (and reload the ingress):");
+    }
+    println!("[[agents]]\nserver_id = {server:?}\nsecret_sha256 = \"{digest}\"");
+    println!("# the agent's secret (shown once; give it to pinacle-agent --secret-file):");
+    println!("{secret}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)] // what happened is this command's output
+fn agent_revoke(server: &str) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let _context = rt.enter();
+    let Some(directory) = postgres_from_env()? else {
+        bail!(
+            "set DATABASE_URL (with a directory file, remove the server's [[agents]] row and reload)"
+        );
+    };
+    let removed = rt
+        .block_on(async {
+            sqlx::query("DELETE FROM pinacle_agent WHERE server_id = $1")
+                .bind(server)
+                .execute(directory.pool())
+                .await
+        })
+        .context("revoking the agent")?
+        .rows_affected();
+    if removed == 0 {
+        println!("no agent is registered for server {server:?}");
+        return Ok(ExitCode::from(1));
+    }
+    println!("revoked the agent of server {server:?}: gateways disconnect it within seconds");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -124,6 +124,9 @@ pub struct FileConfig {
     pub wake_on_request: Option<bool>,
     /// How often pods that carried traffic are reported to the control plane (`off`: never).
     pub activity_interval: Option<String>,
+    /// `address:port` where agents of servers behind NAT connect (`pinacle-agent`); TLS when
+    /// the ingress has certificates. Unset: no agents.
+    pub agent_listen: Option<String>,
     /// `[api]`: credentials for machines (bearer JWTs, HMAC-signed requests).
     pub api: Option<ApiFile>,
     /// `[rate_limits]`: token buckets and daily quotas.
@@ -258,6 +261,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("control_timeout", Kind::Text),
     ("wake_on_request", Kind::Flag),
     ("activity_interval", Kind::Text),
+    ("agent_listen", Kind::Text),
     ("api", Kind::Table),
     ("rate_limits", Kind::Table),
 ];
@@ -371,6 +375,8 @@ pub struct IngressConfig {
     pub upgrade_sock: PathBuf,
     /// The control plane (Start, Stop, wake, activity), if configured.
     pub control: Option<ControlConfig>,
+    /// Where agents connect, if anywhere.
+    pub agent_listen: Option<SocketAddr>,
     /// Machine credentials (`[api]`; none: `Authorization` is never ours).
     pub api: Option<Arc<crate::api_auth::ApiConfig>>,
     /// Rate limits and quotas (`[rate_limits]`).
@@ -1352,6 +1358,10 @@ fn validate(
         .and_then(|a| api_config(a, &mut problems))
         .map(Arc::new);
     let rate_limits = rate_limits_config(file.rate_limits.as_ref(), &mut problems);
+    let agent_listen = file
+        .agent_listen
+        .as_deref()
+        .and_then(|a| socket_addr("agent_listen", a, &mut problems));
     let upgrade_sock = file
         .upgrade_sock
         .clone()
@@ -1388,6 +1398,7 @@ fn validate(
             control,
             api,
             rate_limits,
+            agent_listen,
             plain_path: file.plain_path.unwrap_or(true),
             directory_notifications: file.directory_notifications.unwrap_or(true),
             tls,

@@ -256,6 +256,12 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
                 .unwrap_or_default(),
         ),
     ]);
+    lines.push((
+        "agent_listen",
+        c.agent_listen
+            .map(|a| quoted(&a.to_string()))
+            .unwrap_or_default(),
+    ));
     lines.push(("api", c.api.as_deref().map(api_table).unwrap_or_default()));
     lines.push(("rate_limits", rate_limits_table(&c.rate_limits)));
     if let Some(tls) = &c.tls {

@@ -73,6 +73,10 @@ impl PodDirectory for ReloadableFile {
         self.current.load_full().user_exists(user).await
     }
 
+    async fn agents(&self) -> Result<Vec<pinacle_authz::AgentRegistration>, DirectoryError> {
+        self.current.load_full().agents().await
+    }
+
     async fn ping(&self) -> Result<(), DirectoryError> {
         self.current.load_full().ping().await
     }
@@ -193,6 +197,13 @@ impl PodDirectory for Metered {
         let started = Instant::now();
         let result = self.inner.ping().await;
         self.record("ping", started, &result);
+        result
+    }
+
+    async fn agents(&self) -> Result<Vec<pinacle_authz::AgentRegistration>, DirectoryError> {
+        let started = Instant::now();
+        let result = self.inner.agents().await;
+        self.record("agents", started, &result);
         result
     }
 }

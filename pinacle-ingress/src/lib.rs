@@ -52,6 +52,7 @@ pub const LONG_VERSION: &str = concat!(
 
 pub mod access;
 pub mod admin;
+pub mod agents;
 pub mod api_auth;
 pub mod callback;
 pub mod cli;

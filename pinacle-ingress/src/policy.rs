@@ -713,7 +713,10 @@ impl State {
             Ok(Decision::Allow {
                 pod_id, upstream, ..
             }) => {
-                let target = pod_upstream(config, pod, pod_id, upstream);
+                let Some(reach) = self.reach(upstream) else {
+                    return Verdict::Answer(Answer::TunnelOffline);
+                };
+                let target = pod_upstream(config, pod, pod_id, reach);
                 let mut plan = plan(config, view, conn, record, target, None);
                 scope_plan(&mut plan, scoped);
                 Verdict::Forward(plan)
@@ -865,7 +868,7 @@ impl State {
                         "token_for_replaced_pod",
                         Err(Self::unauthenticated(config, pod, pod_target, intent)),
                     )
-                } else {
+                } else if let Some(reach) = self.reach(upstream) {
                     let set_cookie = principal
                         .as_ref()
                         .and_then(|p| self.verifier.renewal(p, now))
@@ -884,13 +887,16 @@ impl State {
                                 upstream,
                                 sessions,
                             },
-                            target: pod_upstream(config, pod, pod_id, upstream),
+                            target: pod_upstream(config, pod, pod_id, reach),
                             forward_cookie: inspection
                                 .forwardable_cookie_header(&cookies)
                                 .map(std::borrow::Cow::into_owned),
                             set_cookie,
                         }),
                     )
+                } else {
+                    // Its server has a registered agent and no tunnel is up.
+                    ("tunnel_offline", Err(Answer::TunnelOffline))
                 }
             }
             Decision::Unavailable {
@@ -916,6 +922,16 @@ impl State {
         judged.authz = authz;
         judged.verdict = verdict;
         judged
+    }
+
+    /// Where `upstream` is reached: itself, or the bridge of its server's agent tunnel; `None`
+    /// when its server has a registered agent that is not connected.
+    fn reach(&self, upstream: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+        match self.agents.route(upstream) {
+            crate::agents::Route::Direct => Some(upstream),
+            crate::agents::Route::Tunnel(bridge) => Some(bridge),
+            crate::agents::Route::Offline => None,
+        }
     }
 
     /// The request's machine credentials (`[api]`): an HMAC signature when it names a client,

@@ -52,6 +52,8 @@ pub struct State {
     pub(crate) limiter: Arc<crate::rate_limit::Limiter>,
     /// Bearer tokens verified lately.
     pub(crate) verified_tokens: crate::api_auth::VerifiedTokens,
+    /// Agent tunnels: where pods of servers behind NAT are reached.
+    pub(crate) agents: Arc<crate::agents::Agents>,
 }
 
 impl std::fmt::Debug for State {
@@ -105,6 +107,7 @@ impl Ingress {
         authorizer: Arc<Authorizer>,
         clock: Clock,
         metrics: Metrics,
+        agents: Arc<crate::agents::Agents>,
     ) -> Self {
         let pool = UpstreamPool::new(config.timeouts.upstream_idle);
         Self(Arc::new(State {
@@ -123,6 +126,7 @@ impl Ingress {
             url_keys: Arc::default(),
             limiter: Arc::default(),
             verified_tokens: crate::api_auth::VerifiedTokens::default(),
+            agents,
         }))
     }
 

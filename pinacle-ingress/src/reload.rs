@@ -22,13 +22,14 @@ use crate::telemetry::Metrics;
 use crate::tls::CertStore;
 
 /// Keys whose new value only a restart (`serve --upgrade`) puts into effect.
-pub const RESTART_KEYS: [&str; 16] = [
+pub const RESTART_KEYS: [&str; 17] = [
     "listen",
     "tls_listen",
     "tls_cert_file",
     "tls_key_file",
     "tls_certificates",
     "admin_listen",
+    "agent_listen",
     "threads",
     "upgrade_sock",
     "dashboard_url",

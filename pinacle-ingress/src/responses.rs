@@ -109,6 +109,8 @@ pub enum Answer {
         /// The pod's status.
         status: String,
     },
+    /// The pod's server is reached through an agent tunnel and none is connected: 502 at once.
+    TunnelOffline,
     /// A machine credential of ours that does not hold (expired, wrong key or audience,
     /// bad signature, stale timestamp): 401, naming nothing inside.
     ApiUnauthorized,
@@ -211,7 +213,7 @@ pub const RETRY_MAX_SECS: u32 = 120;
 
 impl Answer {
     /// Every answer's [`Answer::name`] (metrics start each at zero).
-    pub const NAMES: [&'static str; 37] = [
+    pub const NAMES: [&'static str; 38] = [
         "bad-port",
         "bad-host",
         "sign-in",
@@ -249,6 +251,7 @@ impl Answer {
         "control-timeout",
         "api-unauthorized",
         "rate-limited",
+        "tunnel-offline",
     ];
 
     /// Our answer to an upstream failure (every engine's).
@@ -293,6 +296,7 @@ impl Answer {
             Self::LifecycleUnavailable => "lifecycle-unavailable",
             Self::LifecycleConflict { .. } => "lifecycle-conflict",
             Self::ApiUnauthorized => "api-unauthorized",
+            Self::TunnelOffline => "tunnel-offline",
             Self::RateLimited { .. } => "rate-limited",
             Self::Control { outcome, .. } => match outcome {
                 Outcome::Accepted => "control-accepted",
@@ -334,6 +338,7 @@ impl Answer {
             Self::LifecycleUnavailable => 501,
             Self::LifecycleConflict { .. } => 409,
             Self::ApiUnauthorized => 401,
+            Self::TunnelOffline => 502,
             Self::RateLimited { .. } => 429,
             Self::Control { outcome, .. } => match outcome {
                 Outcome::Accepted | Outcome::InTransition => 202,
@@ -680,6 +685,12 @@ impl Answer {
                 reply.headers.push(("retry-after", retry.to_string()));
                 return reply;
             }
+            Self::TunnelOffline => (
+                "The pod's server is not connected",
+                "This pod runs on a server that reaches the ingress through its agent, and the \
+                 agent is not connected right now. This page tries again on its own.",
+                "The pod's server is not connected",
+            ),
             Self::Forbidden => (
                 "No access to this pod",
                 "You are signed in, but this pod belongs to someone else: only its owner and the \
@@ -728,7 +739,7 @@ impl Answer {
             ),
         };
         if html {
-            let retry = if matches!(self, Self::AuthorizationUnavailable) {
+            let retry = if matches!(self, Self::AuthorizationUnavailable | Self::TunnelOffline) {
                 Retry::Backoff
             } else {
                 Retry::No
@@ -1079,6 +1090,7 @@ mod tests {
             },
             Answer::MethodNotAllowed,
             Answer::ApiUnauthorized,
+            Answer::TunnelOffline,
             Answer::RateLimited {
                 retry_after: 1,
                 fields: Vec::new(),

@@ -67,6 +67,8 @@ pub struct Prepared {
     certs: Option<Arc<CertStore>>,
     /// The authorizer once [`build`] has made it (`/readyz` reads its stale-if-error state).
     authorizer: Arc<std::sync::OnceLock<Arc<Authorizer>>>,
+    /// Agent tunnels (reverse tunnels to servers behind NAT).
+    agents: Arc<crate::agents::Agents>,
 }
 
 impl Prepared {
@@ -107,6 +109,26 @@ pub fn prepare(
     };
     let draining = Arc::new(AtomicBool::new(false));
     let authorizer = Arc::new(std::sync::OnceLock::new());
+    let agents = Arc::new(crate::agents::Agents::new(
+        metrics.clone(),
+        side.handle().clone(),
+    ));
+    side.spawn(crate::agents::refresh(agents.clone(), directory.clone()));
+    if let Some(addr) = config.agent_listen {
+        let listener = {
+            let _context = side.enter();
+            admin::bind(addr).map_err(|e| ServeError::Bind(format!("agent_listen {addr}: {e}")))?
+        };
+        let acceptor = match &certs {
+            Some(certs) => Some(agent_tls(certs.clone())?),
+            None => {
+                tracing::warn!(%addr, "agent_listen without TLS (no certificates configured): agent secrets cross the network in clear");
+                None
+            }
+        };
+        tracing::info!(%addr, tls = acceptor.is_some(), "agent listener bound");
+        side.spawn(agents.clone().serve(listener, acceptor));
+    }
     if let Some(addr) = config.admin_listen {
         let state = AdminState {
             metrics: metrics.clone(),
@@ -114,6 +136,7 @@ pub fn prepare(
             draining: draining.clone(),
             ping_timeout: config.timeouts.directory_query,
             authorizer: authorizer.clone(),
+            agents: agents.clone(),
         };
         if upgrade {
             // The previous process answers (`/readyz`: draining) until it exits.
@@ -144,7 +167,21 @@ pub fn prepare(
         draining,
         certs,
         authorizer,
+        agents,
     })
+}
+
+/// TLS for `agent_listen`: the ingress's certificates (chosen by SNI), HTTP/1.1 then HTTP/2
+/// over the upgrade (no ALPN needed).
+fn agent_tls(certs: Arc<CertStore>) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ServeError::Io(format!("agent_listen TLS: {e}")))?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(Resolver(certs)));
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// SIGHUP reloads ([`Reloader::reload`]). Watched whatever the configuration, so that SIGHUP
@@ -322,6 +359,7 @@ pub fn build(
         authorizer.clone(),
         clock,
         prepared.metrics.clone(),
+        prepared.agents.clone(),
     );
     let plain = ingress.plain_requests();
     let in_flight = ingress.in_flight();

@@ -43,6 +43,10 @@ pub struct Metrics {
     listener_reconnects: IntCounter,
     revoked: IntCounterVec,
     control_calls: IntCounterVec,
+    agents_connected: IntGauge,
+    agent_streams: IntGauge,
+    agent_bytes: IntCounterVec,
+    agent_connects: IntCounterVec,
     jwks_fetches: IntCounterVec,
     rate_limits: IntCounterVec,
     redis_failures: IntCounter,
@@ -116,7 +120,7 @@ pub fn port_label(port: u16) -> &'static str {
 }
 
 /// The directory queries (the `query` label).
-const DIRECTORY_QUERIES: [&str; 4] = ["pods_by_slug", "session", "user_exists", "ping"];
+const DIRECTORY_QUERIES: [&str; 5] = ["pods_by_slug", "session", "user_exists", "ping", "agents"];
 /// The directory error kinds (the `kind` label).
 const DIRECTORY_ERROR_KINDS: [&str; 3] = ["unavailable", "timeout", "query"];
 
@@ -288,6 +292,32 @@ impl Metrics {
                 control_calls.with_label_values(&[act, result]);
             }
         }
+        let agents_connected = IntGauge::new(
+            "pinacle_ingress_agents_connected",
+            "Agent tunnels connected to this gateway (pinacle-agent).",
+        )?;
+        registry.register(Box::new(agents_connected.clone()))?;
+        let agent_streams = IntGauge::new(
+            "pinacle_ingress_agent_streams_open",
+            "Streams open on agent tunnels (one per bridged upstream connection).",
+        )?;
+        registry.register(Box::new(agent_streams.clone()))?;
+        let agent_bytes = counter(
+            "pinacle_ingress_agent_bytes_total",
+            "Bytes carried on agent tunnels, by direction (to_agent, from_agent).",
+            &["direction"],
+        )?;
+        for direction in ["to_agent", "from_agent"] {
+            agent_bytes.with_label_values(&[direction]);
+        }
+        let agent_connects = counter(
+            "pinacle_ingress_agent_connects_total",
+            "Agent connections by result (accepted, refused): reconnects show here.",
+            &["result"],
+        )?;
+        for result in ["accepted", "refused"] {
+            agent_connects.with_label_values(&[result]);
+        }
         let jwks_fetches = counter(
             "pinacle_ingress_jwks_fetches_total",
             "Fetches of [api] jwks_url by result (ok, failed).",
@@ -328,6 +358,10 @@ impl Metrics {
             listener_reconnects,
             revoked,
             control_calls,
+            agents_connected,
+            agent_streams,
+            agent_bytes,
+            agent_connects,
             jwks_fetches,
             rate_limits,
             redis_failures,
@@ -513,6 +547,27 @@ impl Metrics {
     /// Counts a call to the control plane.
     pub fn control_call(&self, act: &str, result: &str) {
         self.control_calls.with_label_values(&[act, result]).inc();
+    }
+
+    /// Sets how many agent tunnels are connected.
+    pub fn agents_connected(&self, n: usize) {
+        self.agents_connected
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// One more (or fewer) stream open on agent tunnels.
+    pub fn agent_streams(&self, delta: i64) {
+        self.agent_streams.add(delta);
+    }
+
+    /// Counts bytes carried on a tunnel stream.
+    pub fn agent_bytes(&self, direction: &str, n: u64) {
+        self.agent_bytes.with_label_values(&[direction]).inc_by(n);
+    }
+
+    /// Counts an agent connection attempt.
+    pub fn agent_connect(&self, result: &str) {
+        self.agent_connects.with_label_values(&[result]).inc();
     }
 
     /// Counts a JWKS fetch.

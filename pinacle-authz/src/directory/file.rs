@@ -28,6 +28,16 @@ struct FileModel {
     pods: Vec<PodRow>,
     #[serde(default)]
     sessions: Vec<SessionRow>,
+    #[serde(default)]
+    agents: Vec<AgentRow>,
+}
+
+/// `[[agents]]`: a server's registered agent (`pinacle-ingress agent register` prints it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentRow {
+    server_id: String,
+    secret_sha256: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +174,7 @@ pub struct FileDirectory {
     members: Vec<(String, UserId)>,
     sessions: HashMap<String, SessionRecord>,
     users: Vec<UserId>,
+    agents: Vec<super::AgentRegistration>,
 }
 
 impl FileDirectory {
@@ -299,6 +310,25 @@ fn build(model: FileModel) -> Result<FileDirectory, Vec<String>> {
             _ => problems.push(format!("sessions: unknown user_id {:?}", s.user_id)),
         }
     }
+    let mut agents = Vec::new();
+    for a in &model.agents {
+        let hex = a.secret_sha256.len() == 64
+            && a.secret_sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match servers.get(a.server_id.as_str()) {
+            _ if !hex => problems.push(format!(
+                "agents {:?}: secret_sha256 must be 64 lowercase hex digits",
+                a.server_id
+            )),
+            Some(server) => agents.push(super::AgentRegistration {
+                server_id: a.server_id.clone(),
+                ip_address: server.ip_address.clone(),
+                secret_sha256: a.secret_sha256.clone(),
+            }),
+            None => problems.push(format!("agents: unknown server_id {:?}", a.server_id)),
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -307,11 +337,16 @@ fn build(model: FileModel) -> Result<FileDirectory, Vec<String>> {
         members,
         sessions,
         users,
+        agents,
     })
 }
 
 #[async_trait]
 impl PodDirectory for FileDirectory {
+    async fn agents(&self) -> Result<Vec<super::AgentRegistration>, DirectoryError> {
+        Ok(self.agents.clone())
+    }
+
     async fn pods_by_slug(
         &self,
         slug: &PodSlug,

@@ -24,6 +24,18 @@ pub struct SessionRecord {
     pub expires_at_ms: i64,
 }
 
+/// A server's registered agent (`pinacle_agent`): the ingress reaches that server only through
+/// the agent's tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRegistration {
+    /// `server.id`.
+    pub server_id: String,
+    /// `server.ip_address`: the address pods of this server are published on.
+    pub ip_address: String,
+    /// Lowercase hex SHA-256 of the agent's secret.
+    pub secret_sha256: String,
+}
+
 /// The directory could not answer: the caller must not treat this as a denial.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DirectoryError {
@@ -68,4 +80,13 @@ pub trait PodDirectory: Send + Sync + std::fmt::Debug + 'static {
     /// # Errors
     /// [`DirectoryError`] when it does not.
     async fn ping(&self) -> Result<(), DirectoryError>;
+
+    /// Every registered agent, with its server's address (none by default: a directory
+    /// without agents).
+    ///
+    /// # Errors
+    /// [`DirectoryError`] when the backend cannot answer.
+    async fn agents(&self) -> Result<Vec<AgentRegistration>, DirectoryError> {
+        Ok(Vec::new())
+    }
 }

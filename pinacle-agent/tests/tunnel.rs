@@ -1,0 +1,507 @@
+//! Reverse tunnels end to end: the gateway (`pinacle-ingress`, in-process, real Postgres) and
+//! the `pinacle-agent` binary. The pods' server is registered at 192.0.2.10 (TEST-NET-1:
+//! nothing the gateway can dial), while its services listen on 127.0.0.1, which only the agent
+//! dials: every answer below came through the tunnel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use pinacle_authz::PostgresDirectory;
+use pinacle_authz::testing::{PodSeed, Seed, ports_json};
+use pinacle_ingress::config;
+use pinacle_ingress::server::{self, Running};
+use pinacle_testkit::client::{self, Collected, Connection};
+use pinacle_testkit::{reserve_port, upstream, wait_for_port};
+use sqlx::PgPool;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pinacle-agent");
+const SECRET: &str = "tunnel-test-secret";
+const AGENT_SECRET: &str = "agent-secret-0123456789abcdef0123456789abcdef";
+const DASHBOARD_URL: &str = "http://pinacle.test:3000";
+/// The server's registered address: nothing answers there.
+const UNREACHABLE: &str = "192.0.2.10";
+
+fn unix_now() -> i64 {
+    pinacle_ingress::cli::unix_now()
+}
+
+fn session_cookie(user: &str) -> String {
+    let value = pinacle_authz::testing::session_cookie_value(SECRET, user, unix_now(), 3600);
+    format!("next-auth.session-token={value}")
+}
+
+fn host(slug: &str) -> String {
+    format!("localhost-3000-pod-{slug}.pinacle.test")
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An agent process, killed (by PID) when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(gateways: &[SocketAddr], secret: &str, extra: &[&str]) -> Self {
+        let mut command = Command::new(AGENT);
+        for g in gateways {
+            command.args(["--gateway", &g.to_string()]);
+        }
+        command
+            .args(["--server", "s_nat", "--insecure-plaintext"])
+            .args(extra);
+        if !extra.contains(&"--allow-ports") {
+            command.args(["--allow-ports", "1024-65535"]);
+        }
+        command
+            .env("PINACLE_AGENT_SECRET", secret)
+            .env(
+                "RUST_LOG",
+                std::env::var("PINACLE_TEST_AGENT_LOG").unwrap_or("off".into()),
+            )
+            .stdout(Stdio::null());
+        Self(command.spawn().unwrap())
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Peak resident memory (kB), from /proc.
+    fn peak_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct World {
+    pool: PgPool,
+    _pods: Vec<upstream::Upstream>,
+    sse: upstream::Upstream,
+}
+
+/// `ada`'s pods on server `s_nat` (registered at an address nothing answers on): `demo` (an
+/// HTTP echo), `chat` (a WebSocket echo), `feed` (server-sent events); the agent registered
+/// with [`AGENT_SECRET`].
+async fn seed(pool: PgPool) -> World {
+    let (demo, chat, sse) = (
+        upstream::http_echo("demo").await,
+        upstream::websocket_echo().await,
+        upstream::sse().await,
+    );
+    let seed = Seed(&pool);
+    seed.people().await.unwrap();
+    seed.server("s_nat", UNREACHABLE).await.unwrap();
+    for (id, slug, port) in [
+        ("p_demo", "demo", demo.addr.port()),
+        ("p_chat", "chat", chat.addr.port()),
+        ("p_feed", "feed", sse.addr.port()),
+    ] {
+        let ports = ports_json(port);
+        seed.pod(&PodSeed {
+            id,
+            slug,
+            owner_id: "ada",
+            team_id: "t1",
+            server_id: Some("s_nat"),
+            status: "running",
+            ports: Some(&ports),
+            age_secs: 60.0,
+        })
+        .await
+        .unwrap();
+    }
+    sqlx::query("INSERT INTO pinacle_agent (server_id, secret_sha256) VALUES ('s_nat', $1)")
+        .bind(sha256_hex(AGENT_SECRET))
+        .execute(&pool)
+        .await
+        .unwrap();
+    World {
+        pool,
+        _pods: vec![demo, chat],
+        sse,
+    }
+}
+
+struct Gateway {
+    running: Running,
+    addr: SocketAddr,
+    agents: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn gateway(pool: &PgPool) -> Gateway {
+    let (listen, agents, admin) = (
+        SocketAddr::from(([127, 0, 0, 1], reserve_port())),
+        SocketAddr::from(([127, 0, 0, 1], reserve_port())),
+        SocketAddr::from(([127, 0, 0, 1], reserve_port())),
+    );
+    let text = format!(
+        "listen = \"{listen}\"\ndashboard_upstream = \"127.0.0.1:9\"\nadmin_listen = \"{admin}\"\n\
+         agent_listen = \"{agents}\"\nbase_domains = [\"pinacle.test\"]\nthreads = 2\n\
+         shutdown_grace_period = \"1s\"\nupstream_connect_timeout = \"2s\"\n\
+         upstream_read_timeout = \"30s\"\n"
+    );
+    let env: HashMap<&str, &str> =
+        HashMap::from([("NEXTAUTH_SECRET", SECRET), ("NEXTAUTH_URL", DASHBOARD_URL)]);
+    let config = config::from_toml(&text, "test", &|k| env.get(k).map(|v| (*v).to_owned()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let directory = Arc::new(PostgresDirectory::from_pool(
+        pool.clone(),
+        Duration::from_secs(5),
+    ));
+    if std::env::var_os("PINACLE_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("PINACLE_TEST_LOG"))
+            .with_test_writer()
+            .try_init();
+    }
+    let running = server::spawn(config, directory, unix_now).unwrap();
+    wait_for_port(listen).await;
+    wait_for_port(agents).await;
+    Gateway {
+        running,
+        addr: listen,
+        agents,
+        admin,
+    }
+}
+
+impl Gateway {
+    async fn get(&self, slug: &str, path: &str) -> Collected {
+        client::get(
+            self.addr,
+            path,
+            &[("host", &host(slug)), ("cookie", &session_cookie("ada"))],
+        )
+        .await
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.running.metrics().unwrap().render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    /// Waits (bounded) until `n` agents are connected.
+    async fn wait_for_agents(&self, n: f64) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.metric("pinacle_ingress_agents_connected") != n {
+            assert!(
+                Instant::now() < deadline,
+                "agents connected: {} (waiting for {n})",
+                self.metric("pinacle_ingress_agents_connected")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn http_sse_websocket_and_a_hundred_streams_cross_the_tunnel(pool: PgPool) {
+    let w = seed(pool).await;
+    let g = gateway(&w.pool).await;
+    // Registered, not connected: 502 at once, the server's address never dialed.
+    tokio::time::sleep(Duration::from_millis(2500)).await; // the registration is read every 2 s
+    let started = Instant::now();
+    let r = g.get("demo", "/").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("x-pinacle-ingress"), Some("tunnel-offline"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let _agent = Agent::start(&[g.agents], AGENT_SECRET, &[]);
+    g.wait_for_agents(1.0).await;
+    let r = g.get("demo", "/items?x=1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo = r.json();
+    assert_eq!(
+        (echo["name"].as_str(), echo["path"].as_str()),
+        (Some("demo"), Some("/items?x=1"))
+    );
+    assert!(
+        echo["headers"].get("cookie").is_none(),
+        "credentials crossed: {echo}"
+    );
+    assert_eq!(echo["headers"]["x-forwarded-host"], host("demo"));
+
+    // Server-sent events: the first event, then the second once released.
+    let mut conn = Connection::open(g.addr).await;
+    let response = conn
+        .send(
+            "GET",
+            "/events",
+            &[
+                ("host", &host("feed")),
+                ("cookie", &session_cookie("ada")),
+                ("accept", "text/event-stream"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), client::next_chunk(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains("data: first"), "{first}");
+    w.sse.release.notify_one();
+    let second = tokio::time::timeout(Duration::from_secs(5), client::next_chunk(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.contains("data: second"), "{second}");
+
+    // A WebSocket echo.
+    let mut request = format!("ws://{}/socket", g.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", host("chat").parse().unwrap());
+    request
+        .headers_mut()
+        .insert("cookie", session_cookie("ada").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    for i in 0..5 {
+        ws.send(Message::Text(format!("hello {i}").into()))
+            .await
+            .unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    drop(ws);
+
+    // A hundred requests at once, each on its own connection (so its own stream).
+    let requests = (0..100).map(|i| {
+        let g = &g;
+        async move { g.get("demo", &format!("/n/{i}")).await }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (i, r) in answers.iter().enumerate() {
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.json()["path"], format!("/n/{i}"));
+    }
+    // The admin listener names the agent.
+    let listed = client::get(g.admin, "/agents", &[("host", "admin")])
+        .await
+        .json();
+    assert_eq!(listed["agents"][0]["server"], "s_nat", "{listed}");
+    assert!(g.metric("pinacle_ingress_agent_connects_total{result=\"accepted\"}") >= 1.0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_gibibyte_upload_crosses_the_tunnel_in_bounded_memory(pool: PgPool) {
+    let w = seed(pool).await;
+    let g = gateway(&w.pool).await;
+    let agent = Agent::start(&[g.agents], AGENT_SECRET, &[]);
+    g.wait_for_agents(1.0).await;
+    const TOTAL: u64 = 1 << 30;
+    const CHUNK: usize = 1 << 20;
+    let (sender, body) = {
+        let (tx, rx) = tokio::sync::mpsc::channel::<
+            Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+        >(4);
+        (
+            tx,
+            http_body_util::StreamBody::new(tokio_stream_like::Receiver(rx)),
+        )
+    };
+    let writer = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'x'; CHUNK]);
+        for _ in 0..(TOTAL / CHUNK as u64) {
+            if sender
+                .send(Ok(hyper::body::Frame::data(chunk.clone())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::post("/upload")
+        .header("host", host("demo"))
+        .header("cookie", session_cookie("ada"))
+        .header("content-length", TOTAL.to_string())
+        .body(body)
+        .unwrap();
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(600), send.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response.status();
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    writer.await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    let echo: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(echo["body_len"], TOTAL);
+    let peak_mb = agent.peak_kb() / 1024;
+    eprintln!(
+        "1 GiB through the tunnel in {:?}; the agent's peak resident memory: {peak_mb} MiB",
+        started.elapsed()
+    );
+    assert!(peak_mb < 64, "the agent held {peak_mb} MiB at its peak");
+    assert!(g.metric("pinacle_ingress_agent_bytes_total{direction=\"to_agent\"}") >= TOTAL as f64);
+}
+
+/// A `Stream` over a tokio receiver (what `tokio-stream` would give).
+mod tokio_stream_like {
+    pub struct Receiver<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+    impl<T> futures_util::Stream for Receiver<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_agent_killed_mid_traffic_gives_quick_502s_then_traffic_again(pool: PgPool) {
+    let w = seed(pool).await;
+    let g = gateway(&w.pool).await;
+    let agent = Agent::start(&[g.agents], AGENT_SECRET, &[]);
+    g.wait_for_agents(1.0).await;
+    for _ in 0..5 {
+        assert_eq!(g.get("demo", "/").await.status, 200);
+    }
+    // SIGKILL: the tunnel's TCP connection ends with the process.
+    drop(agent);
+    g.wait_for_agents(0.0).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = g.get("demo", "/").await;
+        assert_eq!(
+            (r.status, r.header("x-pinacle-ingress")),
+            (502, Some("tunnel-offline"))
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    let _again = Agent::start(&[g.agents], AGENT_SECRET, &[]);
+    g.wait_for_agents(1.0).await;
+    assert_eq!(g.get("demo", "/").await.status, 200);
+    assert!(g.metric("pinacle_ingress_agent_connects_total{result=\"accepted\"}") >= 2.0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_wrong_or_revoked_secret_gets_no_tunnel(pool: PgPool) {
+    let w = seed(pool).await;
+    let g = gateway(&w.pool).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let wrong = Agent::start(&[g.agents], "not-the-secret", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.metric("pinacle_ingress_agent_connects_total{result=\"refused\"}") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the wrong secret was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(g.metric("pinacle_ingress_agents_connected"), 0.0);
+    assert_eq!(g.get("demo", "/").await.status, 502);
+    drop(wrong);
+
+    let _agent = Agent::start(&[g.agents], AGENT_SECRET, &[]);
+    g.wait_for_agents(1.0).await;
+    assert_eq!(g.get("demo", "/").await.status, 200);
+    // Revoked: the gateway drops the tunnel within its refresh, and the pod is no longer
+    // reached (its server's registered address is not reachable from here).
+    sqlx::query("DELETE FROM pinacle_agent WHERE server_id = 's_nat'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    g.wait_for_agents(0.0).await;
+    let r = g.get("demo", "/").await;
+    assert!(r.status >= 500 && r.status != 200, "{}", r.status);
+    assert_ne!(r.header("x-pinacle-ingress"), None);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn one_agent_serves_every_gateway_and_dials_only_allowed_ports(pool: PgPool) {
+    let w = seed(pool).await;
+    let (a, b) = (gateway(&w.pool).await, gateway(&w.pool).await);
+    let _agent = Agent::start(&[a.agents, b.agents], AGENT_SECRET, &[]);
+    a.wait_for_agents(1.0).await;
+    b.wait_for_agents(1.0).await;
+    assert_eq!(a.get("demo", "/").await.status, 200);
+    assert_eq!(b.get("demo", "/").await.status, 200);
+    // An agent that may dial only 30000-30001 refuses every other port: the pod is not reached.
+    let c = gateway(&w.pool).await;
+    let _narrow = Agent::start(&[c.agents], AGENT_SECRET, &["--allow-ports", "30000-30001"]);
+    c.wait_for_agents(1.0).await;
+    let r = c.get("demo", "/").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn sigterm_drains_the_agent_and_it_exits_cleanly(pool: PgPool) {
+    let w = seed(pool).await;
+    let g = gateway(&w.pool).await;
+    let mut agent = Agent::start(&[g.agents], AGENT_SECRET, &[]);
+    g.wait_for_agents(1.0).await;
+    assert_eq!(g.get("demo", "/").await.status, 200);
+    let kill = Command::new("kill")
+        .args(["-TERM", &agent.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    g.wait_for_agents(0.0).await;
+}
