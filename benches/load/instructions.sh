@@ -71,7 +71,8 @@ status = "running"
 ports = [{ name = "nginx-proxy", internal = 80, external = $ORIGIN, protocol = "tcp" }]
 T
 export NEXTAUTH_SECRET=instructions-secret NEXTAUTH_URL=http://pinacle.bench
-COOKIE="next-auth.session-token=$(env -u DATABASE_URL "$BIN" session mint --user user_bench)"
+# `session mint` prints the whole `name=value` pair.
+COOKIE="$(env -u DATABASE_URL "$BIN" session mint --user user_bench)"
 HOST=localhost-3000-pod-bench.pinacle.bench
 PATH_=/1k.bin
 DATA=()
@@ -98,6 +99,15 @@ run() {
     curl -s -o /dev/null "http://127.0.0.1:$port/" && break
     sleep 0.1
   done
+  # What is counted must be the request meant: a 401 would be measured just as well.
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $HOST" -H "Cookie: $COOKIE" "${DATA[@]}" \
+    "http://127.0.0.1:$port$PATH_")
+  if [ "$code" != 200 ]; then
+    echo "the measured request answers $code, not 200" >&2
+    kill -INT "$INGRESS_PID"; wait "$INGRESS_PID" || true; INGRESS_PID=
+    exit 1
+  fi
   local urls=()
   for _ in $(seq 1 "$n"); do urls+=(-o /dev/null "http://127.0.0.1:$port$PATH_"); done
   curl -s -H "Host: $HOST" -H "Cookie: $COOKIE" "${DATA[@]}" "${urls[@]}"

@@ -60,9 +60,10 @@ impl Agent {
         for g in gateways {
             command.args(["--gateway", &g.to_string()]);
         }
-        command
-            .args(["--server", "s_nat", "--insecure-plaintext"])
-            .args(extra);
+        command.args(["--server", "s_nat"]).args(extra);
+        if !extra.contains(&"--ca-file") && !extra.contains(&"--tls") {
+            command.arg("--insecure-plaintext");
+        }
         if !extra.contains(&"--allow-ports") {
             command.args(["--allow-ports", "1024-65535"]);
         }
@@ -155,6 +156,10 @@ struct Gateway {
 }
 
 async fn gateway(pool: &PgPool) -> Gateway {
+    gateway_with(pool, "").await
+}
+
+async fn gateway_with(pool: &PgPool, extra: &str) -> Gateway {
     let (listen, agents, admin) = (
         SocketAddr::from(([127, 0, 0, 1], reserve_port())),
         SocketAddr::from(([127, 0, 0, 1], reserve_port())),
@@ -164,7 +169,7 @@ async fn gateway(pool: &PgPool) -> Gateway {
         "listen = \"{listen}\"\ndashboard_upstream = \"127.0.0.1:9\"\nadmin_listen = \"{admin}\"\n\
          agent_listen = \"{agents}\"\nbase_domains = [\"pinacle.test\"]\nthreads = 2\n\
          shutdown_grace_period = \"1s\"\nupstream_connect_timeout = \"2s\"\n\
-         upstream_read_timeout = \"30s\"\n"
+         upstream_read_timeout = \"30s\"\n{extra}"
     );
     let env: HashMap<&str, &str> =
         HashMap::from([("NEXTAUTH_SECRET", SECRET), ("NEXTAUTH_URL", DASHBOARD_URL)]);
@@ -504,4 +509,69 @@ async fn sigterm_drains_the_agent_and_it_exits_cleanly(pool: PgPool) {
     };
     assert!(status.success(), "{status:?}");
     g.wait_for_agents(0.0).await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_agent_listener_speaks_tls_and_the_agent_verifies_it(pool: PgPool) {
+    let w = seed(pool).await;
+    let dir = std::env::temp_dir().join(format!("pinacle-agent-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = pinacle_testkit::tls::Ca::new();
+    ca.leaf(&["localhost"], &dir, "gateway");
+    std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+    let tls_port = reserve_port();
+    let g = gateway_with(
+        &w.pool,
+        &format!(
+            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            dir.join("gateway.pem").display(),
+            dir.join("gateway.key").display()
+        ),
+    )
+    .await;
+    let gateway = format!("localhost:{}", g.agents.port());
+    // Not trusted (the system's roots only): no tunnel.
+    let mut untrusting = Command::new(AGENT);
+    untrusting
+        .args([
+            "--gateway",
+            &gateway,
+            "--server",
+            "s_nat",
+            "--allow-ports",
+            "1024-65535",
+        ])
+        .env("PINACLE_AGENT_SECRET", AGENT_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let untrusting = Agent(untrusting.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.metric("pinacle_ingress_agent_connects_total{result=\"refused\"}") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the untrusted handshake was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(g.metric("pinacle_ingress_agents_connected"), 0.0);
+    drop(untrusting);
+    // Trusting the gateway's authority: the tunnel works.
+    let mut trusting = Command::new(AGENT);
+    trusting
+        .args([
+            "--gateway",
+            &gateway,
+            "--server",
+            "s_nat",
+            "--allow-ports",
+            "1024-65535",
+        ])
+        .args(["--ca-file", dir.join("ca.pem").to_str().unwrap()])
+        .env("PINACLE_AGENT_SECRET", AGENT_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _trusting = Agent(trusting.spawn().unwrap());
+    g.wait_for_agents(1.0).await;
+    assert_eq!(g.get("demo", "/").await.status, 200);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

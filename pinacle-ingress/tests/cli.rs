@@ -216,13 +216,100 @@ fn migrate_creates_the_dashboard_tables() {
             .fetch_all(&db),
         )
         .unwrap();
-    for t in ["pod", "server", "session", "team", "team_member", "user"] {
+    for t in [
+        "pod",
+        "server",
+        "session",
+        "team",
+        "team_member",
+        "user",
+        "pinacle_agent",
+    ] {
         assert!(tables.iter().any(|x| x == t), "{t} missing from {tables:?}");
     }
+    agent_register_and_revoke(&rt, &db, &url);
     rt.block_on(db.close());
     rt.block_on(sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin))
         .unwrap();
     assert_eq!(ingress(&["migrate"], &[]).status.code(), Some(2));
+}
+
+/// `agent register` stores only the secret's SHA-256 and prints the secret last; again, a new
+/// secret replaces it; `agent revoke` removes it.
+fn agent_register_and_revoke(rt: &tokio::runtime::Runtime, db: &sqlx::PgPool, url: &str) {
+    use sha2::Digest as _;
+    rt.block_on(
+        sqlx::query("INSERT INTO server (id, hostname, ip_address, status) VALUES ('s1', 's1', '192.0.2.1', 'online')")
+            .execute(db),
+    )
+    .unwrap();
+    let register = || {
+        ingress(
+            &["agent", "register", "--server", "s1"],
+            &[("DATABASE_URL", url)],
+        )
+    };
+    let stored = || -> Vec<String> {
+        rt.block_on(
+            sqlx::query_scalar("SELECT secret_sha256 FROM pinacle_agent WHERE server_id = 's1'")
+                .fetch_all(db),
+        )
+        .unwrap()
+    };
+    let mut secrets = Vec::new();
+    for _ in 0..2 {
+        let out = register();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let secret = text.lines().last().unwrap().to_owned();
+        assert_eq!(secret.len(), 64, "{text}");
+        let digest: String = sha2::Sha256::digest(secret.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(stored(), vec![digest.clone()]);
+        assert!(
+            text.contains(&format!(
+                "[[agents]]\nserver_id = \"s1\"\nsecret_sha256 = \"{digest}\""
+            )),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&format!("= \"{secret}\"")),
+            "the secret is stored: {text}"
+        );
+        secrets.push(secret);
+    }
+    assert_ne!(secrets[0], secrets[1]);
+    let unknown = ingress(
+        &["agent", "register", "--server", "nope"],
+        &[("DATABASE_URL", url)],
+    );
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("does the server exist"));
+    let revoke = || {
+        ingress(
+            &["agent", "revoke", "--server", "s1"],
+            &[("DATABASE_URL", url)],
+        )
+    };
+    assert_eq!(revoke().status.code(), Some(0));
+    assert!(stored().is_empty());
+    assert_eq!(revoke().status.code(), Some(1));
+    // Without a database: the row to put in a directory file, and no revoking.
+    let out = ingress(&["agent", "register", "--server", "s1"], &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("add this row to the directory file"));
+    assert_eq!(
+        ingress(&["agent", "revoke", "--server", "s1"], &[])
+            .status
+            .code(),
+        Some(2)
+    );
 }
 
 #[test]

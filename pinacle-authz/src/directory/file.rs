@@ -413,6 +413,37 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn agents_name_a_known_server_and_a_sha256() {
+        let hash = "a".repeat(64);
+        let text = format!(
+            "[[servers]]\nid = \"s1\"\nip_address = \"192.0.2.1\"\n\
+             [[agents]]\nserver_id = \"s1\"\nsecret_sha256 = \"{hash}\"\n"
+        );
+        let directory =
+            FileDirectory::from_toml(&text, "inline").unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(
+            directory.agents().await,
+            Ok(vec![crate::AgentRegistration {
+                server_id: "s1".into(),
+                ip_address: "192.0.2.1".into(),
+                secret_sha256: hash,
+            }])
+        );
+        for bad in [
+            "[[agents]]\nserver_id = \"nope\"\nsecret_sha256 = \"aa\"",
+            "[[servers]]\nid = \"s1\"\nip_address = \"1.2.3.4\"\n[[agents]]\nserver_id = \"s1\"\nsecret_sha256 = \"NOT-HEX\"",
+        ] {
+            assert!(
+                matches!(
+                    FileDirectory::from_toml(bad, "inline"),
+                    Err(FileDirectoryError::Invalid { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn unknown_keys_are_rejected() {
         assert!(matches!(
