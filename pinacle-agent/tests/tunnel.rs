@@ -389,6 +389,19 @@ async fn a_gibibyte_upload_crosses_the_tunnel_in_bounded_memory(pool: PgPool) {
         started.elapsed()
     );
     assert!(peak_mb < 64, "the agent held {peak_mb} MiB at its peak");
+    // This process holds the gateway, the client and the pod: none of them held the upload.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let own_mb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    eprintln!("the test process's peak resident memory (gateway, client, pod): {own_mb} MiB");
+    assert!(
+        own_mb < 400,
+        "the gateway side held {own_mb} MiB at its peak"
+    );
     assert!(g.metric("pinacle_ingress_agent_bytes_total{direction=\"to_agent\"}") >= TOTAL as f64);
 }
 
@@ -574,4 +587,37 @@ async fn the_agent_listener_speaks_tls_and_the_agent_verifies_it(pool: PgPool) {
     g.wait_for_agents(1.0).await;
     assert_eq!(g.get("demo", "/").await.status, 200);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_shipped_unit_names_only_flags_the_agent_takes() {
+    let unit = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../config/pinacle-agent.service"),
+    )
+    .unwrap();
+    let exec = unit
+        .replace("\\\n", " ")
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart=/usr/local/bin/pinacle-agent "))
+        .unwrap()
+        .to_owned();
+    let args: Vec<String> = exec
+        .split_whitespace()
+        .map(|a| a.replace("/etc/pinacle/agent-secret", "/nonexistent/agent-secret"))
+        .collect();
+    // Every flag parses; the run stops at the missing secret file (exit 2, naming it).
+    let out = Command::new(AGENT)
+        .args(&args)
+        .env_remove("PINACLE_AGENT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--secret-file /nonexistent/agent-secret"),
+        "{stderr}"
+    );
+    let version = Command::new(AGENT).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("pinacle-agent "));
 }

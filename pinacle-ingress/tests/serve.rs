@@ -43,7 +43,15 @@ fn every_shipped_config_loads() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.ends_with(".service") {
             let unit = std::fs::read_to_string(&path).unwrap();
-            assert!(unit.contains("ExecStart=/usr/local/bin/pinacle-ingress serve --config"));
+            // The agent's unit is checked against the agent's own CLI in pinacle-agent's tests.
+            let binary = name.trim_end_matches(".service");
+            assert!(
+                unit.contains(&format!("ExecStart=/usr/local/bin/{binary} ")),
+                "{name}"
+            );
+            if binary == "pinacle-ingress" {
+                assert!(unit.contains("ExecStart=/usr/local/bin/pinacle-ingress serve --config"));
+            }
             seen += 1;
             continue;
         }
