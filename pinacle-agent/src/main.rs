@@ -87,7 +87,9 @@ fn options(cli: &Cli) -> Result<Options, String> {
         tracing::warn!("--insecure-plaintext: the secret and all traffic cross the wire in clear");
         None
     } else {
-        Some(Arc::new(client_tls(cli.ca_file.as_deref())?))
+        Some(Arc::new(
+            protocol::client_tls(cli.ca_file.as_deref()).map_err(|e| format!("--ca-file {e}"))?,
+        ))
     };
     Ok(Options {
         gateways: cli.gateways.clone(),
@@ -100,24 +102,6 @@ fn options(cli: &Cli) -> Result<Options, String> {
         connect_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),
     })
-}
-
-fn client_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().unwrap_or_default() {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
-            roots.add(cert).map_err(|e| format!("--ca-file: {e}"))?;
-        }
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
 fn run(options: Options) -> ExitCode {

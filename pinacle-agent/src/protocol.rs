@@ -247,6 +247,33 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base_ms / 2 + ((base_ms / 2) as f64 * fraction) as u64)
 }
 
+/// Client TLS settings: the system's roots and `ca_file`'s (PEM), ring as the provider (what
+/// Pingora's rustls uses). Shared by the agent and the gateway's own client calls.
+///
+/// # Errors
+/// `ca_file` cannot be read or holds no usable certificate.
+pub fn client_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().unwrap_or_default() {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
 /// Compares two byte strings in time that depends only on their length.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     // Hand-written: it is the whole of it; equal lengths are known (hex SHA-256 digests).

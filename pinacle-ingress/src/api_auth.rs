@@ -1,7 +1,7 @@
 //! Credentials for machines (scripts, CI jobs, agents): `Authorization: Bearer <JWT>` checked
 //! against a JWKS (RS256, ES256, EdDSA) or configured HS256 secrets, and HMAC-signed requests
 //! (`X-Pinacle-Client`, `X-Pinacle-Timestamp`, `X-Pinacle-Signature`). Pure: the keys, the
-//! clients and the clock are passed in; fetching a JWKS URL is [`crate::api_keys`]'s.
+//! clients and the clock are passed in; fetching a JWKS URL is [`UrlKeys`]'s.
 //!
 //! A bearer token is *ours* when its key id names one of our keys, or its (unverified) `aud`
 //! holds our audience, or its `iss` is our issuer: then it must verify, or the request is
@@ -226,7 +226,7 @@ pub struct ApiConfig {
     pub jwks_file: Option<std::path::PathBuf>,
     /// Keys from `jwks_file`.
     pub file_keys: Arc<KeySet>,
-    /// `jwks_url`, fetched and cached ([`crate::api_keys`]).
+    /// `jwks_url`, fetched and cached ([`UrlKeys`]).
     pub jwks_url: Option<String>,
     /// Longest one JWKS fetch may take.
     pub jwks_timeout: Duration,
@@ -542,20 +542,9 @@ pub fn verify_hmac(
         else {
             return Verdict::Invalid("hmac_bad_signature");
         };
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(client.secret.expose()) else {
+        let Some(mac) = request_mac(client.secret.expose(), signed, timestamp) else {
             return Verdict::Invalid("hmac_bad_signature");
         };
-        for part in [
-            signed.method,
-            "\n",
-            signed.host,
-            "\n",
-            signed.path_and_query,
-            "\n",
-        ] {
-            mac.update(part.as_bytes());
-        }
-        mac.update(timestamp.to_string().as_bytes());
         match mac.verify_slice(&signature) {
             Ok(()) => Verdict::Valid(Machine {
                 user: client.user.clone(),
@@ -579,12 +568,10 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The lowercase hex signature of a request (clients and tests).
-pub fn sign(secret: &[u8], signed: Signed<'_>, timestamp: i64) -> String {
-    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
-        Ok(mac) => mac,
-        Err(_) => return String::new(),
-    };
+/// The MAC over `METHOD\nHOST\nPATH_AND_QUERY\nTIMESTAMP` (HMAC takes keys of any length:
+/// never `None`).
+fn request_mac(secret: &[u8], signed: Signed<'_>, timestamp: i64) -> Option<Hmac<Sha256>> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).ok()?;
     for part in [
         signed.method,
         "\n",
@@ -596,6 +583,14 @@ pub fn sign(secret: &[u8], signed: Signed<'_>, timestamp: i64) -> String {
         mac.update(part.as_bytes());
     }
     mac.update(timestamp.to_string().as_bytes());
+    Some(mac)
+}
+
+/// The lowercase hex signature of a request (clients and tests).
+pub fn sign(secret: &[u8], signed: Signed<'_>, timestamp: i64) -> String {
+    let Some(mac) = request_mac(secret, signed, timestamp) else {
+        return String::new();
+    };
     mac.finalize()
         .into_bytes()
         .iter()

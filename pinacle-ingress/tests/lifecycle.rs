@@ -83,34 +83,17 @@ async fn seed(pool: &PgPool) -> Vec<upstream::Upstream> {
     vec![echo, ws]
 }
 
-/// The ingress over `pool` with `extra` configuration lines.
+/// The ingress over `pool`, seeded, with `extra` configuration lines (short authorization
+/// TTLs, so the stand-in's status changes show without live notifications).
 async fn world(pool: PgPool, extra: &str) -> World {
     let pods = seed(&pool).await;
-    let listen: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
-    let dashboard = upstream::http_echo("dashboard").await;
-    let text = format!(
-        "listen = \"{listen}\"\ndashboard_upstream = \"{}\"\nadmin_listen = \"off\"\n\
-         base_domains = [\"pinacle.test\"]\nthreads = 2\nshutdown_grace_period = \"1s\"\n\
-         plain_path = {}\nauthz_deny_ttl = \"1s\"\nauthz_allow_ttl = \"1s\"\n{extra}",
-        dashboard.addr,
-        plain_path()
-    );
-    let env: HashMap<&str, &str> =
-        HashMap::from([("NEXTAUTH_SECRET", SECRET), ("NEXTAUTH_URL", DASHBOARD_URL)]);
-    let config = config::from_toml(&text, "test", &|k| env.get(k).map(|v| (*v).to_owned()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let directory = Arc::new(PostgresDirectory::from_pool(
-        pool.clone(),
-        Duration::from_secs(5),
-    ));
-    let ingress = server::spawn(config, directory, unix_now).unwrap();
-    wait_for_port(listen).await;
-    World {
+    let mut w = world_again(
         pool,
-        addr: listen,
-        ingress,
-        _pods: pods.into_iter().chain([dashboard]).collect(),
-    }
+        &format!("authz_deny_ttl = \"1s\"\nauthz_allow_ttl = \"1s\"\n{extra}"),
+    )
+    .await;
+    w._pods.extend(pods);
+    w
 }
 
 fn control_lines(url: &str, extra: &str) -> String {
