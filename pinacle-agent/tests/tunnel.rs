@@ -509,6 +509,33 @@ async fn sigterm_drains_the_agent_and_it_exits_cleanly(pool: PgPool) {
         .status()
         .unwrap();
     assert!(kill.success());
+    // While the agent drains, requests neither hang nor fail strangely: a stream already open
+    // (the gateway's pooled upstream connection) finishes its requests (200); a new one is not
+    // opened on the going-away tunnel, which is then forgotten: tunnel-offline from then on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut offline = false;
+    for _ in 0..10 {
+        let burst = (0..5).map(|_| g.get("demo", "/"));
+        let started = Instant::now();
+        for r in futures_util::future::join_all(burst).await {
+            assert!(
+                r.status == 200 || r.status == 502,
+                "{} {}",
+                r.status,
+                r.text()
+            );
+            offline |= r.header("x-pinacle-ingress") == Some("tunnel-offline");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        if offline {
+            break;
+        }
+    }
+    assert!(offline, "a draining agent kept taking new streams");
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = agent.0.try_wait().unwrap() {

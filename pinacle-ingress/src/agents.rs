@@ -29,6 +29,8 @@ use crate::telemetry::Metrics;
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 /// How long an agent has to send its upgrade request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tunnels tried for one bridged connection when the first ones are going away.
+const MAX_OPEN_ATTEMPTS: usize = 4;
 /// How long opening a stream may take before the bridged connection is closed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,6 +39,14 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 const NOTHING_SENT: &str = "closed before sending anything";
 /// [`protocol::read_head`]'s error for that.
 const NOTHING_READ: &str = protocol::NOTHING_READ;
+
+/// Why a stream was not opened.
+enum Open {
+    /// The tunnel is going away (GOAWAY): try another.
+    GoingAway,
+    /// Anything else.
+    Failed(String),
+}
 
 /// Where a pod's upstream is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,37 +390,74 @@ impl Agents {
         Some(addr)
     }
 
-    /// One bridged connection: a `CONNECT` stream on a tunnel of `server`, bytes both ways.
+    /// One bridged connection: a `CONNECT` stream on a tunnel of `server`, bytes both ways. A
+    /// tunnel that is going away (its agent sent GOAWAY: SIGTERM) takes no new stream: it is
+    /// forgotten and the next one is tried, so a draining agent's new requests go elsewhere
+    /// or answer `tunnel-offline`.
     async fn carry(&self, server: &str, port: u16, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let Some(link) = self.pick(server) else {
-            return;
-        };
-        link.streams.fetch_add(1, Ordering::AcqRel);
-        self.metrics.agent_streams(1);
-        let result = self.carry_on(&link, port, stream).await;
-        link.streams.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.agent_streams(-1);
-        if let Err(e) = result {
-            tracing::debug!(%server, port, error = %e, "tunnel stream ended with an error");
+        for _ in 0..MAX_OPEN_ATTEMPTS {
+            let Some(link) = self.pick(server) else {
+                return;
+            };
+            let opened = self.open(&link, port).await;
+            match opened {
+                Ok((response, tx)) => {
+                    link.streams.fetch_add(1, Ordering::AcqRel);
+                    self.metrics.agent_streams(1);
+                    let result = self.carry_on(response, tx, stream).await;
+                    link.streams.fetch_sub(1, Ordering::AcqRel);
+                    self.metrics.agent_streams(-1);
+                    if let Err(e) = result {
+                        tracing::debug!(%server, port, error = %e, "tunnel stream ended with an error");
+                    }
+                    return;
+                }
+                Err(Open::GoingAway) => {
+                    tracing::info!(%server, peer = %link.peer, "agent is draining: no new streams on its tunnel");
+                    self.remove(&link);
+                }
+                Err(Open::Failed(e)) => {
+                    tracing::debug!(%server, port, error = %e, "tunnel stream not opened");
+                    return;
+                }
+            }
         }
     }
 
-    async fn carry_on(&self, link: &Link, port: u16, stream: TcpStream) -> Result<(), String> {
+    /// Opens a `CONNECT` stream to `port` on `link`.
+    async fn open(
+        &self,
+        link: &Link,
+        port: u16,
+    ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), Open> {
         let request = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(format!("127.0.0.1:{port}"))
             .body(())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Open::Failed(e.to_string()))?;
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
             let mut send = link.send.clone().ready().await?;
             let (response, tx) = send.send_request(request, false)?;
             Ok::<_, h2::Error>((response.await?, tx))
         })
         .await
-        .map_err(|_| "the agent did not open the stream in time".to_owned())?
-        .map_err(|e| e.to_string())?;
-        let (response, mut tx) = opened;
+        .map_err(|_| Open::Failed("the agent did not open the stream in time".to_owned()))?;
+        opened.map_err(|e| {
+            if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                Open::GoingAway
+            } else {
+                Open::Failed(e.to_string())
+            }
+        })
+    }
+
+    async fn carry_on(
+        &self,
+        response: http::Response<h2::RecvStream>,
+        mut tx: h2::SendStream<Bytes>,
+        stream: TcpStream,
+    ) -> Result<(), String> {
         if response.status() != http::StatusCode::OK {
             return Err(format!("the agent answered {}", response.status()));
         }
