@@ -250,10 +250,7 @@ impl Agents {
                 .field("upgrade")
                 .is_some_and(|u| u.eq_ignore_ascii_case(protocol::UPGRADE));
         let expected = self.registered.load().hashes.get(&server).cloned();
-        let digest: String = Sha256::digest(secret.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = secret_digest(secret);
         let valid = upgrade_ok
             && expected
                 .as_deref()
@@ -479,6 +476,12 @@ impl Agents {
         }
         Ok(())
     }
+}
+
+/// What `pinacle_agent.secret_sha256` holds for a secret: its SHA-256, lowercase hex (the
+/// secret is 256 random bits, so a fast hash is enough).
+pub fn secret_digest(secret: &str) -> String {
+    crate::hex::encode(&Sha256::digest(secret.as_bytes()))
 }
 
 /// Reads the registered agents from `directory` every [`REFRESH_EVERY`] (a failed read keeps

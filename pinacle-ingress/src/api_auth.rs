@@ -538,7 +538,7 @@ pub fn verify_hmac(
         let Some(signature) = headers
             .get(SIGNATURE_HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(decode_hex)
+            .and_then(crate::hex::decode32)
         else {
             return Verdict::Invalid("hmac_bad_signature");
         };
@@ -556,16 +556,6 @@ pub fn verify_hmac(
         }
     })();
     Some(verdict)
-}
-
-/// 64 lowercase hex digits as 32 bytes.
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() != 64 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    (0..32)
-        .map(|i| u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok())
-        .collect()
 }
 
 /// The MAC over `METHOD\nHOST\nPATH_AND_QUERY\nTIMESTAMP` (HMAC takes keys of any length:
@@ -591,11 +581,7 @@ pub fn sign(secret: &[u8], signed: Signed<'_>, timestamp: i64) -> String {
     let Some(mac) = request_mac(secret, signed, timestamp) else {
         return String::new();
     };
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::encode(&mac.finalize().into_bytes())
 }
 
 /// Keys from `jwks_url`: fetched in the background ([`run_jwks_refresh`]) and again when a

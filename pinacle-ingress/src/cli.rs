@@ -425,14 +425,10 @@ fn migrate() -> anyhow::Result<ExitCode> {
 
 #[allow(clippy::print_stdout)] // the row and the secret are this command's output
 fn agent_register(server: &str) -> anyhow::Result<ExitCode> {
-    use sha2::Digest as _;
     let mut random = [0u8; 32];
     getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let secret: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    let digest: String = sha2::Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let secret = crate::hex::encode(&random);
+    let digest = crate::agents::secret_digest(&secret);
     let rt = runtime()?;
     let _context = rt.enter();
     let stored = match postgres_from_env()? {

@@ -131,13 +131,10 @@ fn csrf_mac(secret: &Secret, user: &str, slug: &str, expires: i64) -> Option<Hma
 /// `<expires>.<hex HMAC>`.
 pub fn csrf_token(secret: &Secret, user: &UserId, slug: &str, now: i64) -> String {
     let expires = now + CSRF_LIFETIME_SECS;
-    let mut out = format!("{expires}.");
-    if let Some(mac) = csrf_mac(secret, user.as_str(), slug, expires) {
-        for byte in mac.finalize().into_bytes() {
-            out.push_str(&format!("{byte:02x}"));
-        }
-    }
-    out
+    let tag = csrf_mac(secret, user.as_str(), slug, expires)
+        .map(|mac| crate::hex::encode(&mac.finalize().into_bytes()))
+        .unwrap_or_default();
+    format!("{expires}.{tag}")
 }
 
 /// Whether `token` was made by [`csrf_token`] for this user and pod and has not expired
@@ -149,16 +146,10 @@ pub fn csrf_valid(secret: &Secret, user: &UserId, slug: &str, token: &str, now: 
     let Ok(expires) = expires.parse::<i64>() else {
         return false;
     };
-    if expires < now || expires > now + CSRF_LIFETIME_SECS || hex.len() != 64 {
+    if expires < now || expires > now + CSRF_LIFETIME_SECS {
         return false;
     }
-    let Some(tag) = (0..32)
-        .map(|i| {
-            hex.get(i * 2..i * 2 + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect::<Option<Vec<u8>>>()
-    else {
+    let Some(tag) = crate::hex::decode32(hex) else {
         return false;
     };
     csrf_mac(secret, user.as_str(), slug, expires).is_some_and(|mac| mac.verify_slice(&tag).is_ok())

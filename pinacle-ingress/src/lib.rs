@@ -63,6 +63,7 @@ pub mod control;
 pub mod cors;
 pub mod directory;
 pub mod framing;
+pub mod hex;
 pub mod host;
 pub mod http_client;
 pub mod inspect;
