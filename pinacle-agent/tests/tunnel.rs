@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pinacle_authz::PostgresDirectory;
-use pinacle_authz::testing::{PodSeed, Seed, ports_json};
+use pinacle_authz::testing::Seed;
 use pinacle_ingress::config;
 use pinacle_ingress::server::{self, Running};
 use pinacle_testkit::client::{self, Collected, Connection};
@@ -117,25 +117,16 @@ async fn seed(pool: PgPool) -> World {
     let seed = Seed(&pool);
     seed.people().await.unwrap();
     seed.server("s_nat", UNREACHABLE).await.unwrap();
-    for (id, slug, port) in [
-        ("p_demo", "demo", demo.addr.port()),
-        ("p_chat", "chat", chat.addr.port()),
-        ("p_feed", "feed", sse.addr.port()),
-    ] {
-        let ports = ports_json(port);
-        seed.pod(&PodSeed {
-            id,
-            slug,
-            owner_id: "ada",
-            team_id: "t1",
-            server_id: Some("s_nat"),
-            status: "running",
-            ports: Some(&ports),
-            age_secs: 60.0,
-        })
-        .await
-        .unwrap();
-    }
+    seed.team_pods(
+        "s_nat",
+        &[
+            ("p_demo", "demo", "running", demo.addr.port()),
+            ("p_chat", "chat", "running", chat.addr.port()),
+            ("p_feed", "feed", "running", sse.addr.port()),
+        ],
+    )
+    .await
+    .unwrap();
     sqlx::query("INSERT INTO pinacle_agent (server_id, secret_sha256) VALUES ('s_nat', $1)")
         .bind(sha256_hex(AGENT_SECRET))
         .execute(&pool)
@@ -207,10 +198,7 @@ impl Gateway {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        let text = self.running.metrics().unwrap().render();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.parse().unwrap())
+        pinacle_testkit::metric(&self.running.metrics().unwrap().render(), name)
     }
 
     /// Waits (bounded) until `n` agents are connected.

@@ -160,6 +160,30 @@ impl Seed<'_> {
         .map(drop)
     }
 
+    /// Pods of `ada`'s team `t1` (see [`Self::people`]) on `server`, created a minute ago:
+    /// `(id, slug, status, nginx-proxy port)` each.
+    pub async fn team_pods(
+        &self,
+        server: &str,
+        pods: &[(&str, &str, &str, u16)],
+    ) -> Result<(), sqlx::Error> {
+        for (id, slug, status, port) in pods {
+            let ports = ports_json(*port);
+            self.pod(&PodSeed {
+                id,
+                slug,
+                owner_id: "ada",
+                team_id: "t1",
+                server_id: Some(server),
+                status,
+                ports: Some(&ports),
+                age_secs: 60.0,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// A pod.
     pub async fn pod(&self, pod: &PodSeed<'_>) -> Result<(), sqlx::Error> {
         sqlx::query!(

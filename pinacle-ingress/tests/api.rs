@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pinacle_authz::PostgresDirectory;
-use pinacle_authz::testing::{PodSeed, Seed, ports_json};
+use pinacle_authz::testing::Seed;
 use pinacle_ingress::api_auth::{self, Signed};
 use pinacle_ingress::config;
 use pinacle_ingress::server::{self, Running};
@@ -105,25 +105,16 @@ async fn seed(pool: &PgPool) -> Vec<upstream::Upstream> {
     let seed = Seed(pool);
     seed.people().await.unwrap();
     seed.server("s1", "127.0.0.1").await.unwrap();
-    for (id, slug, port) in [
-        ("p_demo", "demo", demo.addr.port()),
-        ("p_other", "other", demo.addr.port()),
-        ("p_chat", "chat", ws.addr.port()),
-    ] {
-        let ports = ports_json(port);
-        seed.pod(&PodSeed {
-            id,
-            slug,
-            owner_id: "ada",
-            team_id: "t1",
-            server_id: Some("s1"),
-            status: "running",
-            ports: Some(&ports),
-            age_secs: 60.0,
-        })
-        .await
-        .unwrap();
-    }
+    seed.team_pods(
+        "s1",
+        &[
+            ("p_demo", "demo", "running", demo.addr.port()),
+            ("p_other", "other", "running", demo.addr.port()),
+            ("p_chat", "chat", "running", ws.addr.port()),
+        ],
+    )
+    .await
+    .unwrap();
     vec![demo, ws]
 }
 
@@ -205,10 +196,7 @@ impl World {
 }
 
 fn metric(ingress: &Running, name: &str) -> f64 {
-    let text = ingress.metrics().unwrap().render();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .map_or(0.0, |v| v.parse().unwrap())
+    pinacle_testkit::metric(&ingress.metrics().unwrap().render(), name)
 }
 
 fn assert_refused(r: &Collected, case: &str) {

@@ -607,28 +607,18 @@ async fn flipping_control_plane(pool: &sqlx::PgPool) -> pinacle_testkit::control
 /// `ada`'s team, server `s1`, and her pods `sleepy` (stopped) and `awake` (running), both
 /// published on `pod_port`.
 async fn seed_lifecycle(pool: &sqlx::PgPool, pod_port: u16) {
-    use pinacle_authz::testing::{PodSeed, Seed, ports_json};
-    let seed = Seed(pool);
+    let seed = pinacle_authz::testing::Seed(pool);
     seed.people().await.unwrap();
     seed.server("s1", "127.0.0.1").await.unwrap();
-    let ports = ports_json(pod_port);
-    for (id, slug, status) in [
-        ("p_sleepy", "sleepy", "stopped"),
-        ("p_awake", "awake", "running"),
-    ] {
-        seed.pod(&PodSeed {
-            id,
-            slug,
-            owner_id: "ada",
-            team_id: "t1",
-            server_id: Some("s1"),
-            status,
-            ports: Some(&ports),
-            age_secs: 60.0,
-        })
-        .await
-        .unwrap();
-    }
+    seed.team_pods(
+        "s1",
+        &[
+            ("p_sleepy", "sleepy", "stopped", pod_port),
+            ("p_awake", "awake", "running", pod_port),
+        ],
+    )
+    .await
+    .unwrap();
 }
 
 /// The binary over the test's database, with the control plane at `control`.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pinacle_authz::PostgresDirectory;
-use pinacle_authz::testing::{PodSeed, Seed, ports_json};
+use pinacle_authz::testing::Seed;
 use pinacle_ingress::config;
 use pinacle_ingress::server::{self, Running};
 use pinacle_testkit::client::{self, Collected, Connection};
@@ -61,25 +61,16 @@ async fn seed(pool: &PgPool) -> Vec<upstream::Upstream> {
     let seed = Seed(pool);
     seed.people().await.unwrap();
     seed.server("s1", "127.0.0.1").await.unwrap();
-    for (id, slug, status, port) in [
-        ("p_sleepy", "sleepy", "stopped", echo.addr.port()),
-        ("p_awake", "awake", "running", echo.addr.port()),
-        ("p_chat", "chat", "running", ws.addr.port()),
-    ] {
-        let ports = ports_json(port);
-        seed.pod(&PodSeed {
-            id,
-            slug,
-            owner_id: "ada",
-            team_id: "t1",
-            server_id: Some("s1"),
-            status,
-            ports: Some(&ports),
-            age_secs: 60.0,
-        })
-        .await
-        .unwrap();
-    }
+    seed.team_pods(
+        "s1",
+        &[
+            ("p_sleepy", "sleepy", "stopped", echo.addr.port()),
+            ("p_awake", "awake", "running", echo.addr.port()),
+            ("p_chat", "chat", "running", ws.addr.port()),
+        ],
+    )
+    .await
+    .unwrap();
     vec![echo, ws]
 }
 
@@ -192,10 +183,7 @@ impl World {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        let text = self.ingress.metrics().unwrap().render();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.parse().unwrap())
+        pinacle_testkit::metric(&self.ingress.metrics().unwrap().render(), name)
     }
 }
 

@@ -144,13 +144,7 @@ impl Gateway {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        self.running
-            .metrics()
-            .unwrap()
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.parse().unwrap())
+        pinacle_testkit::metric(&self.running.metrics().unwrap().render(), name)
     }
 
     async fn websocket(

@@ -850,10 +850,7 @@ async fn dashboard_websockets_are_tunnelled_and_idle_ones_closed(pool: PgPool) {
 
 /// A metric's value, 0 when no series has been recorded yet.
 fn metric_or_zero(ingress: &Running, name: &str) -> f64 {
-    let text = ingress.metrics().unwrap().render();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .map_or(0.0, |v| v.parse().unwrap())
+    pinacle_testkit::metric(&ingress.metrics().unwrap().render(), name)
 }
 
 /// Polls until `metric` reaches `value` (bounded).

@@ -47,3 +47,12 @@ pub async fn wait_for_port(addr: SocketAddr) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The value of one series in Prometheus text (`name{labels}` exactly as rendered), 0 when
+/// absent (a series not yet created reads as zero, as Prometheus would count it).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
