@@ -203,12 +203,18 @@ impl Gateway {
 
     /// Waits (bounded) until `n` agents are connected.
     async fn wait_for_agents(&self, n: f64) {
+        self.wait_for_metric("pinacle_ingress_agents_connected", n)
+            .await;
+    }
+
+    /// Waits (at most 15 s) until the series `name` reads `n`.
+    async fn wait_for_metric(&self, name: &str, n: f64) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while self.metric("pinacle_ingress_agents_connected") != n {
+        while self.metric(name) != n {
             assert!(
                 Instant::now() < deadline,
-                "agents connected: {} (waiting for {n})",
-                self.metric("pinacle_ingress_agents_connected")
+                "{name}: {} (waiting for {n})",
+                self.metric(name)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -466,6 +472,67 @@ async fn a_wrong_or_revoked_secret_gets_no_tunnel(pool: PgPool) {
     let r = g.get("demo", "/").await;
     assert!(r.status >= 500 && r.status != 200, "{}", r.status);
     assert_ne!(r.header("x-pinacle-ingress"), None);
+}
+
+/// Connects to `to` from `from` (a loopback address of this machine's 127.0.0.0/8).
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// What `stream` says within 5 s: its bytes up to the close.
+async fn said(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got))
+        .await
+        .expect("closed within 5 s");
+    got
+}
+
+/// Anyone can reach `agent_listen`: an address holding its share of unauthenticated
+/// connections gets no more (closed unanswered, counted as busy) while other addresses are
+/// still answered, and its places come back as its connections end.
+#[sqlx::test(migrations = "../migrations")]
+async fn silent_connections_cannot_crowd_agents_out(pool: PgPool) {
+    let w = seed(pool).await;
+    let g = gateway(&w.pool).await;
+    let pending = "pinacle_ingress_agent_handshakes_pending";
+    // The gateway's readiness probe has gone (it held a place until its close was seen).
+    g.wait_for_metric(pending, 0.0).await;
+    let mut silent = Vec::new();
+    for _ in 0..pinacle_ingress::agents::PENDING_PER_PEER {
+        silent.push(connect_from([127, 0, 0, 1], g.agents).await);
+    }
+    let held = pinacle_ingress::agents::PENDING_PER_PEER as f64;
+    g.wait_for_metric(pending, held).await;
+    let mut more = connect_from([127, 0, 0, 1], g.agents).await;
+    assert_eq!(said(&mut more).await, b"", "closed unanswered");
+    assert_eq!(
+        g.metric("pinacle_ingress_agent_connects_total{result=\"busy\"}"),
+        1.0
+    );
+    // Another address is still heard (and refused: it is no agent).
+    let mut other = connect_from([127, 0, 0, 2], g.agents).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut other,
+        b"GET /pinacle-agent/v1 HTTP/1.1\r\nhost: x\r\nupgrade: pinacle-agent-h2\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(said(&mut other).await.starts_with(b"HTTP/1.1 401 "));
+    // The silent ones go: the real agent, from the crowded address, gets its tunnel.
+    drop(silent);
+    g.wait_for_metric(pending, 0.0).await;
+    let _agent = Agent::start(&[g.agents], AGENT_SECRET, &[]);
+    g.wait_for_agents(1.0).await;
+    assert_eq!(g.get("demo", "/").await.status, 200);
+    assert_eq!(
+        g.metric("pinacle_ingress_agent_connects_total{result=\"busy\"}"),
+        1.0,
+        "no agent connection was turned away once they had gone"
+    );
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -27,8 +27,14 @@ use crate::telemetry::Metrics;
 
 /// How often the registered agents are read from the directory.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
-/// How long an agent has to send its upgrade request.
+/// How long a connection to `agent_listen` has, from its accept, to finish TLS and send its
+/// upgrade request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unauthenticated connections one peer address may have at once on `agent_listen` (agents
+/// behind one NAT each hold one only for their handshake).
+pub const PENDING_PER_PEER: usize = 8;
+/// Unauthenticated connections `agent_listen` holds at once, from all peers.
+pub const PENDING_TOTAL: usize = 512;
 /// Tunnels tried for one bridged connection when the first ones are going away.
 const MAX_OPEN_ATTEMPTS: usize = 4;
 /// How long opening a stream may take before the bridged connection is closed.
@@ -87,8 +93,64 @@ pub struct Agents {
     links: Mutex<HashMap<String, Vec<Arc<Link>>>>,
     bridges: Mutex<HashMap<(String, u16), SocketAddr>>,
     next_id: AtomicU64,
+    pending: Arc<Mutex<Pending>>,
     metrics: Metrics,
     runtime: tokio::runtime::Handle,
+}
+
+/// Connections to `agent_listen` that have not proved who they are yet, by peer address: what
+/// bounds what anyone on the network can make the gateway hold.
+#[derive(Debug, Default)]
+struct Pending {
+    by_peer: HashMap<IpAddr, usize>,
+    total: usize,
+    /// Refused since the last warning, and when that was (one warning per 10 s at most).
+    refused: u64,
+    warned: Option<std::time::Instant>,
+}
+
+impl Pending {
+    /// Takes a place for `peer`, or says why there is none.
+    fn admit(&mut self, peer: IpAddr) -> Result<(), &'static str> {
+        if self.total >= PENDING_TOTAL {
+            return Err("too many agent handshakes at once");
+        }
+        let n = self.by_peer.entry(peer).or_default();
+        if *n >= PENDING_PER_PEER {
+            return Err("too many agent handshakes from this address");
+        }
+        *n += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    fn release(&mut self, peer: IpAddr) {
+        if let Some(n) = self.by_peer.get_mut(&peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_peer.remove(&peer);
+            }
+            self.total -= 1;
+        }
+    }
+}
+
+/// A place in [`Pending`], given back when dropped (handshake done, refused or timed out).
+struct Admitted {
+    pending: Arc<Mutex<Pending>>,
+    peer: IpAddr,
+    metrics: Metrics,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        lock(&self.pending).release(self.peer);
+        self.metrics.agent_handshakes(-1);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl std::fmt::Debug for Agents {
@@ -107,6 +169,7 @@ impl Agents {
             links: Mutex::default(),
             bridges: Mutex::default(),
             next_id: AtomicU64::new(1),
+            pending: Arc::default(),
             metrics,
             runtime,
         }
@@ -131,11 +194,7 @@ impl Agents {
     }
 
     fn connected(&self, server: &str) -> bool {
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(server)
-            .is_some_and(|l| !l.is_empty())
+        lock(&self.links).get(server).is_some_and(|l| !l.is_empty())
     }
 
     /// Takes the directory's registrations; agents no longer registered, or registered with
@@ -148,7 +207,7 @@ impl Agents {
             }
             next.hashes.insert(r.server_id, r.secret_sha256);
         }
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = lock(&self.links);
         for list in links.values_mut() {
             list.retain(|link| {
                 let valid = next.hashes.get(&link.server) == Some(&link.secret_sha256);
@@ -168,7 +227,7 @@ impl Agents {
 
     /// The connected agents (the admin listener's `/agents`).
     pub fn list(&self) -> serde_json::Value {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let links = lock(&self.links);
         let mut all: Vec<serde_json::Value> = links
             .values()
             .flatten()
@@ -185,7 +244,10 @@ impl Agents {
         serde_json::json!({ "agents": all })
     }
 
-    /// Accepts agents on `listener` until the process ends (TLS with `tls`).
+    /// Accepts agents on `listener` until the process ends (TLS with `tls`). Until it has
+    /// proved which server it speaks for, a connection holds a place in [`Pending`] (at most
+    /// [`PENDING_PER_PEER`] per address, [`PENDING_TOTAL`] in all; beyond, closed at once) and
+    /// has [`HANDSHAKE_TIMEOUT`] from its accept for TLS and its upgrade request together.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -196,19 +258,34 @@ impl Agents {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Some(admitted) = self.admit(peer) else {
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let (agents, tls) = (self.clone(), tls.clone());
             tokio::spawn(async move {
                 let result = match tls {
                     Some(acceptor) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(stream)) => agents.clone().handshake(stream, peer).await,
+                        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+                        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                agents
+                                    .clone()
+                                    .handshake(stream, peer, deadline, admitted)
+                                    .await
+                            }
                             Ok(Err(e)) => Err(format!("TLS: {e}")),
                             Err(_) => Err("TLS handshake timed out".to_owned()),
                         }
                     }
-                    None => agents.clone().handshake(stream, peer).await,
+                    None => {
+                        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+                        agents
+                            .clone()
+                            .handshake(stream, peer, deadline, admitted)
+                            .await
+                    }
                 };
                 match result {
                     Ok(()) => {}
@@ -225,12 +302,53 @@ impl Agents {
         }
     }
 
+    /// A place for a new connection from `peer`, or `None` (counted as `busy`, and warned
+    /// about at most once per 10 s with the number refused since).
+    fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        let ip = peer.ip().to_canonical();
+        let mut pending = lock(&self.pending);
+        match pending.admit(ip) {
+            Ok(()) => {
+                self.metrics.agent_handshakes(1);
+                Some(Admitted {
+                    pending: self.pending.clone(),
+                    peer: ip,
+                    metrics: self.metrics.clone(),
+                })
+            }
+            Err(why) => {
+                self.metrics.agent_connect("busy");
+                pending.refused += 1;
+                let now = std::time::Instant::now();
+                if pending
+                    .warned
+                    .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+                {
+                    tracing::warn!(
+                        %peer,
+                        refused = pending.refused,
+                        "{why}: agent connections closed unanswered"
+                    );
+                    pending.refused = 0;
+                    pending.warned = Some(now);
+                }
+                None
+            }
+        }
+    }
+
     /// The upgrade: who is this, and is the secret right (never logged).
-    async fn handshake<S>(self: Arc<Self>, mut stream: S, peer: SocketAddr) -> Result<(), String>
+    async fn handshake<S>(
+        self: Arc<Self>,
+        mut stream: S,
+        peer: SocketAddr,
+        deadline: tokio::time::Instant,
+        admitted: Admitted,
+    ) -> Result<(), String>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let head = tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_head(&mut stream))
+        let head = tokio::time::timeout_at(deadline, protocol::read_head(&mut stream))
             .await
             .map_err(|_| "no upgrade request in time".to_owned())?
             .map_err(|e| match e.kind() {
@@ -256,12 +374,15 @@ impl Agents {
                 .as_deref()
                 .is_some_and(|e| protocol::constant_time_eq(e.as_bytes(), digest.as_bytes()));
         if !valid {
-            let _ = stream
-                .write_all(
-                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                )
-                .await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout_at(deadline, async {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
             return Err(if !upgrade_ok {
                 "not an agent upgrade request".to_owned()
             } else if expected.is_none() {
@@ -270,22 +391,28 @@ impl Agents {
                 format!("wrong secret for server {server:?}")
             });
         }
-        stream
-            .write_all(
-                format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {}\r\n\r\n",
-                    protocol::UPGRADE
+        let switched = tokio::time::timeout_at(deadline, async {
+            stream
+                .write_all(
+                    format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {}\r\n\r\n",
+                        protocol::UPGRADE
+                    )
+                    .as_bytes(),
                 )
-                .as_bytes(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(protocol::STREAM_WINDOW)
-            .initial_connection_window_size(protocol::CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(stream)
-            .await
-            .map_err(|e| format!("HTTP/2: {e}"))?;
+                .await
+                .map_err(|e| e.to_string())?;
+            h2::client::Builder::new()
+                .initial_window_size(protocol::STREAM_WINDOW)
+                .initial_connection_window_size(protocol::CONNECTION_WINDOW)
+                .handshake::<_, Bytes>(stream)
+                .await
+                .map_err(|e| format!("HTTP/2: {e}"))
+        })
+        .await;
+        let (send, mut connection) = switched.map_err(|_| "upgrade timed out".to_owned())??;
+        // Proved: no longer one of the pending.
+        drop(admitted);
         let pings = connection.ping_pong();
         let (close, mut closed) = tokio::sync::watch::channel(false);
         let link = Arc::new(Link {
@@ -332,14 +459,14 @@ impl Agents {
     }
 
     fn add(&self, link: Arc<Link>) {
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = lock(&self.links);
         links.entry(link.server.clone()).or_default().push(link);
         self.metrics
             .agents_connected(links.values().map(Vec::len).sum());
     }
 
     fn remove(&self, link: &Arc<Link>) {
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = lock(&self.links);
         if let Some(list) = links.get_mut(&link.server) {
             list.retain(|l| l.id != link.id);
             if list.is_empty() {
@@ -352,7 +479,7 @@ impl Agents {
 
     /// A live tunnel of `server`: the one carrying the fewest streams.
     fn pick(&self, server: &str) -> Option<Arc<Link>> {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let links = lock(&self.links);
         links
             .get(server)?
             .iter()
@@ -362,7 +489,7 @@ impl Agents {
 
     /// The bridge for `server`:`port`, made on first use.
     fn bridge(self: &Arc<Self>, server: &str, port: u16) -> Option<SocketAddr> {
-        let mut bridges = self.bridges.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bridges = lock(&self.bridges);
         if let Some(addr) = bridges.get(&(server.to_owned(), port)) {
             return Some(*addr);
         }
@@ -495,5 +622,40 @@ pub async fn refresh(agents: Arc<Agents>, directory: Arc<dyn pinacle_authz::PodD
             }
         }
         tokio::time::sleep(REFRESH_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_handshakes_are_bounded_per_peer_and_in_all() {
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let mut p = Pending::default();
+        for _ in 0..PENDING_PER_PEER {
+            p.admit(a).unwrap();
+        }
+        assert!(p.admit(a).is_err(), "one address holds at most its share");
+        p.admit(b).unwrap();
+        p.release(a);
+        p.admit(a).unwrap();
+        for _ in 0..=PENDING_PER_PEER {
+            p.release(a);
+        }
+        p.release(b);
+        assert_eq!(
+            (p.total, p.by_peer.len()),
+            (0, 0),
+            "every place given back once"
+        );
+        p.release(b);
+        assert_eq!(p.total, 0, "a place not held is not given back");
+
+        for i in 0..PENDING_TOTAL {
+            let ip = IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]);
+            p.admit(ip).unwrap();
+        }
+        assert!(p.admit(b).is_err(), "no place left for anyone");
     }
 }

@@ -45,6 +45,7 @@ pub struct Metrics {
     control_calls: IntCounterVec,
     agents_connected: IntGauge,
     agent_streams: IntGauge,
+    agent_handshakes: IntGauge,
     agent_bytes: IntCounterVec,
     agent_connects: IntCounterVec,
     jwks_fetches: IntCounterVec,
@@ -302,6 +303,11 @@ impl Metrics {
             "Streams open on agent tunnels (one per bridged upstream connection).",
         )?;
         registry.register(Box::new(agent_streams.clone()))?;
+        let agent_handshakes = IntGauge::new(
+            "pinacle_ingress_agent_handshakes_pending",
+            "Connections to agent_listen that have not yet proved which server they speak for.",
+        )?;
+        registry.register(Box::new(agent_handshakes.clone()))?;
         let agent_bytes = counter(
             "pinacle_ingress_agent_bytes_total",
             "Bytes carried on agent tunnels, by direction (to_agent, from_agent).",
@@ -312,10 +318,11 @@ impl Metrics {
         }
         let agent_connects = counter(
             "pinacle_ingress_agent_connects_total",
-            "Agent connections by result (accepted, refused): reconnects show here.",
+            "Agent connections by result (accepted, refused; busy: closed unanswered because too \
+             many handshakes were pending): reconnects show here.",
             &["result"],
         )?;
-        for result in ["accepted", "refused"] {
+        for result in ["accepted", "refused", "busy"] {
             agent_connects.with_label_values(&[result]);
         }
         let jwks_fetches = counter(
@@ -360,6 +367,7 @@ impl Metrics {
             control_calls,
             agents_connected,
             agent_streams,
+            agent_handshakes,
             agent_bytes,
             agent_connects,
             jwks_fetches,
@@ -558,6 +566,11 @@ impl Metrics {
     /// One more (or fewer) stream open on agent tunnels.
     pub fn agent_streams(&self, delta: i64) {
         self.agent_streams.add(delta);
+    }
+
+    /// Moves the count of pending agent handshakes.
+    pub fn agent_handshakes(&self, delta: i64) {
+        self.agent_handshakes.add(delta);
     }
 
     /// Counts bytes carried on a tunnel stream.
