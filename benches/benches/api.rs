@@ -27,6 +27,7 @@ fn limits(redis_url: Option<String>) -> RateLimits {
             daily: None,
         }),
         browser_per_user: None,
+        lookups_per_client: None,
         redis_url: redis_url.map(Secret::new),
         redis_timeout: Duration::from_millis(200),
     }

@@ -368,6 +368,24 @@ impl Authorizer {
         }
     }
 
+    /// How many directory queries [`Authorizer::resolve`] would make for `verification` now:
+    /// its database session tokens that are not cached. Lets a caller bound what anonymous
+    /// clients can make the directory do (any opaque cookie value is a token to look up).
+    pub fn lookups_needed(&self, verification: &Verification) -> usize {
+        match verification {
+            Verification::DatabaseSessions(candidates) => candidates
+                .iter()
+                .filter(|c| !self.sessions.contains_key(&c.token))
+                .count(),
+            Verification::Decided(_) => 0,
+        }
+    }
+
+    /// Whether [`Authorizer::locate`] would answer `slug` from its cache.
+    pub fn is_located(&self, slug: &PodSlug) -> bool {
+        self.located.contains_key(slug)
+    }
+
     /// A database session, from the cache or the directory; a found one is kept for
     /// stale-if-error.
     async fn session(&self, token: &SessionToken) -> Result<Option<SessionRecord>, DirectoryError> {

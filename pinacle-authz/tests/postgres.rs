@@ -367,9 +367,23 @@ async fn database_sessions_from_the_fixture(pool: PgPool) {
         );
     }
     let unknown = verifier.inspect(
-        "authjs.session-token=00000000-0000-4000-8000-000000000000",
+        "authjs.session-token=22222222-0000-4000-8000-000000000000; \
+         authjs.session-token=11111111-0000-4000-8000-000000000000",
         0,
     );
+    // Two tokens nobody looked up yet: two queries; once asked (and not found), none.
+    assert_eq!(authz.lookups_needed(&unknown.verification), 2);
+    assert!(matches!(
+        authz
+            .resolve(unknown.verification.clone(), 0)
+            .await
+            .unwrap(),
+        Outcome::Invalid {
+            reason: InvalidReason::UnknownSession,
+            ..
+        }
+    ));
+    assert_eq!(authz.lookups_needed(&unknown.verification), 0);
     assert!(matches!(
         authz.resolve(unknown.verification, 0).await.unwrap(),
         Outcome::Invalid {

@@ -76,6 +76,9 @@ pub struct FileConfig {
     pub authz_stale_if_error: Option<String>,
     /// Listen for the directory's change notifications (Postgres `LISTEN pinacle_authz`).
     pub directory_notifications: Option<bool>,
+    /// Look opaque session cookie values up as database session tokens (the dashboard's
+    /// database strategy; default true).
+    pub database_sessions: Option<bool>,
     /// Seconds in-flight requests get after SIGTERM before the process exits.
     pub shutdown_grace_period: Option<String>,
     /// `address:port` of the admin listener (`/healthz`, `/readyz`, `/metrics`), or `off`.
@@ -172,12 +175,24 @@ pub struct RateLimitsFile {
     pub api_per_pod: Option<LimitFile>,
     /// Per user, browsers.
     pub browser_per_user: Option<LimitFile>,
+    /// Per client address, directory lookups before sign-in (`"off"` to turn off).
+    pub lookups_per_client: Option<LimitOrOff>,
     /// `redis://host:port/db`: buckets shared by every gateway (unset: in memory).
     pub redis_url: Option<String>,
     /// A file holding `redis_url` (it may carry a password).
     pub redis_url_file: Option<PathBuf>,
     /// Longest one Redis check may take (default 50ms).
     pub redis_timeout: Option<String>,
+}
+
+/// A limit, or `"off"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LimitOrOff {
+    /// `{ burst = .., per_second = .. }`.
+    Limit(LimitFile),
+    /// `"off"`.
+    Word(String),
 }
 
 /// `{ burst = 10, per_second = 5, daily = 200000 }`.
@@ -239,6 +254,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("authz_deny_ttl", Kind::Text),
     ("authz_stale_if_error", Kind::Text),
     ("directory_notifications", Kind::Flag),
+    ("database_sessions", Kind::Flag),
     ("shutdown_grace_period", Kind::Text),
     ("admin_listen", Kind::Text),
     ("log_format", Kind::Text),
@@ -369,6 +385,8 @@ pub struct IngressConfig {
     pub plain_path: bool,
     /// Listen for change notifications when the directory is Postgres.
     pub directory_notifications: bool,
+    /// Opaque session cookie values are database session tokens, looked up in the directory.
+    pub database_sessions: bool,
     /// HTTPS, if configured.
     pub tls: Option<TlsConfig>,
     /// The hand-over socket for `serve --upgrade`.
@@ -847,6 +865,7 @@ fn rate_limits_config(
     let Some(file) = file else {
         return crate::rate_limit::RateLimits {
             redis_timeout: Duration::from_millis(50),
+            lookups_per_client: Some(crate::rate_limit::DEFAULT_LOOKUPS_PER_CLIENT),
             ..Default::default()
         };
     };
@@ -896,6 +915,18 @@ fn rate_limits_config(
         api_per_user: limit("api_per_user", file.api_per_user, problems),
         api_per_pod: limit("api_per_pod", file.api_per_pod, problems),
         browser_per_user: limit("browser_per_user", file.browser_per_user, problems),
+        lookups_per_client: match &file.lookups_per_client {
+            None => Some(crate::rate_limit::DEFAULT_LOOKUPS_PER_CLIENT),
+            Some(LimitOrOff::Word(w)) if w == "off" => None,
+            Some(LimitOrOff::Word(_)) => {
+                problems.push(problem(
+                    "rate_limits.lookups_per_client",
+                    "must be { burst = .., per_second = .. } or \"off\"",
+                ));
+                None
+            }
+            Some(LimitOrOff::Limit(l)) => limit("lookups_per_client", Some(*l), problems),
+        },
         redis_url,
         redis_timeout: duration(
             "rate_limits.redis_timeout",
@@ -1401,6 +1432,7 @@ fn validate(
             agent_listen,
             plain_path: file.plain_path.unwrap_or(true),
             directory_notifications: file.directory_notifications.unwrap_or(true),
+            database_sessions: file.database_sessions.unwrap_or(true),
             tls,
             upgrade_sock,
         }),
@@ -1631,6 +1663,24 @@ mod tests {
         let shown = crate::config_show::render(&c);
         assert!(!shown.contains(":pw@"), "{shown}");
         assert!(shown.contains("api_per_user = { burst = 10, per_second = 5, daily = 200000 }"));
+        // lookups_per_client is on by default, with or without [rate_limits]; "off" turns it off.
+        let default = Some(crate::rate_limit::DEFAULT_LOOKUPS_PER_CLIENT);
+        assert_eq!(c.rate_limits.lookups_per_client, default);
+        let bare = from_toml("", "t", &env(&[SECRET])).unwrap();
+        assert_eq!(bare.rate_limits.lookups_per_client, default);
+        assert!(!bare.rate_limits.any());
+        assert!(bare.database_sessions);
+        let off = from_toml(
+            "database_sessions = false\n[rate_limits]\nlookups_per_client = \"off\"",
+            "t",
+            &env(&[SECRET]),
+        )
+        .unwrap();
+        assert_eq!(off.rate_limits.lookups_per_client, None);
+        assert!(!off.database_sessions);
+        let shown = crate::config_show::render(&off);
+        assert!(shown.contains("lookups_per_client = \"off\""), "{shown}");
+        assert!(shown.contains("database_sessions = false"), "{shown}");
         for (text, key) in [
             ("[api]\naudience = \"x\"", "api"),
             ("[api]\njwks_file = \"/nonexistent.json\"", "api.jwks_file"),
@@ -1643,6 +1693,14 @@ mod tests {
             (
                 "[rate_limits]\nbrowser_per_user = { burst = 5, per_second = 0 }",
                 "rate_limits.browser_per_user",
+            ),
+            (
+                "[rate_limits]\nlookups_per_client = \"never\"",
+                "rate_limits.lookups_per_client",
+            ),
+            (
+                "[rate_limits]\nlookups_per_client = { burst = 0, per_second = 1 }",
+                "rate_limits.lookups_per_client",
             ),
             (
                 "[rate_limits]\nredis_url = \"http://x\"",

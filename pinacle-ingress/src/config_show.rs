@@ -217,6 +217,7 @@ pub fn key_values(c: &IngressConfig) -> Vec<(String, String)> {
             "directory_notifications",
             c.directory_notifications.to_string(),
         ),
+        ("database_sessions", c.database_sessions.to_string()),
         (
             "upgrade_sock",
             quoted(&c.upgrade_sock.display().to_string()),
@@ -335,6 +336,10 @@ fn rate_limits_table(r: &crate::rate_limit::RateLimits) -> String {
         limit("api_per_user", r.api_per_user),
         limit("api_per_pod", r.api_per_pod),
         limit("browser_per_user", r.browser_per_user),
+        Some(
+            limit("lookups_per_client", r.lookups_per_client)
+                .unwrap_or_else(|| "lookups_per_client = \"off\"".to_owned()),
+        ),
     ]
     .into_iter()
     .flatten()

@@ -10,7 +10,7 @@
 //! pod's own paths under `/__pinacle/status` (the status, and Start and Stop, which wait on the
 //! control plane, bounded by `control_timeout`), or the plan.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -372,6 +372,7 @@ impl State {
                 record.intent,
                 &pod,
                 (secure, scope, pod_target),
+                lookup_client(record, view),
             )
             .await;
         let action = match pod_path {
@@ -487,6 +488,37 @@ impl State {
         }
     }
 
+    /// Takes `cost` directory lookups from `client`'s `lookups_per_client` budget; the 429
+    /// when it is spent (no client address, or the limit off: allowed).
+    fn lookup_budget(
+        &self,
+        config: &IngressConfig,
+        client: Option<IpAddr>,
+        cost: usize,
+    ) -> Option<Answer> {
+        use crate::rate_limit::Verdict as Limit;
+        let client = client?;
+        config.rate_limits.lookups_per_client?;
+        let (check, verdict) =
+            self.limiter
+                .check_lookups(&config.rate_limits, client, cost, unix_ms());
+        let outcome = match verdict {
+            Limit::Allowed => "allowed",
+            Limit::Limited { .. } => "limited",
+        };
+        self.metrics.rate_limit("lookup", outcome, "memory");
+        match verdict {
+            Limit::Allowed => None,
+            Limit::Limited {
+                retry_after, daily, ..
+            } => Some(Answer::RateLimited {
+                retry_after,
+                fields: crate::rate_limit::fields(&check, &verdict),
+                daily,
+            }),
+        }
+    }
+
     /// Checks the request against its kind's rate limits and quotas; the answer when over.
     async fn rate_limit(
         &self,
@@ -509,12 +541,9 @@ impl State {
         if check.counters.is_empty() {
             return None;
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let (verdict, backend, event) = self
             .limiter
-            .check(&config.rate_limits, &check, now_ms)
+            .check(&config.rate_limits, &check, unix_ms())
             .await;
         match event {
             RedisEvent::Failed => {
@@ -709,6 +738,12 @@ impl State {
         scoped: Option<(String, String)>,
     ) -> Verdict {
         record.authz = "cors_pass";
+        if !self.authorizer.is_located(&pod.slug)
+            && let Some(limited) = self.lookup_budget(config, lookup_client(record, view), 1)
+        {
+            record.authz = "lookups_limited";
+            return Verdict::Answer(limited);
+        }
         match self.authorizer.locate(&pod.slug).await {
             Ok(Decision::Allow {
                 pod_id, upstream, ..
@@ -755,6 +790,7 @@ impl State {
         intent: Intent,
         pod: &PodHost,
         (secure, scope, pod_target): (bool, &str, &str),
+        client: Option<IpAddr>,
     ) -> Judged {
         let now = (self.clock)();
         let cookies = cookie_header(view.headers);
@@ -806,6 +842,14 @@ impl State {
                 None
             }
             None => {
+                let needed = self.authorizer.lookups_needed(&verification);
+                if needed > 0
+                    && let Some(limited) = self.lookup_budget(config, client, needed)
+                {
+                    judged.authz = "lookups_limited";
+                    judged.verdict = Err(limited);
+                    return judged;
+                }
                 let outcome = match self.authorizer.resolve(verification, now).await {
                     Ok(outcome) => outcome,
                     Err(e) => return judged.directory_failed("session lookup", e),
@@ -1218,6 +1262,30 @@ impl Judged {
         self.directory_error = Some((what, e));
         self
     }
+}
+
+/// Now, in unix milliseconds (rate limits).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The address directory lookups before sign-in are counted against: the client a trusted
+/// proxy names last in `X-Forwarded-For` (the one it saw), else the peer.
+fn lookup_client(record: &Record, view: &RequestView<'_>) -> Option<IpAddr> {
+    let peer = record.client.map(|a| a.ip());
+    if !record.trusted_client {
+        return peer;
+    }
+    view.headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .next_back()
+        .and_then(|last| last.trim().parse().ok())
+        .or(peer)
 }
 
 #[cfg(test)]

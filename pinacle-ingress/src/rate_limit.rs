@@ -37,14 +37,27 @@ pub struct RateLimits {
     pub api_per_pod: Option<Limit>,
     /// Per user, for browsers (cookies, proxy tokens).
     pub browser_per_user: Option<Limit>,
+    /// Per client address (IPv6: per /64), always in this gateway's memory: the directory
+    /// queries a client may cause before anyone is signed in (database session tokens and CORS
+    /// pass slugs that are not cached). On unless turned off ([`DEFAULT_LOOKUPS_PER_CLIENT`]).
+    pub lookups_per_client: Option<Limit>,
     /// Where buckets are shared (none: in memory).
     pub redis_url: Option<Secret>,
     /// Longest one Redis check may take before this gateway counts in memory.
     pub redis_timeout: Duration,
 }
 
+/// `lookups_per_client` unless configured: a browser whose database session is not cached
+/// costs one; a NAT of many users stays far below it, a stranger guessing tokens gets 20 a
+/// second.
+pub const DEFAULT_LOOKUPS_PER_CLIENT: Limit = Limit {
+    burst: 100,
+    per_second: 20.0,
+    daily: None,
+};
+
 impl RateLimits {
-    /// Whether any limit is set.
+    /// Whether any limit of a signed-in client is set (`lookups_per_client` is checked apart).
     pub fn any(&self) -> bool {
         self.api_per_user.is_some() || self.api_per_pod.is_some() || self.browser_per_user.is_some()
     }
@@ -57,6 +70,8 @@ pub enum Kind {
     Api,
     /// Authenticated by a session cookie or a proxy token.
     Browser,
+    /// Not (yet) authenticated: directory lookups by client address.
+    Lookup,
 }
 
 impl Kind {
@@ -65,6 +80,7 @@ impl Kind {
         match self {
             Self::Api => "api",
             Self::Browser => "browser",
+            Self::Lookup => "lookup",
         }
     }
 }
@@ -88,7 +104,8 @@ pub struct Check {
 }
 
 impl Check {
-    /// The counters for a request of `kind` by `user` to pod `pod`.
+    /// The counters for a request of `kind` by `user` to pod `pod` (for [`Kind::Lookup`]:
+    /// `user` is the [`client_key`], `pod` unused).
     pub fn of(limits: &RateLimits, kind: Kind, user: &str, pod: &str) -> Self {
         let mut counters = Vec::new();
         let mut add = |policy: &'static str, limit: Option<Limit>, key: String| {
@@ -106,6 +123,13 @@ impl Check {
                     "browser-user",
                     limits.browser_per_user,
                     format!("browser:user:{user}"),
+                );
+            }
+            Kind::Lookup => {
+                add(
+                    "client-lookups",
+                    limits.lookups_per_client,
+                    format!("lookups:client:{user}"),
                 );
             }
         }
@@ -129,6 +153,19 @@ pub enum Verdict {
         /// A bucket (false) or the daily quota (true).
         daily: bool,
     },
+}
+
+/// The key a client address is counted under: IPv4 (and IPv4-mapped) addresses as they are,
+/// IPv6 by its /64 (one host's share of a network; an attacker holds a whole /64).
+pub fn client_key(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+            format!("{net}/64")
+        }
+    }
 }
 
 /// Seconds from `now` (unix) to the next UTC midnight, and the day's number.
@@ -164,6 +201,12 @@ pub const MEMORY_KEYS: usize = 200_000;
 impl Memory {
     /// Checks and, if allowed, takes (`now_ms`: unix milliseconds).
     pub fn check(&self, check: &Check, now_ms: i64) -> Verdict {
+        self.check_cost(check, 1, now_ms)
+    }
+
+    /// [`Memory::check`] for `cost` units at once (each bucket's share capped at its burst, so
+    /// that a cost can always be met once the bucket is full).
+    pub fn check_cost(&self, check: &Check, cost: u32, now_ms: i64) -> Verdict {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (day, to_midnight) = utc_day(now_ms.div_euclid(1000));
         if state.buckets.len() + state.counts.len() >= MEMORY_KEYS {
@@ -178,9 +221,10 @@ impl Memory {
                 at_ms: now_ms,
             });
             let tokens = refill(bucket, limit, now_ms);
-            refilled.push(tokens);
-            if tokens < 1.0 {
-                let wait = ((1.0 - tokens) / limit.per_second).ceil().max(1.0) as u64;
+            let need = f64::from(cost.min(limit.burst));
+            refilled.push((tokens, need));
+            if tokens < need {
+                let wait = ((need - tokens) / limit.per_second).ceil().max(1.0) as u64;
                 worse(&mut worst, wait, counter, false);
             }
             if let Some(daily) = limit.daily {
@@ -189,7 +233,7 @@ impl Memory {
                     .get(&(counter.key.clone(), day))
                     .copied()
                     .unwrap_or(0);
-                if used >= daily {
+                if used + u64::from(cost) > daily {
                     worse(&mut worst, to_midnight, counter, true);
                 }
             }
@@ -197,16 +241,16 @@ impl Memory {
         if let Some(limited) = worst {
             return limited;
         }
-        for (counter, tokens) in check.counters.iter().zip(refilled) {
+        for (counter, (tokens, need)) in check.counters.iter().zip(refilled) {
             state.buckets.insert(
                 counter.key.clone(),
                 Bucket {
-                    tokens: tokens - 1.0,
+                    tokens: tokens - need,
                     at_ms: now_ms,
                 },
             );
             if counter.limit.daily.is_some() {
-                *state.counts.entry((counter.key.clone(), day)).or_insert(0) += 1;
+                *state.counts.entry((counter.key.clone(), day)).or_insert(0) += u64::from(cost);
             }
         }
         Verdict::Allowed
@@ -345,6 +389,25 @@ pub enum RedisEvent {
 }
 
 impl Limiter {
+    /// Checks `cost` directory lookups a not yet authenticated request from `client` would
+    /// cause against `lookups_per_client` (in memory: it protects this gateway's queries, and
+    /// costs anonymous traffic no Redis round trip). Allowed when the limit is off.
+    pub fn check_lookups(
+        &self,
+        limits: &RateLimits,
+        client: std::net::IpAddr,
+        cost: usize,
+        now_ms: i64,
+    ) -> (Check, Verdict) {
+        let check = Check::of(limits, Kind::Lookup, &client_key(client), "");
+        if check.counters.is_empty() {
+            return (check, Verdict::Allowed);
+        }
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        let verdict = self.memory.check_cost(&check, cost, now_ms);
+        (check, verdict)
+    }
+
     /// Checks `check` (empty: allowed at once) for a request at `now_ms` (unix ms).
     pub async fn check(
         &self,
@@ -551,9 +614,64 @@ mod tests {
                 daily: None,
             }),
             browser_per_user: None,
+            lookups_per_client: Some(Limit {
+                burst: 4,
+                per_second: 2.0,
+                daily: None,
+            }),
             redis_url: None,
             redis_timeout: Duration::from_millis(50),
         }
+    }
+
+    #[test]
+    fn lookups_are_counted_per_address_several_at_once() {
+        let limiter = Limiter::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = 1_000_000_000_000;
+        let take = |ip, cost, at| limiter.check_lookups(&limits(), ip, cost, at).1;
+        assert_eq!(take(a, 3, t0), Verdict::Allowed);
+        // One left: two at once are refused whole, one passes.
+        assert!(matches!(
+            take(a, 2, t0),
+            Verdict::Limited {
+                retry_after: 1,
+                policy: "client-lookups",
+                ..
+            }
+        ));
+        assert_eq!(take(a, 1, t0), Verdict::Allowed);
+        assert!(matches!(take(a, 1, t0), Verdict::Limited { .. }));
+        // Another address has its own budget; a cost above the burst takes the whole burst.
+        assert_eq!(take(b, 16, t0), Verdict::Allowed);
+        assert!(matches!(take(b, 1, t0), Verdict::Limited { .. }));
+        // Refilled at its rate.
+        assert_eq!(take(a, 2, t0 + 1000), Verdict::Allowed);
+        // Off: nothing counted.
+        let off = RateLimits {
+            lookups_per_client: None,
+            ..limits()
+        };
+        assert_eq!(limiter.check_lookups(&off, a, 100, t0).1, Verdict::Allowed);
+        let only_lookups = RateLimits {
+            lookups_per_client: limits().lookups_per_client,
+            ..RateLimits::default()
+        };
+        assert!(
+            !only_lookups.any(),
+            "lookups are no signed-in client's limit: no per-request check for them"
+        );
+    }
+
+    #[test]
+    fn clients_are_keyed_by_address_and_ipv6_by_its_64() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("198.51.100.7"), "198.51.100.7");
+        assert_eq!(key("::ffff:198.51.100.7"), "198.51.100.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2::1"));
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
     }
 
     #[test]

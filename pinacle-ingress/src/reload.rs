@@ -22,7 +22,7 @@ use crate::telemetry::Metrics;
 use crate::tls::CertStore;
 
 /// Keys whose new value only a restart (`serve --upgrade`) puts into effect.
-pub const RESTART_KEYS: [&str; 17] = [
+pub const RESTART_KEYS: [&str; 18] = [
     "listen",
     "tls_listen",
     "tls_cert_file",
@@ -40,6 +40,7 @@ pub const RESTART_KEYS: [&str; 17] = [
     "secrets",
     "directory",
     "directory_notifications",
+    "database_sessions",
 ];
 
 /// What a reload changes.
@@ -106,6 +107,7 @@ pub fn merge(running: &IngressConfig, loaded: IngressConfig) -> (Merge, IngressC
     next.dashboard_url = running.dashboard_url.clone();
     next.dashboard_https = running.dashboard_https;
     next.session_cookies = running.session_cookies.clone();
+    next.database_sessions = running.database_sessions;
     next.log_format = running.log_format;
     next.timeouts.shutdown_grace = running.timeouts.shutdown_grace;
     next.timeouts.directory_query = running.timeouts.directory_query;

@@ -323,7 +323,7 @@ pub fn build(
     let verifier = CredentialVerifier::new(&CredentialConfig {
         secrets: config.secrets.clone(),
         session_cookies: config.session_cookies.clone(),
-        database_sessions: true,
+        database_sessions: config.database_sessions,
         decrypted_sessions: pinacle_authz::DEFAULT_DECRYPTED_SESSIONS,
     })?;
     let authorizer = Arc::new(Authorizer::new(

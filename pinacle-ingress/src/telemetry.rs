@@ -335,11 +335,12 @@ impl Metrics {
         }
         let rate_limits = counter(
             "pinacle_ingress_rate_limit_checks_total",
-            "Rate-limit checks by kind of client (api, browser), outcome (allowed, limited) \
-             and where they were counted (redis, memory).",
+            "Rate-limit checks by kind of client (api, browser; lookup: directory lookups before \
+             sign-in, by client address), outcome (allowed, limited) and where they were \
+             counted (redis, memory).",
             &["kind", "outcome", "backend"],
         )?;
-        for kind in ["api", "browser"] {
+        for kind in ["api", "browser", "lookup"] {
             for outcome in ["allowed", "limited"] {
                 for backend in ["redis", "memory"] {
                     rate_limits.with_label_values(&[kind, outcome, backend]);

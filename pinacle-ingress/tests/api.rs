@@ -756,3 +756,154 @@ async fn a_remembered_token_still_expires_and_the_issuer_is_checked(pool: PgPool
     let no_issuer = jwt("rsa-1", Some("rsa-1"), &claims("ada"));
     assert_refused(&w.bearer(&no_issuer).await, "no issuer");
 }
+
+/// One raw HTTP/1.1 GET to `addr` from the loopback address `from`; the status and head.
+async fn get_from(
+    from: [u8; 4],
+    addr: SocketAddr,
+    host: &str,
+    fields: &[(&str, &str)],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let (method, fields) = match fields.split_first() {
+        Some(((":method", m), rest)) => (*m, rest),
+        _ => ("GET", fields),
+    };
+    let mut request = format!("{method} / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    for (name, value) in fields {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, text)
+}
+
+/// A made-up database session token (the shape next-auth's are), different for each `i`.
+fn guess(i: usize) -> String {
+    format!("next-auth.session-token={i:08x}-0000-4000-8000-000000000000")
+}
+
+/// Any opaque session cookie value is a token to look up, and nobody needs to be signed in to
+/// send one: so the lookups a client address may cause are bounded (`lookups_per_client`),
+/// per address (a trusted proxy's clients each by their own), while a signed-in user whose
+/// session is cached is never held back, and no lookup happens past the limit.
+#[sqlx::test(migrations = "../migrations")]
+async fn session_guesses_cost_the_directory_a_bounded_number_of_lookups(pool: PgPool) {
+    let w = world(
+        pool.clone(),
+        "",
+        &format!(
+            "trusted_proxies = [\"127.0.0.2/32\"]\ncors_preflight = \"pass\"\n{}",
+            limits("lookups_per_client = { burst = 20, per_second = 0.01 }")
+        ),
+    )
+    .await;
+    Seed(&pool)
+        .session(
+            "feedc0de-0000-4000-8000-000000000000",
+            "ada",
+            (unix_now() + 3600) * 1000,
+        )
+        .await
+        .unwrap();
+    let demo = host(3000, "demo");
+    let sessions = "pinacle_ingress_directory_query_duration_seconds_count{query=\"session\"}";
+    let ada = "next-auth.session-token=feedc0de-0000-4000-8000-000000000000";
+    let r = w.get(&demo, "/", &[("cookie", ada)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // 19 more lookups from this address, then 429 and no query.
+    let mut allowed = 0;
+    let limited = loop {
+        let r = w.get(&demo, "/", &[("cookie", &guess(allowed))]).await;
+        if r.status == 429 {
+            break r;
+        }
+        assert_eq!(r.status, 401, "{}", r.text());
+        allowed += 1;
+        assert!(allowed <= 19, "no limit");
+    };
+    assert_eq!(allowed, 19);
+    assert_eq!(limited.header("x-pinacle-ingress"), Some("rate-limited"));
+    assert!(limited.header("retry-after").is_some());
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"client-lookups\";q=20;w=2000")
+    );
+    assert_eq!(w.metric(sessions), 20.0);
+    // Sixteen guesses in one header: refused whole, nothing looked up.
+    let many: Vec<String> = (100..116).map(guess).collect();
+    let r = w.get(&demo, "/", &[("cookie", &many.join("; "))]).await;
+    assert_eq!(r.status, 429);
+    // X-Forwarded-For from an untrusted client changes nothing.
+    let (status, _) = get_from(
+        [127, 0, 0, 1],
+        w.addr,
+        &demo,
+        &[("cookie", &guess(200)), ("x-forwarded-for", "198.51.100.8")],
+    )
+    .await;
+    assert_eq!(status, 429);
+    assert_eq!(w.metric(sessions), 20.0, "no lookup past the limit");
+    // The signed-in user's session is cached: no lookup, no limit.
+    assert_eq!(w.get(&demo, "/", &[("cookie", ada)]).await.status, 200);
+    // A trusted proxy's clients are counted by the address it names.
+    let (status, head) = get_from(
+        [127, 0, 0, 2],
+        w.addr,
+        &demo,
+        &[("cookie", &guess(300)), ("x-forwarded-for", "198.51.100.7")],
+    )
+    .await;
+    assert_eq!(status, 401, "{head}");
+    assert_eq!(w.metric(sessions), 21.0);
+    // CORS preflights passed to pods (`cors_preflight = "pass"`) find the pod by its slug
+    // without a user: a slug not cached is a lookup too.
+    let preflight = |xff: &'static str| {
+        [
+            (":method", "OPTIONS"),
+            ("origin", "https://elsewhere.example"),
+            ("access-control-request-method", "PUT"),
+            ("x-forwarded-for", xff),
+        ]
+    };
+    let nowhere = host(3000, "nowhere");
+    let (status, _) = get_from([127, 0, 0, 1], w.addr, &nowhere, &preflight("-")).await;
+    assert_eq!(status, 429);
+    let (status, _) = get_from([127, 0, 0, 2], w.addr, &nowhere, &preflight("198.51.100.7")).await;
+    assert_eq!(status, 403, "looked up, and no such pod");
+    assert_eq!(
+        w.metric("pinacle_ingress_rate_limit_checks_total{backend=\"memory\",kind=\"lookup\",outcome=\"limited\"}"),
+        4.0
+    );
+}
+
+/// With `database_sessions = false` (a dashboard on the JWT strategy, as Pinacle's) an opaque
+/// value under the session cookie's name is nobody's credential: never looked up, and passed
+/// to the pod like any cookie of the pod's own.
+#[sqlx::test(migrations = "../migrations")]
+async fn without_database_sessions_an_opaque_cookie_is_never_looked_up(pool: PgPool) {
+    let w = world(pool, "", "database_sessions = false").await;
+    let demo = host(3000, "demo");
+    let r = w.get(&demo, "/", &[("cookie", &guess(1))]).await;
+    assert_eq!(r.status, 401);
+    let signed_in = format!("{}; {}", guess(2), session_cookie("ada"));
+    let r = w.get(&demo, "/", &[("cookie", &signed_in)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo = r.json();
+    assert_eq!(echo["headers"]["cookie"], guess(2).as_str());
+    assert_eq!(
+        w.metric("pinacle_ingress_directory_query_duration_seconds_count{query=\"session\"}"),
+        0.0
+    );
+}
