@@ -81,6 +81,7 @@ pub mod responses;
 pub mod revocation;
 pub mod secrets;
 pub mod server;
+pub mod set_cookie;
 pub mod signals;
 pub mod telemetry;
 pub mod tls;

@@ -129,6 +129,7 @@ impl Ingress {
             target: &plan.target,
             edits: &plan.edits,
             strip_response_headers: plan.strip_response_headers(),
+            confine_cookies: plan.confine_cookies(),
             add: &plan.add_response,
             request_target: plan.upstream_target.as_deref(),
             timeouts: plan.timeouts(),
@@ -457,6 +458,9 @@ impl ProxyHttp for Ingress {
         if let Some(plan) = &ctx.plan {
             for name in plan.strip_response_headers() {
                 upstream_response.remove_header(name.as_str());
+            }
+            if plan.confine_cookies() {
+                crate::set_cookie::confine_all(upstream_response)?;
             }
             for (name, value) in &plan.add_response {
                 upstream_response.append_header(name.clone(), value.clone())?;

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::set_cookie::Confined;
 use tokio::net::TcpStream;
 
 use crate::framing;
@@ -262,6 +264,8 @@ pub struct ClientEdits<'a> {
     pub pod_router: bool,
     /// Path routing's prefix, put back on a `Location` that is a path on this host.
     pub location_prefix: Option<&'a str>,
+    /// Confine `Set-Cookie` fields to the host ([`crate::set_cookie`]; a pod's answers).
+    pub confine_cookies: bool,
 }
 
 impl ResponseHead {
@@ -394,6 +398,14 @@ fn client_head(
             || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)
             || edits.strip.iter().any(|s| s.eq_ignore_ascii_case(name));
         if dropped {
+            continue;
+        }
+        if edits.confine_cookies && name.eq_ignore_ascii_case("set-cookie") {
+            match crate::set_cookie::confine(field.value) {
+                Confined::Keep => framing::field(out, name.as_bytes(), field.value),
+                Confined::Rewritten(value) => framing::field(out, name.as_bytes(), &value),
+                Confined::Drop => {}
+            }
             continue;
         }
         match edits
@@ -661,6 +673,8 @@ pub struct Exchange<'a> {
     pub pod_router: bool,
     /// Path routing's prefix (see [`ClientEdits::location_prefix`]).
     pub location_prefix: Option<&'a str>,
+    /// See [`ClientEdits::confine_cookies`].
+    pub confine_cookies: bool,
     /// Connect to the upstream.
     pub connect_timeout: Duration,
     /// Each wait for the upstream.
@@ -807,6 +821,7 @@ where
         cors_origin: ex.cors_origin,
         pod_router: ex.pod_router,
         location_prefix: ex.location_prefix,
+        confine_cookies: ex.confine_cookies,
     };
     // Informational answers (103) are passed on; the final head follows.
     let head = loop {
@@ -1057,6 +1072,7 @@ mod tests {
             cors_origin: None,
             pod_router: true,
             location_prefix: None,
+            confine_cookies: false,
         };
         ResponseHead::parse(raw.as_bytes(), head_request, &edits, &mut Vec::new())
     }
@@ -1141,6 +1157,7 @@ mod tests {
                 cors_origin: None,
                 pod_router: true,
                 location_prefix: None,
+                confine_cookies: false,
             };
             let mut out = Vec::new();
             ResponseHead::parse(raw.as_bytes(), false, &edits, &mut out).unwrap();

@@ -80,6 +80,8 @@ pub struct TunnelSpec<'a> {
     pub edits: &'a [HeaderEdit],
     /// Response headers to drop (lowercase).
     pub strip_response_headers: &'a [String],
+    /// Confine `Set-Cookie` fields to the host ([`crate::set_cookie`]; a pod's answers).
+    pub confine_cookies: bool,
     /// Fields of ours added to the response (a renewed proxy token, the frame policy).
     pub add: &'a [(http::HeaderName, http::HeaderValue)],
     /// The request target the upstream gets instead of the client's (path routing).
@@ -240,6 +242,10 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
     let status = response.status().as_u16();
     let mut header = response_header(&response, spec.strip_response_headers, spec.request_id)
         .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
+    if spec.confine_cookies {
+        crate::set_cookie::confine_all(&mut header)
+            .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
+    }
     for (name, value) in spec.add {
         header
             .append_header(name.clone(), value.clone())

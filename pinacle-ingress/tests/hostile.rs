@@ -73,10 +73,37 @@ fn script(head: &[u8]) -> Reply {
             "HTTP/1.1 304 Not Modified\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\npoison",
         ),
         "/head-body" => raw("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\npoison"),
+        "/cookies" => raw(&format!(
+            "HTTP/1.1 200 OK\r\n{POD_COOKIES}content-length: 2\r\n\r\nok"
+        )),
+        "/upgrade-cookies" => Reply::Close(
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+                 sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n{POD_COOKIES}\r\n"
+            )
+            .into_bytes(),
+        ),
         // Anything else: the path, so that answers can be told apart.
         _ => upstream::ok(&path),
     }
 }
+
+/// `Set-Cookie` fields a pod sends: for the whole base domain, the ingress's own cookie, and
+/// ordinary ones.
+const POD_COOKIES: &str = "set-cookie: a=1; Domain=pinacle.test; Path=/\r\n\
+     set-cookie: b=2; path=/; DOMAIN=.pinacle.test; HttpOnly\r\n\
+     set-cookie: pinacle-proxy-token=forged; Domain=pinacle.test\r\n\
+     set-cookie: pinacle-proxy-token=; Max-Age=0\r\n\
+     set-cookie: n=Jos\u{e9}; Secure\r\n\
+     set-cookie: theme=dark\r\n";
+
+/// What the client gets of [`POD_COOKIES`] from a pod.
+const CONFINED: [&str; 4] = [
+    "a=1; Path=/",
+    "b=2; path=/; HttpOnly",
+    "n=Jos\u{e9}; Secure",
+    "theme=dark",
+];
 
 struct World {
     ingress: Running,
@@ -639,6 +666,53 @@ async fn response_framing_gets_one_treatment_on_every_engine() {
             assert!(r.headers.get(hop).is_none(), "{engine:?} forwarded {hop}");
         }
     }
+}
+
+/// A pod is untrusted code under the dashboard's domain: its cookies stay on its own host (no
+/// `Domain` attribute reaches the browser) and it cannot set or clear the ingress's proxy token;
+/// the dashboard's own cookies pass as they are. On every engine.
+#[tokio::test]
+async fn a_pods_cookies_stay_on_its_host_on_every_engine() {
+    let w = world("set-cookie", "").await;
+    let confined: Vec<&[u8]> = CONFINED.iter().map(|c| c.as_bytes()).collect();
+    for engine in HTTP_ENGINES {
+        let r = fetch(&w, engine, "/cookies").await.unwrap();
+        assert_eq!(r.status, 200, "{engine:?}");
+        let got: Vec<&[u8]> = r
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(got, confined, "{engine:?}");
+    }
+    // A WebSocket handshake's 101 (the tunnel).
+    let token = format!("pinacle-proxy-token={}", material().proxy_token);
+    let (status, head) = raw_exchange(
+        &w,
+        format!(
+            "GET /upgrade-cookies HTTP/1.1\r\nhost: {HOST}\r\nconnection: Upgrade\r\n\
+             upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\ncookie: {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 101, "{head}");
+    assert_eq!(
+        fields(head.as_bytes(), "set-cookie"),
+        confined.iter().map(|c| c.to_vec()).collect::<Vec<_>>(),
+        "{head}"
+    );
+    // The dashboard is trusted with its own domain.
+    let (status, head) = raw_exchange(
+        &w,
+        b"GET /cookies HTTP/1.1\r\nhost: pinacle.test\r\naccept: */*\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(fields(head.as_bytes(), "set-cookie").len(), 6, "{head}");
+    assert!(head.contains("a=1; Domain=pinacle.test; Path=/"), "{head}");
 }
 
 /// Sends raw bytes on a fresh connection; the status and head of the answer.
