@@ -245,9 +245,9 @@ impl Agents {
     }
 
     /// Accepts agents on `listener` until the process ends (TLS with `tls`). Until it has
-    /// proved which server it speaks for, a connection holds a place in [`Pending`] (at most
+    /// proved which server it speaks for, a connection holds a place of the pending ones (at most
     /// [`PENDING_PER_PEER`] per address, [`PENDING_TOTAL`] in all; beyond, closed at once) and
-    /// has [`HANDSHAKE_TIMEOUT`] from its accept for TLS and its upgrade request together.
+    /// has 10 s from its accept for TLS and its upgrade request together.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
