@@ -21,7 +21,8 @@ use crate::intent;
 use crate::policy::{self, ConnInfo, InFlight, Plan, RequestView, Verdict};
 use crate::proxy::Ingress;
 use crate::responses::{
-    Answer, POD_ROUTER_HEADER, REQUEST_ID_HEADER, UpstreamFailure, pod_router_failure,
+    Answer, MARKER_HEADER, POD_ROUTER_HEADER, REQUEST_ID_HEADER, UpstreamFailure,
+    pod_router_failure,
 };
 
 /// The error types for a pod nginx's marked 502 and 504 (see [`pod_router_failure`]).
@@ -129,7 +130,7 @@ impl Ingress {
             target: &plan.target,
             edits: &plan.edits,
             strip_response_headers: plan.strip_response_headers(),
-            confine_cookies: plan.confine_cookies(),
+            confine: plan.confine(),
             add: &plan.add_response,
             request_target: plan.upstream_target.as_deref(),
             timeouts: plan.timeouts(),
@@ -459,8 +460,8 @@ impl ProxyHttp for Ingress {
             for name in plan.strip_response_headers() {
                 upstream_response.remove_header(name.as_str());
             }
-            if plan.confine_cookies() {
-                crate::set_cookie::confine_all(upstream_response)?;
+            if plan.confine() {
+                crate::confine::apply(upstream_response)?;
             }
             for (name, value) in &plan.add_response {
                 upstream_response.append_header(name.clone(), value.clone())?;
@@ -490,6 +491,8 @@ impl ProxyHttp for Ingress {
                 ctx.registration = Some(self.revocations.register(grant.clone()));
             }
         }
+        // Only the ingress marks its own answers.
+        upstream_response.remove_header(MARKER_HEADER);
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.record.request_id.as_str())?;
         ctx.record.status = upstream_response.status.as_u16();
         Ok(())

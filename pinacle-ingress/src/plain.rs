@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::set_cookie::Confined;
+use crate::confine::{self, Confined};
 use tokio::net::TcpStream;
 
 use crate::framing;
-use crate::responses::REQUEST_ID_HEADER;
+use crate::responses::{MARKER_HEADER, REQUEST_ID_HEADER};
 use crate::responses::{POD_ROUTER_HEADER, pod_router_failure};
 use crate::upstream::HeaderEdit;
 
@@ -265,7 +265,7 @@ pub struct ClientEdits<'a> {
     /// Path routing's prefix, put back on a `Location` that is a path on this host.
     pub location_prefix: Option<&'a str>,
     /// Confine `Set-Cookie` fields to the host ([`crate::set_cookie`]; a pod's answers).
-    pub confine_cookies: bool,
+    pub confine: bool,
 }
 
 impl ResponseHead {
@@ -396,17 +396,23 @@ fn client_head(
         }
         let dropped = framing::is_response_hop(name.as_bytes(), &nominated, false)
             || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)
+            || name.eq_ignore_ascii_case(MARKER_HEADER)
             || edits.strip.iter().any(|s| s.eq_ignore_ascii_case(name));
         if dropped {
             continue;
         }
-        if edits.confine_cookies && name.eq_ignore_ascii_case("set-cookie") {
-            match crate::set_cookie::confine(field.value) {
-                Confined::Keep => framing::field(out, name.as_bytes(), field.value),
-                Confined::Rewritten(value) => framing::field(out, name.as_bytes(), &value),
-                Confined::Drop => {}
+        if edits.confine {
+            if name.eq_ignore_ascii_case("set-cookie") {
+                match confine::set_cookie(field.value) {
+                    Confined::Keep => framing::field(out, name.as_bytes(), field.value),
+                    Confined::Rewritten(value) => framing::field(out, name.as_bytes(), &value),
+                    Confined::Drop => {}
+                }
+                continue;
             }
-            continue;
+            if name.eq_ignore_ascii_case(confine::SITE_WIDE) {
+                continue;
+            }
         }
         match edits
             .location_prefix
@@ -673,8 +679,8 @@ pub struct Exchange<'a> {
     pub pod_router: bool,
     /// Path routing's prefix (see [`ClientEdits::location_prefix`]).
     pub location_prefix: Option<&'a str>,
-    /// See [`ClientEdits::confine_cookies`].
-    pub confine_cookies: bool,
+    /// See [`ClientEdits::confine`].
+    pub confine: bool,
     /// Connect to the upstream.
     pub connect_timeout: Duration,
     /// Each wait for the upstream.
@@ -821,7 +827,7 @@ where
         cors_origin: ex.cors_origin,
         pod_router: ex.pod_router,
         location_prefix: ex.location_prefix,
-        confine_cookies: ex.confine_cookies,
+        confine: ex.confine,
     };
     // Informational answers (103) are passed on; the final head follows.
     let head = loop {
@@ -1072,7 +1078,7 @@ mod tests {
             cors_origin: None,
             pod_router: true,
             location_prefix: None,
-            confine_cookies: false,
+            confine: false,
         };
         ResponseHead::parse(raw.as_bytes(), head_request, &edits, &mut Vec::new())
     }
@@ -1157,7 +1163,7 @@ mod tests {
                 cors_origin: None,
                 pod_router: true,
                 location_prefix: None,
-                confine_cookies: false,
+                confine: false,
             };
             let mut out = Vec::new();
             ResponseHead::parse(raw.as_bytes(), false, &edits, &mut out).unwrap();

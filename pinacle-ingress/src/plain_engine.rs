@@ -87,7 +87,7 @@ impl PlainRequests for Ingress {
             cors_origin: plan.cors_origin.as_ref(),
             pod_router: matches!(plan.target, Target::Pod { .. }),
             location_prefix: plan.location_prefix.as_deref(),
-            confine_cookies: plan.confine_cookies(),
+            confine: plan.confine(),
             connect_timeout: timeouts.upstream_connect,
             read_timeout: timeouts.upstream_read,
             write_timeout: timeouts.client_read,

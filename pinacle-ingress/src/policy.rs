@@ -122,7 +122,7 @@ impl Plan {
 
     /// Whether the upstream's `Set-Cookie` fields are confined to the request's host
     /// ([`crate::set_cookie`]): a pod's are, the dashboard's are not.
-    pub fn confine_cookies(&self) -> bool {
+    pub fn confine(&self) -> bool {
         matches!(self.target, Target::Pod { .. })
     }
 

@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
-use crate::responses::{Answer, REQUEST_ID_HEADER, UpstreamFailure};
+use crate::responses::{Answer, MARKER_HEADER, REQUEST_ID_HEADER, UpstreamFailure};
 use crate::revocation::Registration;
 use crate::telemetry::Metrics;
 use crate::upstream::{HeaderEdit, Target};
@@ -81,7 +81,7 @@ pub struct TunnelSpec<'a> {
     /// Response headers to drop (lowercase).
     pub strip_response_headers: &'a [String],
     /// Confine `Set-Cookie` fields to the host ([`crate::set_cookie`]; a pod's answers).
-    pub confine_cookies: bool,
+    pub confine: bool,
     /// Fields of ours added to the response (a renewed proxy token, the frame policy).
     pub add: &'a [(http::HeaderName, http::HeaderValue)],
     /// The request target the upstream gets instead of the client's (path routing).
@@ -171,7 +171,8 @@ fn response_header(
         let name_str = name.as_str();
         let hop = crate::framing::is_response_hop(name_str.as_bytes(), &nominated, upgraded)
             || (name_str == "upgrade" && !upgraded);
-        if hop || name_str == REQUEST_ID_HEADER || strip.iter().any(|s| s == name_str) {
+        let ours = name_str == REQUEST_ID_HEADER || name_str == MARKER_HEADER;
+        if hop || ours || strip.iter().any(|s| s == name_str) {
             continue;
         }
         header.append_header(name.clone(), value.clone())?;
@@ -242,8 +243,8 @@ pub async fn open(session: &mut Session, spec: TunnelSpec<'_>) -> Result<Opened,
     let status = response.status().as_u16();
     let mut header = response_header(&response, spec.strip_response_headers, spec.request_id)
         .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
-    if spec.confine_cookies {
-        crate::set_cookie::confine_all(&mut header)
+    if spec.confine {
+        crate::confine::apply(&mut header)
             .map_err(|_| Answer::upstream(UpstreamFailure::Refused))?;
     }
     for (name, value) in spec.add {

@@ -88,14 +88,16 @@ fn script(head: &[u8]) -> Reply {
     }
 }
 
-/// `Set-Cookie` fields a pod sends: for the whole base domain, the ingress's own cookie, and
-/// ordinary ones.
+/// Fields a pod sends: cookies for the whole base domain, the ingress's own cookie, ordinary
+/// ones; a site-wide `Clear-Site-Data`; the ingress's marker.
 const POD_COOKIES: &str = "set-cookie: a=1; Domain=pinacle.test; Path=/\r\n\
      set-cookie: b=2; path=/; DOMAIN=.pinacle.test; HttpOnly\r\n\
      set-cookie: pinacle-proxy-token=forged; Domain=pinacle.test\r\n\
      set-cookie: pinacle-proxy-token=; Max-Age=0\r\n\
      set-cookie: n=Jos\u{e9}; Secure\r\n\
-     set-cookie: theme=dark\r\n";
+     set-cookie: theme=dark\r\n\
+     clear-site-data: \"cookies\"\r\n\
+     x-pinacle-ingress: forged\r\n";
 
 /// What the client gets of [`POD_COOKIES`] from a pod.
 const CONFINED: [&str; 4] = [
@@ -669,10 +671,11 @@ async fn response_framing_gets_one_treatment_on_every_engine() {
 }
 
 /// A pod is untrusted code under the dashboard's domain: its cookies stay on its own host (no
-/// `Domain` attribute reaches the browser) and it cannot set or clear the ingress's proxy token;
-/// the dashboard's own cookies pass as they are. On every engine.
+/// `Domain` attribute reaches the browser), it cannot set or clear the ingress's proxy token or
+/// clear the site's data, nor pass for the ingress (its marker); the dashboard's own cookies and
+/// `Clear-Site-Data` pass as they are. On every engine.
 #[tokio::test]
-async fn a_pods_cookies_stay_on_its_host_on_every_engine() {
+async fn a_pods_answer_stays_on_its_host_on_every_engine() {
     let w = world("set-cookie", "").await;
     let confined: Vec<&[u8]> = CONFINED.iter().map(|c| c.as_bytes()).collect();
     for engine in HTTP_ENGINES {
@@ -685,6 +688,9 @@ async fn a_pods_cookies_stay_on_its_host_on_every_engine() {
             .map(|v| v.as_bytes())
             .collect();
         assert_eq!(got, confined, "{engine:?}");
+        for field in ["clear-site-data", "x-pinacle-ingress"] {
+            assert!(r.headers.get(field).is_none(), "{engine:?}: {field}");
+        }
     }
     // A WebSocket handshake's 101 (the tunnel).
     let token = format!("pinacle-proxy-token={}", material().proxy_token);
@@ -704,6 +710,9 @@ async fn a_pods_cookies_stay_on_its_host_on_every_engine() {
         confined.iter().map(|c| c.to_vec()).collect::<Vec<_>>(),
         "{head}"
     );
+    for field in ["clear-site-data", "x-pinacle-ingress"] {
+        assert!(fields(head.as_bytes(), field).is_empty(), "{head}");
+    }
     // The dashboard is trusted with its own domain.
     let (status, head) = raw_exchange(
         &w,
@@ -713,6 +722,14 @@ async fn a_pods_cookies_stay_on_its_host_on_every_engine() {
     assert_eq!(status, 200);
     assert_eq!(fields(head.as_bytes(), "set-cookie").len(), 6, "{head}");
     assert!(head.contains("a=1; Domain=pinacle.test; Path=/"), "{head}");
+    assert_eq!(
+        fields(head.as_bytes(), "clear-site-data"),
+        vec![b"\"cookies\"".to_vec()]
+    );
+    assert!(
+        fields(head.as_bytes(), "x-pinacle-ingress").is_empty(),
+        "{head}"
+    );
 }
 
 /// Sends raw bytes on a fresh connection; the status and head of the answer.

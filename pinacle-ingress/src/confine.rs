@@ -1,4 +1,4 @@
-//! A pod's `Set-Cookie` fields, confined to the pod's own host.
+//! A pod's answers, confined to the pod's own host.
 //!
 //! Every pod host is a subdomain of the base domain the dashboard and every other user's pods
 //! share, so a browser lets a pod set a cookie for that whole domain (`Domain=pinacle.io`):
@@ -10,6 +10,10 @@
 //! A pod may also neither set nor clear the ingress's own `pinacle-proxy-token`. Everything
 //! else is kept byte for byte. No crate does this edit: the `cookie` crate parses and
 //! re-serialises, which would change attributes it does not know and refuse non-UTF-8 bytes.
+//!
+//! For the same reason a pod's `Clear-Site-Data` is dropped: browsers clear cookies for the
+//! whole site (the registrable domain), so one pod could sign its user out of the dashboard and
+//! every other pod.
 
 use pinacle_authz::PROXY_TOKEN_COOKIE;
 use pingora::http::ResponseHeader;
@@ -25,9 +29,12 @@ pub enum Confined {
     Drop,
 }
 
+/// The field a pod may not send: its reach is the whole site ([`crate::confine`]).
+pub const SITE_WIDE: &str = "clear-site-data";
+
 /// Confines one `Set-Cookie` value (RFC 6265 §5.2: the name-value pair up to the first `;`,
 /// then `;`-separated attributes whose names are matched without case and around whitespace).
-pub fn confine(value: &[u8]) -> Confined {
+pub fn set_cookie(value: &[u8]) -> Confined {
     let mut parts = value.split(|b| *b == b';');
     let pair = parts.next().unwrap_or_default();
     let name = pair
@@ -52,17 +59,19 @@ pub fn confine(value: &[u8]) -> Confined {
     Confined::Rewritten(out)
 }
 
-/// Confines every `Set-Cookie` of a response head Pingora writes (its HTTP/1 and HTTP/2 loop,
-/// a tunnel's `101` or refusal); the head is touched only when one changes.
+/// Confines a pod's response head that Pingora writes (its HTTP/1 and HTTP/2 loop, a tunnel's
+/// `101` or refusal): every `Set-Cookie` ([`set_cookie`]; the field is rewritten only when one
+/// changes), and no [`SITE_WIDE`] field.
 ///
 /// # Errors
 /// Pingora's, when the head cannot take a field.
-pub fn confine_all(header: &mut ResponseHeader) -> pingora::Result<()> {
+pub fn apply(header: &mut ResponseHeader) -> pingora::Result<()> {
+    header.remove_header(SITE_WIDE);
     let changes = header
         .headers
         .get_all(http::header::SET_COOKIE)
         .iter()
-        .any(|v| confine(v.as_bytes()) != Confined::Keep);
+        .any(|v| set_cookie(v.as_bytes()) != Confined::Keep);
     if !changes {
         return Ok(());
     }
@@ -70,7 +79,7 @@ pub fn confine_all(header: &mut ResponseHeader) -> pingora::Result<()> {
         .headers
         .get_all(http::header::SET_COOKIE)
         .iter()
-        .filter_map(|v| match confine(v.as_bytes()) {
+        .filter_map(|v| match set_cookie(v.as_bytes()) {
             Confined::Keep => Some(v.clone()),
             Confined::Rewritten(value) => http::HeaderValue::from_bytes(&value).ok(),
             Confined::Drop => None,
@@ -97,7 +106,7 @@ mod tests {
     use super::*;
 
     fn rewritten(value: &str) -> String {
-        match confine(value.as_bytes()) {
+        match set_cookie(value.as_bytes()) {
             Confined::Keep => value.to_owned(),
             Confined::Rewritten(v) => String::from_utf8(v).unwrap(),
             Confined::Drop => "(dropped)".to_owned(),
@@ -128,10 +137,10 @@ mod tests {
         ] {
             assert_eq!(rewritten(given), expected, "{given}");
         }
-        assert_eq!(confine(b"theme=dark; Path=/"), Confined::Keep);
+        assert_eq!(set_cookie(b"theme=dark; Path=/"), Confined::Keep);
         // Bytes that are not UTF-8 or ASCII are kept.
         assert_eq!(
-            confine(b"n=Jos\xc3\xa9\xff; Domain=pinacle.io; Secure"),
+            set_cookie(b"n=Jos\xc3\xa9\xff; Domain=pinacle.io; Secure"),
             Confined::Rewritten(b"n=Jos\xc3\xa9\xff; Secure".to_vec())
         );
     }
@@ -143,7 +152,7 @@ mod tests {
             " pinacle-proxy-token =x; Max-Age=0",
             "pinacle-proxy-token.0=chunk",
         ] {
-            assert_eq!(confine(given.as_bytes()), Confined::Drop, "{given}");
+            assert_eq!(set_cookie(given.as_bytes()), Confined::Drop, "{given}");
         }
     }
 }
