@@ -264,7 +264,7 @@ pub struct ClientEdits<'a> {
     pub pod_router: bool,
     /// Path routing's prefix, put back on a `Location` that is a path on this host.
     pub location_prefix: Option<&'a str>,
-    /// Confine `Set-Cookie` fields to the host ([`crate::set_cookie`]; a pod's answers).
+    /// A pod's answer, confined to its host ([`crate::confine`]).
     pub confine: bool,
 }
 

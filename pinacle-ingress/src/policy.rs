@@ -120,8 +120,8 @@ impl Plan {
         }
     }
 
-    /// Whether the upstream's `Set-Cookie` fields are confined to the request's host
-    /// ([`crate::set_cookie`]): a pod's are, the dashboard's are not.
+    /// Whether the upstream's answer is confined to the request's host ([`crate::confine`]): a
+    /// pod's is, the dashboard's is not.
     pub fn confine(&self) -> bool {
         matches!(self.target, Target::Pod { .. })
     }

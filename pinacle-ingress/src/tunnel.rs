@@ -80,7 +80,7 @@ pub struct TunnelSpec<'a> {
     pub edits: &'a [HeaderEdit],
     /// Response headers to drop (lowercase).
     pub strip_response_headers: &'a [String],
-    /// Confine `Set-Cookie` fields to the host ([`crate::set_cookie`]; a pod's answers).
+    /// A pod's answer, confined to its host ([`crate::confine`]).
     pub confine: bool,
     /// Fields of ours added to the response (a renewed proxy token, the frame policy).
     pub add: &'a [(http::HeaderName, http::HeaderValue)],
