@@ -310,6 +310,60 @@ async fn the_dashboard_can_frame_a_pod_page_and_an_unrelated_origin_cannot() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// In Chromium, a pod's `Set-Cookie` for the whole base domain never reaches the dashboard (or
+/// any other host), its own host-only cookies work, and its forged proxy token neither replaces
+/// the real one nor reaches the app.
+#[tokio::test]
+async fn a_pods_cookies_stay_on_its_host_in_chromium() {
+    let dir = scratch("pinacle-cookies");
+    let (app, listen, dashboard) = (reserve_port(), reserve_port(), reserve_port());
+    let directory = std::fs::read_to_string(repo().join("config/directory.example.toml"))
+        .unwrap()
+        .replace("external = 30001", &format!("external = {app}"));
+    std::fs::write(dir.join("directory.toml"), directory).unwrap();
+    let mut ingress = serve(&dir, listen, dashboard);
+    ingress.env("PINACLE_INGRESS_BASE_DOMAINS", "pinacle.test");
+    let _ingress = Process(ingress.spawn().unwrap());
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], listen))).await;
+
+    let pod = format!("http://localhost-3000-pod-demo.pinacle.test:{listen}");
+    let callback = format!(
+        "{pod}/pinacle-proxy-callback?token={}&return_url=%2F",
+        demo_proxy_token(3000)
+    );
+    let seen = node_script(
+        "cookies.mjs",
+        vec![
+            callback.into(),
+            app.to_string().into(),
+            format!("http://pinacle.test:{listen}/").into(),
+            dashboard.to_string().into(),
+        ],
+    )
+    .await;
+
+    assert_eq!(seen["again"]["url"], format!("{pod}/"), "{seen}");
+    assert_eq!(
+        seen["again"]["text"], "the app got: site=planted; own=kept",
+        "the app gets its own cookies (now both of its host), no proxy token: {seen}"
+    );
+    assert_eq!(
+        seen["atDashboard"]["cookie"],
+        serde_json::Value::Null,
+        "a pod's cookie reached the dashboard: {seen}"
+    );
+    let cookies = seen["cookies"].as_array().unwrap();
+    let host = "localhost-3000-pod-demo.pinacle.test";
+    for cookie in cookies {
+        assert_eq!(cookie["domain"], host, "{seen}");
+        assert_ne!(cookie["value"], "forged", "{seen}");
+    }
+    let names: Vec<&str> = cookies.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert!(names.contains(&"own") && names.contains(&"site"), "{seen}");
+    assert!(names.contains(&"pinacle-proxy-token"), "{seen}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A proxy token for `user_ada` on port `port` of the demo pod (the directory example's).
 fn demo_proxy_token(port: u16) -> String {
     let minted = clean(Command::new(BIN))

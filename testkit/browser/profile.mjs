@@ -7,14 +7,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 
-/// Runs `body(context)` in a fresh profile and removes it afterwards.
-export async function withProfile(body) {
+/// Runs `body(context)` in a fresh profile and removes it afterwards; `extraArgs` go to
+/// Chromium's command line.
+export async function withProfile(body, extraArgs = []) {
   const profile = await mkdtemp(join(tmpdir(), "pinacle-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
-      "--ignore-certificate-errors"],
+      "--ignore-certificate-errors", ...extraArgs],
     timeout: 30000,
   });
   try {
