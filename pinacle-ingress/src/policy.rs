@@ -505,14 +505,23 @@ impl State {
         use crate::rate_limit::Verdict as Limit;
         let client = client?;
         config.rate_limits.lookups_per_client?;
+        let now_ms = unix_ms();
         let (check, verdict) =
             self.limiter
-                .check_lookups(&config.rate_limits, client, cost, unix_ms());
+                .check_lookups(&config.rate_limits, client, cost, now_ms);
         let outcome = match verdict {
             Limit::Allowed => "allowed",
             Limit::Limited { .. } => "limited",
         };
         self.metrics.rate_limit("lookup", outcome, "memory");
+        if matches!(verdict, Limit::Limited { .. }) && self.limiter.lookup_warning_due(now_ms) {
+            tracing::warn!(
+                %client,
+                "a client is over lookups_per_client (directory lookups before sign-in): answered \
+                 429; if this address is a proxy in front of the ingress, list it in \
+                 trusted_proxies so its clients are counted apart (logged at most every 10 s)"
+            );
+        }
         match verdict {
             Limit::Allowed => None,
             Limit::Limited {

@@ -361,6 +361,8 @@ pub struct Limiter {
     /// Unix ms until which Redis is not tried (after a failure).
     down_until_ms: AtomicU64,
     connecting: tokio::sync::Mutex<()>,
+    /// Unix ms of the last warning about a client over `lookups_per_client`.
+    lookups_warned_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -406,6 +408,18 @@ impl Limiter {
         let cost = u32::try_from(cost).unwrap_or(u32::MAX);
         let verdict = self.memory.check_cost(&check, cost, now_ms);
         (check, verdict)
+    }
+
+    /// Whether a client over `lookups_per_client` should be logged now: once per 10 s at most,
+    /// so that a flood of guesses is one line, not one per request.
+    pub fn lookup_warning_due(&self, now_ms: i64) -> bool {
+        let now = u64::try_from(now_ms).unwrap_or(0);
+        let last = self.lookups_warned_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 10_000)
+            && self
+                .lookups_warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Checks `check` (empty: allowed at once) for a request at `now_ms` (unix ms).
@@ -648,6 +662,10 @@ mod tests {
         assert!(matches!(take(b, 1, t0), Verdict::Limited { .. }));
         // Refilled at its rate.
         assert_eq!(take(a, 2, t0 + 1000), Verdict::Allowed);
+        // Over the limit is logged once per 10 s at most.
+        assert!(limiter.lookup_warning_due(t0));
+        assert!(!limiter.lookup_warning_due(t0 + 9_999));
+        assert!(limiter.lookup_warning_due(t0 + 10_000));
         // Off: nothing counted.
         let off = RateLimits {
             lookups_per_client: None,
