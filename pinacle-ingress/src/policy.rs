@@ -502,19 +502,17 @@ impl State {
         client: Option<IpAddr>,
         cost: usize,
     ) -> Option<Answer> {
-        use crate::rate_limit::Verdict as Limit;
         let client = client?;
         config.rate_limits.lookups_per_client?;
         let now_ms = unix_ms();
         let (check, verdict) =
             self.limiter
                 .check_lookups(&config.rate_limits, client, cost, now_ms);
-        let outcome = match verdict {
-            Limit::Allowed => "allowed",
-            Limit::Limited { .. } => "limited",
-        };
-        self.metrics.rate_limit("lookup", outcome, "memory");
-        if matches!(verdict, Limit::Limited { .. }) && self.limiter.lookup_warning_due(now_ms) {
+        self.metrics
+            .rate_limit("lookup", verdict.outcome(), "memory");
+        if matches!(verdict, crate::rate_limit::Verdict::Limited { .. })
+            && self.limiter.lookup_warning_due(now_ms)
+        {
             tracing::warn!(
                 %client,
                 "a client is over lookups_per_client (directory lookups before sign-in): answered \
@@ -522,16 +520,7 @@ impl State {
                  trusted_proxies so its clients are counted apart (logged at most every 10 s)"
             );
         }
-        match verdict {
-            Limit::Allowed => None,
-            Limit::Limited {
-                retry_after, daily, ..
-            } => Some(Answer::RateLimited {
-                retry_after,
-                fields: crate::rate_limit::fields(&check, &verdict),
-                daily,
-            }),
-        }
+        rate_limited(&check, &verdict)
     }
 
     /// Checks the request against its kind's rate limits and quotas; the answer when over.
@@ -541,7 +530,7 @@ impl State {
         record: &Record,
         allowed: &Allowed,
     ) -> Option<Answer> {
-        use crate::rate_limit::{Backend, Check, Kind, RedisEvent, Verdict as Limit};
+        use crate::rate_limit::{Backend, Check, Kind, RedisEvent};
         let kind = if allowed.machine.is_some() {
             Kind::Api
         } else {
@@ -575,22 +564,9 @@ impl State {
             }
             RedisEvent::None => {}
         }
-        let outcome = match verdict {
-            Limit::Allowed => "allowed",
-            Limit::Limited { .. } => "limited",
-        };
         self.metrics
-            .rate_limit(kind.as_str(), outcome, backend.as_str());
-        match verdict {
-            Limit::Allowed => None,
-            Limit::Limited {
-                retry_after, daily, ..
-            } => Some(Answer::RateLimited {
-                retry_after,
-                fields: crate::rate_limit::fields(&check, &verdict),
-                daily,
-            }),
-        }
+            .rate_limit(kind.as_str(), verdict.outcome(), backend.as_str());
+        rate_limited(&check, &verdict)
     }
 
     /// What a status page offers this user: Start and Stop where they apply, with a CSRF token
@@ -1276,6 +1252,23 @@ impl Judged {
         self.verdict = Err(Answer::AuthorizationUnavailable);
         self.directory_error = Some((what, e));
         self
+    }
+}
+
+/// The 429 for a check over its limit.
+fn rate_limited(
+    check: &crate::rate_limit::Check,
+    verdict: &crate::rate_limit::Verdict,
+) -> Option<Answer> {
+    match *verdict {
+        crate::rate_limit::Verdict::Allowed => None,
+        crate::rate_limit::Verdict::Limited {
+            retry_after, daily, ..
+        } => Some(Answer::RateLimited {
+            retry_after,
+            fields: crate::rate_limit::fields(check, verdict),
+            daily,
+        }),
     }
 }
 

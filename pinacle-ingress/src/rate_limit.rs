@@ -168,6 +168,16 @@ pub fn client_key(ip: std::net::IpAddr) -> String {
     }
 }
 
+impl Verdict {
+    /// `allowed` or `limited` (the metric's label).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Limited { .. } => "limited",
+        }
+    }
+}
+
 /// Seconds from `now` (unix) to the next UTC midnight, and the day's number.
 pub fn utc_day(now: i64) -> (i64, u64) {
     let day = now.div_euclid(86_400);
