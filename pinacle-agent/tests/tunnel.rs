@@ -151,8 +151,17 @@ async fn gateway(pool: &PgPool) -> Gateway {
 }
 
 async fn gateway_with(pool: &PgPool, extra: &str) -> Gateway {
-    let (listen, agents, admin) = (
+    gateway_at(
+        pool,
         SocketAddr::from(([127, 0, 0, 1], reserve_port())),
+        extra,
+    )
+    .await
+}
+
+/// A gateway whose agents connect to `agents`.
+async fn gateway_at(pool: &PgPool, agents: SocketAddr, extra: &str) -> Gateway {
+    let (listen, admin) = (
         SocketAddr::from(([127, 0, 0, 1], reserve_port())),
         SocketAddr::from(([127, 0, 0, 1], reserve_port())),
     );
@@ -472,6 +481,111 @@ async fn a_wrong_or_revoked_secret_gets_no_tunnel(pool: PgPool) {
     let r = g.get("demo", "/").await;
     assert!(r.status >= 500 && r.status != 200, "{}", r.status);
     assert_ne!(r.header("x-pinacle-ingress"), None);
+}
+
+/// A child process ended (by its PID) when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The server behind NAT for real: its service listens on the loopback of a network namespace
+/// of its own, where the agent runs too; the gateway (here) can reach nothing in there, and the
+/// agent reaches the gateway over the namespace's one link. The pod is served through the
+/// tunnel and only through it. Needs root (CI and the README's test command run as root).
+#[sqlx::test(migrations = "../migrations")]
+async fn a_server_in_its_own_network_namespace_is_reached_through_its_agent(pool: PgPool) {
+    let ns = match pinacle_testkit::netns::Netns::create("tunnel") {
+        Ok(ns) => ns,
+        Err(e) if !running_as_root() => {
+            eprintln!("skipped: a network namespace needs root ({e})");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let w = seed(pool).await;
+    let seed = Seed(&w.pool);
+    seed.server("s_ns", &ns.inside.to_string()).await.unwrap();
+    seed.team_pods("s_ns", &[("p_in", "inside", "running", 8080)])
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO pinacle_agent (server_id, secret_sha256) VALUES ('s_ns', $1)")
+        .bind(sha256_hex(AGENT_SECRET))
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let www = std::env::temp_dir().join(format!("pinacle-netns-www-{}", std::process::id()));
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from inside").unwrap();
+    let _service = Killed(
+        ns.command("python3")
+            .args(["-m", "http.server", "8080", "--bind", "127.0.0.1"])
+            .current_dir(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let g = gateway_at(&w.pool, SocketAddr::from((ns.outside, reserve_port())), "").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = g.get("inside", "/hello.txt").await;
+    assert_eq!(r.header("x-pinacle-ingress"), Some("tunnel-offline"));
+    // Nothing of ours reaches the service: it is on the namespace's own loopback.
+    let direct = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((ns.inside, 8080)),
+    )
+    .await;
+    assert!(
+        !matches!(direct, Ok(Ok(_))),
+        "the service is reachable from outside"
+    );
+
+    let _agent = Killed(
+        ns.command(AGENT)
+            .args(["--gateway", &g.agents.to_string(), "--server", "s_ns"])
+            .args(["--insecure-plaintext", "--allow-ports", "8080"])
+            .env("PINACLE_AGENT_SECRET", AGENT_SECRET)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    g.wait_for_agents(1.0).await;
+    // The service may still be starting: bounded retries.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let r = loop {
+        let r = g.get("inside", "/hello.txt").await;
+        if r.status == 200 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((r.status, r.text()), (200, "hello from inside".to_owned()));
+    let listed = client::get(g.admin, "/agents", &[("host", "admin")])
+        .await
+        .json();
+    let peer = listed["agents"][0]["peer"].as_str().unwrap_or_default();
+    assert!(
+        peer.starts_with(&format!("{}:", ns.inside)),
+        "the agent came from inside: {listed}"
+    );
+    std::fs::remove_dir_all(&www).unwrap();
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 /// Connects to `to` from `from` (a loopback address of this machine's 127.0.0.0/8).

@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod control;
+pub mod netns;
 pub mod nginx;
 pub mod redis;
 pub mod relay;
