@@ -66,7 +66,9 @@ pub fn set_cookie(value: &[u8]) -> Confined {
 /// # Errors
 /// Pingora's, when the head cannot take a field.
 pub fn apply(header: &mut ResponseHeader) -> pingora::Result<()> {
-    header.remove_header(SITE_WIDE);
+    if header.headers.contains_key(SITE_WIDE) {
+        header.remove_header(SITE_WIDE);
+    }
     let changes = header
         .headers
         .get_all(http::header::SET_COOKIE)

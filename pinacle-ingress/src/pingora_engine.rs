@@ -491,8 +491,11 @@ impl ProxyHttp for Ingress {
                 ctx.registration = Some(self.revocations.register(grant.clone()));
             }
         }
-        // Only the ingress marks its own answers.
-        upstream_response.remove_header(MARKER_HEADER);
+        // Only the ingress marks its own answers (looked up first: Pingora's removal also
+        // rebuilds its case map).
+        if upstream_response.headers.contains_key(MARKER_HEADER) {
+            upstream_response.remove_header(MARKER_HEADER);
+        }
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.record.request_id.as_str())?;
         ctx.record.status = upstream_response.status.as_u16();
         Ok(())
