@@ -605,6 +605,18 @@ async fn said(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
     got
 }
 
+/// What the gateway answers an upgrade request without a secret from `from`.
+async fn not_an_agent(from: [u8; 4], to: SocketAddr) -> Vec<u8> {
+    let mut stream = connect_from(from, to).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /pinacle-agent/v1 HTTP/1.1\r\nhost: x\r\nupgrade: pinacle-agent-h2\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    said(&mut stream).await
+}
+
 /// Anyone can reach `agent_listen`: an address holding its share of unauthenticated
 /// connections gets no more (closed unanswered, counted as busy) while other addresses are
 /// still answered, and its places come back as its connections end.
@@ -613,7 +625,13 @@ async fn silent_connections_cannot_crowd_agents_out(pool: PgPool) {
     let w = seed(pool).await;
     let g = gateway(&w.pool).await;
     let pending = "pinacle_ingress_agent_handshakes_pending";
-    // The gateway's readiness probe has gone (it held a place until its close was seen).
+    // Connections are accepted in order: once a later one is answered, the gateway's readiness
+    // probe has been accepted too; then every place is free once its close has been seen.
+    assert!(
+        not_an_agent([127, 0, 0, 2], g.agents)
+            .await
+            .starts_with(b"HTTP/1.1 401 ")
+    );
     g.wait_for_metric(pending, 0.0).await;
     let mut silent = Vec::new();
     for _ in 0..pinacle_ingress::agents::PENDING_PER_PEER {
@@ -628,14 +646,11 @@ async fn silent_connections_cannot_crowd_agents_out(pool: PgPool) {
         1.0
     );
     // Another address is still heard (and refused: it is no agent).
-    let mut other = connect_from([127, 0, 0, 2], g.agents).await;
-    tokio::io::AsyncWriteExt::write_all(
-        &mut other,
-        b"GET /pinacle-agent/v1 HTTP/1.1\r\nhost: x\r\nupgrade: pinacle-agent-h2\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    assert!(said(&mut other).await.starts_with(b"HTTP/1.1 401 "));
+    assert!(
+        not_an_agent([127, 0, 0, 2], g.agents)
+            .await
+            .starts_with(b"HTTP/1.1 401 ")
+    );
     // The silent ones go: the real agent, from the crowded address, gets its tunnel.
     drop(silent);
     g.wait_for_metric(pending, 0.0).await;
