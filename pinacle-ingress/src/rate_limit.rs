@@ -189,26 +189,46 @@ pub fn utc_day(now: i64) -> (i64, u64) {
 struct Bucket {
     tokens: f64,
     at_ms: i64,
+    /// When it holds its whole burst again (from then on it is as good as absent).
+    full_at_ms: i64,
 }
 
-/// The in-memory store: buckets and the day's counts. Bounded: at most [`MEMORY_KEYS`] keys;
-/// a full store forgets full buckets and other days' counts first, then refuses nothing (a
-/// key it cannot track is allowed and counted in the metric).
-#[derive(Debug, Default)]
+/// The in-memory store: buckets and the day's counts. Bounded: at most [`MEMORY_KEYS`] keys
+/// (or the capacity given). A full store forgets buckets that have refilled and other days'
+/// counts (at most once a second, so a full store costs no scan per request); if it is still
+/// full, a key it does not hold is allowed and not stored, while the keys it holds are still
+/// enforced.
+#[derive(Debug)]
 pub struct Memory {
     state: Mutex<MemoryState>,
+    capacity: usize,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self::with_capacity(MEMORY_KEYS)
+    }
 }
 
 #[derive(Debug, Default)]
 struct MemoryState {
     buckets: HashMap<String, Bucket>,
     counts: HashMap<(String, i64), u64>,
+    pruned_at_ms: i64,
 }
 
 /// Keys the memory store tracks at most.
 pub const MEMORY_KEYS: usize = 200_000;
 
 impl Memory {
+    /// A store of at most `capacity` keys.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            state: Mutex::default(),
+            capacity,
+        }
+    }
+
     /// Checks and, if allowed, takes (`now_ms`: unix milliseconds).
     pub fn check(&self, check: &Check, now_ms: i64) -> Verdict {
         self.check_cost(check, 1, now_ms)
@@ -219,9 +239,12 @@ impl Memory {
     pub fn check_cost(&self, check: &Check, cost: u32, now_ms: i64) -> Verdict {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (day, to_midnight) = utc_day(now_ms.div_euclid(1000));
-        if state.buckets.len() + state.counts.len() >= MEMORY_KEYS {
+        let held = |state: &MemoryState| state.buckets.len() + state.counts.len();
+        if held(&state) >= self.capacity && now_ms - state.pruned_at_ms >= 1000 {
             state.prune(now_ms, day);
+            state.pruned_at_ms = now_ms;
         }
+        let full = held(&state) >= self.capacity;
         let mut worst: Option<Verdict> = None;
         let mut refilled = Vec::with_capacity(check.counters.len());
         for counter in &check.counters {
@@ -229,6 +252,7 @@ impl Memory {
             let bucket = state.buckets.get(&counter.key).copied().unwrap_or(Bucket {
                 tokens: f64::from(limit.burst),
                 at_ms: now_ms,
+                full_at_ms: now_ms,
             });
             let tokens = refill(bucket, limit, now_ms);
             let need = f64::from(cost.min(limit.burst));
@@ -252,15 +276,30 @@ impl Memory {
             return limited;
         }
         for (counter, (tokens, need)) in check.counters.iter().zip(refilled) {
-            state.buckets.insert(
-                counter.key.clone(),
-                Bucket {
-                    tokens: tokens - need,
-                    at_ms: now_ms,
-                },
-            );
-            if counter.limit.daily.is_some() {
-                *state.counts.entry((counter.key.clone(), day)).or_insert(0) += u64::from(cost);
+            let limit = counter.limit;
+            let left = tokens - need;
+            let refill_ms = (f64::from(limit.burst) - left) / limit.per_second * 1000.0;
+            let bucket = Bucket {
+                tokens: left,
+                at_ms: now_ms,
+                full_at_ms: now_ms.saturating_add(refill_ms.ceil() as i64),
+            };
+            match state.buckets.get_mut(&counter.key) {
+                Some(held) => *held = bucket,
+                None if !full => {
+                    state.buckets.insert(counter.key.clone(), bucket);
+                }
+                None => {}
+            }
+            if limit.daily.is_some() {
+                let key = (counter.key.clone(), day);
+                match state.counts.get_mut(&key) {
+                    Some(used) => *used += u64::from(cost),
+                    None if !full => {
+                        state.counts.insert(key, u64::from(cost));
+                    }
+                    None => {}
+                }
             }
         }
         Verdict::Allowed
@@ -271,8 +310,7 @@ impl MemoryState {
     /// Forgets buckets that are full again and counts of other days.
     fn prune(&mut self, now_ms: i64, day: i64) {
         self.counts.retain(|(_, d), _| *d == day);
-        // A bucket untouched for an hour is full for any sane rate.
-        self.buckets.retain(|_, b| now_ms - b.at_ms < 3_600_000);
+        self.buckets.retain(|_, b| b.full_at_ms > now_ms);
     }
 }
 
@@ -367,6 +405,9 @@ pub const REDIS_RETRY_AFTER: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Limiter {
     memory: Memory,
+    /// `lookups_per_client`'s buckets, apart: addresses of anyone on the network never crowd
+    /// out the signed-in clients' limits.
+    lookups: Memory,
     redis: ArcSwapOption<RedisLink>,
     /// Unix ms until which Redis is not tried (after a failure).
     down_until_ms: AtomicU64,
@@ -416,7 +457,7 @@ impl Limiter {
             return (check, Verdict::Allowed);
         }
         let cost = u32::try_from(cost).unwrap_or(u32::MAX);
-        let verdict = self.memory.check_cost(&check, cost, now_ms);
+        let verdict = self.lookups.check_cost(&check, cost, now_ms);
         (check, verdict)
     }
 
@@ -690,6 +731,41 @@ mod tests {
             !only_lookups.any(),
             "lookups are no signed-in client's limit: no per-request check for them"
         );
+    }
+
+    #[test]
+    fn a_full_store_forgets_refilled_buckets_and_never_stores_beyond_its_capacity() {
+        let memory = Memory::with_capacity(2);
+        let limit = Limit {
+            burst: 2,
+            per_second: 1.0,
+            daily: None,
+        };
+        let key = |k: &str| Check {
+            counters: vec![Counter {
+                policy: "p",
+                key: k.to_owned(),
+                limit,
+            }],
+        };
+        let t0 = 1_000_000_000_000;
+        assert_eq!(memory.check(&key("a"), t0), Verdict::Allowed);
+        assert_eq!(memory.check(&key("b"), t0), Verdict::Allowed);
+        // Full, and a and b still refilling: c is allowed however often, and not stored.
+        for _ in 0..5 {
+            assert_eq!(memory.check(&key("c"), t0 + 10), Verdict::Allowed);
+        }
+        // The keys held are still enforced.
+        assert_eq!(memory.check(&key("a"), t0 + 10), Verdict::Allowed);
+        assert!(matches!(memory.check(&key("a"), t0 + 10), Verdict::Limited { .. }));
+        let held = |m: &Memory| m.state.lock().unwrap().buckets.len();
+        assert_eq!(held(&memory), 2);
+        // Once a and b have refilled, they are forgotten and c is counted.
+        let later = t0 + 2_500;
+        assert_eq!(memory.check(&key("c"), later), Verdict::Allowed);
+        assert_eq!(memory.check(&key("c"), later), Verdict::Allowed);
+        assert!(matches!(memory.check(&key("c"), later), Verdict::Limited { .. }));
+        assert_eq!(held(&memory), 1);
     }
 
     #[test]
