@@ -757,14 +757,20 @@ mod tests {
         }
         // The keys held are still enforced.
         assert_eq!(memory.check(&key("a"), t0 + 10), Verdict::Allowed);
-        assert!(matches!(memory.check(&key("a"), t0 + 10), Verdict::Limited { .. }));
+        assert!(matches!(
+            memory.check(&key("a"), t0 + 10),
+            Verdict::Limited { .. }
+        ));
         let held = |m: &Memory| m.state.lock().unwrap().buckets.len();
         assert_eq!(held(&memory), 2);
         // Once a and b have refilled, they are forgotten and c is counted.
         let later = t0 + 2_500;
         assert_eq!(memory.check(&key("c"), later), Verdict::Allowed);
         assert_eq!(memory.check(&key("c"), later), Verdict::Allowed);
-        assert!(matches!(memory.check(&key("c"), later), Verdict::Limited { .. }));
+        assert!(matches!(
+            memory.check(&key("c"), later),
+            Verdict::Limited { .. }
+        ));
         assert_eq!(held(&memory), 1);
     }
 
