@@ -30,8 +30,8 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 /// How long a connection to `agent_listen` has, from its accept, to finish TLS and send its
 /// upgrade request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Unauthenticated connections one peer address may have at once on `agent_listen` (agents
-/// behind one NAT each hold one only for their handshake).
+/// Unauthenticated connections one peer address (IPv6: one /64) may have at once on
+/// `agent_listen` (agents behind one NAT each hold one only for their handshake).
 pub const PENDING_PER_PEER: usize = 8;
 /// Unauthenticated connections `agent_listen` holds at once, from all peers.
 pub const PENDING_TOTAL: usize = 512;
@@ -305,7 +305,7 @@ impl Agents {
     /// A place for a new connection from `peer`, or `None` (counted as `busy`, and warned
     /// about at most once per 10 s with the number refused since).
     fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
-        let ip = peer.ip().to_canonical();
+        let ip = crate::rate_limit::client_net(peer.ip());
         let mut pending = lock(&self.pending);
         match pending.admit(ip) {
             Ok(()) => {

@@ -155,16 +155,23 @@ pub enum Verdict {
     },
 }
 
-/// The key a client address is counted under: IPv4 (and IPv4-mapped) addresses as they are,
-/// IPv6 by its /64 (one host's share of a network; an attacker holds a whole /64).
-pub fn client_key(ip: std::net::IpAddr) -> String {
+/// Who a client address is, for counting it: IPv4 (and IPv4-mapped) addresses as they are,
+/// IPv6 by its /64 (one host's share of a network; anyone holds a whole /64).
+pub fn client_net(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip.to_canonical() {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
+        v4 @ std::net::IpAddr::V4(_) => v4,
         std::net::IpAddr::V6(v6) => {
             let s = v6.segments();
-            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
-            format!("{net}/64")
+            std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
         }
+    }
+}
+
+/// The key a client address is counted under ([`client_net`]; IPv6 networks with `/64`).
+pub fn client_key(ip: std::net::IpAddr) -> String {
+    match client_net(ip) {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(net) => format!("{net}/64"),
     }
 }
 
