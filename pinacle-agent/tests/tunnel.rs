@@ -218,11 +218,17 @@ impl Gateway {
 
     /// Waits (at most 15 s) until the series `name` reads `n`.
     async fn wait_for_metric(&self, name: &str, n: f64) {
+        self.wait_until(name, |v| v == n, &format!("waiting for {n}"))
+            .await;
+    }
+
+    /// Waits (at most 15 s) until the series `name` satisfies `ok`; `what` names the wait.
+    async fn wait_until(&self, name: &str, ok: impl Fn(f64) -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while self.metric(name) != n {
+        while !ok(self.metric(name)) {
             assert!(
                 Instant::now() < deadline,
-                "{name}: {} (waiting for {n})",
+                "{name}: {} ({what})",
                 self.metric(name)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -456,14 +462,12 @@ async fn a_wrong_or_revoked_secret_gets_no_tunnel(pool: PgPool) {
     let g = gateway(&w.pool).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let wrong = Agent::start(&[g.agents], "not-the-secret", &[]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while g.metric("pinacle_ingress_agent_connects_total{result=\"refused\"}") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the wrong secret was not refused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    g.wait_until(
+        "pinacle_ingress_agent_connects_total{result=\"refused\"}",
+        |v| v >= 1.0,
+        "the wrong secret was not refused",
+    )
+    .await;
     assert_eq!(g.metric("pinacle_ingress_agents_connected"), 0.0);
     assert_eq!(g.get("demo", "/").await.status, 502);
     drop(wrong);
@@ -481,16 +485,6 @@ async fn a_wrong_or_revoked_secret_gets_no_tunnel(pool: PgPool) {
     let r = g.get("demo", "/").await;
     assert!(r.status >= 500 && r.status != 200, "{}", r.status);
     assert_ne!(r.header("x-pinacle-ingress"), None);
-}
-
-/// A child process ended (by its PID) when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The server behind NAT for real: its service listens on the loopback of a network namespace
@@ -521,7 +515,8 @@ async fn a_server_in_its_own_network_namespace_is_reached_through_its_agent(pool
     let www = std::env::temp_dir().join(format!("pinacle-netns-www-{}", std::process::id()));
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("hello.txt"), "hello from inside").unwrap();
-    let _service = Killed(
+    // A server, not an agent, but ended by its PID on drop the same way.
+    let _service = Agent(
         ns.command("python3")
             .args(["-m", "http.server", "8080", "--bind", "127.0.0.1"])
             .current_dir(&www)
@@ -545,7 +540,7 @@ async fn a_server_in_its_own_network_namespace_is_reached_through_its_agent(pool
         "the service is reachable from outside"
     );
 
-    let _agent = Killed(
+    let _agent = Agent(
         ns.command(AGENT)
             .args(["--gateway", &g.agents.to_string(), "--server", "s_ns"])
             .args(["--insecure-plaintext", "--allow-ports", "8080"])
@@ -769,14 +764,12 @@ async fn the_agent_listener_speaks_tls_and_the_agent_verifies_it(pool: PgPool) {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let untrusting = Agent(untrusting.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while g.metric("pinacle_ingress_agent_connects_total{result=\"refused\"}") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the untrusted handshake was not refused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    g.wait_until(
+        "pinacle_ingress_agent_connects_total{result=\"refused\"}",
+        |v| v >= 1.0,
+        "the untrusted handshake was not refused",
+    )
+    .await;
     assert_eq!(g.metric("pinacle_ingress_agents_connected"), 0.0);
     drop(untrusting);
     // Trusting the gateway's authority: the tunnel works.
