@@ -378,7 +378,7 @@ impl State {
                 record.intent,
                 &pod,
                 (secure, scope, pod_target),
-                lookup_client(record, view),
+                || lookup_client(record, view),
             )
             .await;
         let action = match pod_path {
@@ -781,7 +781,7 @@ impl State {
         intent: Intent,
         pod: &PodHost,
         (secure, scope, pod_target): (bool, &str, &str),
-        client: Option<IpAddr>,
+        client: impl FnOnce() -> Option<IpAddr>,
     ) -> Judged {
         let now = (self.clock)();
         let cookies = cookie_header(view.headers);
@@ -835,7 +835,7 @@ impl State {
             None => {
                 let needed = self.authorizer.lookups_needed(&verification);
                 if needed > 0
-                    && let Some(limited) = self.lookup_budget(config, client, needed)
+                    && let Some(limited) = self.lookup_budget(config, client(), needed)
                 {
                     judged.authz = "lookups_limited";
                     judged.verdict = Err(limited);
